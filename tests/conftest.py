@@ -1,0 +1,30 @@
+"""Shared pytest fixtures and tier handling for rskdist."""
+
+import os
+import socket
+
+import pytest
+
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    # The gpu tier runs only where CUDA exists.
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (ask the OS; never a fixed port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rendezvous_file(tmp_path):
+    """A file:// init_method for torch.distributed in spawned test processes."""
+    return f"file://{os.path.join(str(tmp_path), 'rdzv')}"

@@ -1,1 +1,146 @@
+"""RS@k loss (recall@k surrogate) with SiMix, blockwise and exact.
 
+Public API (stable):
+    rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group)
+    RSkLoss(...)                       nn.Module wrapper with the same options
+    simix_plan(labels, *, per_class, generator) -> (pairs, alphas)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rskdist.loss.rsk import (
+    DEFAULT_SIM_CACHE_MB,
+    RSkOptions,
+    rsk_forward_backward,
+    validate_inputs,
+    validate_mix,
+)
+from rskdist.loss.simix import materialise_mix, simix_plan
+from rskdist.parallel.gradients import gather_rows, group_rank_and_size, sum_rows_to_owner
+
+__all__ = ["rsk_loss", "RSkLoss", "RSkOptions", "simix_plan", "materialise_mix", "rsk_forward_backward"]
+
+
+class _RSkFunction(torch.autograd.Function):
+    """Loss value in forward; the gradient is computed there too and replayed in backward."""
+
+    @staticmethod
+    def forward(ctx, embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group):
+        need_grad = ctx.needs_input_grad[0]
+        rank, world = group_rank_and_size(group)
+        if world == 1:
+            loss, grad, _ = rsk_forward_backward(
+                embeddings, labels, opts=opts, pairs=pairs, alphas=alphas,
+                block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad,
+            )
+        else:
+            # Gather in float32 at least: the loss needs full-precision similarities.
+            keys, counts = gather_rows(embeddings.detach().float() if embeddings.dtype != torch.float64
+                                       else embeddings.detach(), group)
+            all_labels, _ = gather_rows(labels, group)
+            if pairs is not None:
+                validate_mix((pairs, alphas), all_labels)
+            start = sum(counts[:rank])
+            queries = torch.arange(start, start + counts[rank], device=labels.device)
+            num_virtual = 0 if pairs is None else pairs.shape[0]
+            if num_virtual:
+                v0, v1 = num_virtual * rank // world, num_virtual * (rank + 1) // world
+                queries = torch.cat([queries, torch.arange(v0, v1, device=labels.device) + keys.shape[0]])
+            loss, grad, _ = rsk_forward_backward(
+                keys, all_labels, opts=opts, pairs=pairs, alphas=alphas, queries=queries,
+                block_size=block_size, need_grad=need_grad,
+            )
+            dist.all_reduce(loss, group=group)
+            if need_grad:
+                grad = sum_rows_to_owner(grad, counts, group)
+        if need_grad:
+            ctx.save_for_backward(grad.to(embeddings.dtype))
+        return loss.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def rsk_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8, 16),
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    count_self: bool = False,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_size: int | None = None,
+    virtual_queries: bool = True,
+    sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
+    group=None,
+) -> torch.Tensor:
+    """RS@k loss of a batch, leave-one-out, as in METHOD.md section 1.
+
+    Args:
+        embeddings: (B, d) L2-normalised embeddings (any float dtype; computed in fp32).
+        labels: (B,) integer labels, any order and class sizes; samples without a
+            positive are skipped as queries but stay in the database.
+        ks, tau1, tau2: the surrogate's k values and temperatures.
+        count_self: count the query itself in its positives' ranks, as the published
+            code does (off by default: ranks then are about 1 too high).
+        mix: SiMix plan (pairs, alphas) from `simix_plan`, indexing the (global) batch.
+        block_size: queries per block (memory is O(block x P x (B + V))); None = auto.
+        virtual_queries: virtual samples act as queries too (else database only).
+        sim_cache_mb: single process only: keep S and dS whole (2 x B x B floats) when
+            they fit in this many MB; it saves one B x B x d product.
+        group: process group. With one, `embeddings`/`labels` are this rank's local
+            batch, the value is the loss of the global batch (ranks concatenated in
+            order) and the gradient is this rank's slice of the global gradient.
+
+    Returns:
+        Scalar float32 loss (float64 for float64 inputs); 0 if no sample has a positive.
+    """
+    _, world = group_rank_and_size(group)
+    # Across ranks the plan indexes the gathered batch: it is checked after the gather.
+    validate_inputs(embeddings, labels, mix if world == 1 else None)
+    opts = RSkOptions(
+        ks=(int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks),
+        tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
+    )
+    pairs, alphas = (None, None) if mix is None else mix
+    labels = labels.long()
+    return _RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
+
+
+class RSkLoss(nn.Module):
+    """nn.Module form of `rsk_loss`; options fixed at construction, `mix` per call."""
+
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 2, 4, 8, 16),
+        tau1: float = 1.0,
+        tau2: float = 0.01,
+        count_self: bool = False,
+        block_size: int | None = None,
+        virtual_queries: bool = True,
+        sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
+        group=None,
+    ):
+        super().__init__()
+        self.options = dict(
+            ks=tuple(ks), tau1=tau1, tau2=tau2, count_self=count_self, block_size=block_size,
+            virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb,
+        )
+        RSkOptions(ks=self.options["ks"], tau1=tau1, tau2=tau2)  # fail at construction, not at step 1
+        self.group = group
+
+    def forward(self, embeddings, labels, mix=None):
+        return rsk_loss(embeddings, labels, mix=mix, group=self.group, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items())

@@ -1,0 +1,106 @@
+"""Plain implementations of RS@k, kept for tests and benchmarks.
+
+`rsk_loss_per_query` follows METHOD.md section 1 literally, one query at a time, and is
+written to be read, not to be fast. `rsk_loss_dense` is the straightforward vectorised
+form: it materialises the (queries x positives x batch) tensor, so its memory grows as
+B^2 * |P|; it is the baseline that `tools/bench_loss.py` compares against.
+Neither knows about SiMix: tests materialise mixed embeddings and call these on the
+extended batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _recall_terms(ranks: torch.Tensor, num_pos: int, ks: Sequence[int], tau1: float) -> torch.Tensor:
+    """1 - mean_k R_k for one query, given the ranks of its positives."""
+    recalls = []
+    for k in ks:
+        hits = torch.sigmoid((k - ranks) / tau1).sum()
+        recalls.append(torch.clamp(hits, max=float(k)) / min(k, num_pos))
+    return 1.0 - torch.stack(recalls).mean()
+
+
+def rsk_loss_per_query(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8, 16),
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    count_self: bool = False,
+    queries: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RS@k exactly as written in METHOD.md, one query and one positive at a time.
+
+    `queries` (bool mask over the batch) limits which samples act as queries; every
+    sample is always in the database. With `count_self`, the query's own similarity
+    counts in the rank of its positives, as in the published code.
+    """
+    num = embeddings.shape[0]
+    sim = embeddings @ embeddings.T
+    per_query = []
+    for q in range(num):
+        if queries is not None and not bool(queries[q]):
+            continue
+        positives = [p for p in range(num) if p != q and labels[p] == labels[q]]
+        if not positives:
+            continue
+        ranks = []
+        for p in positives:
+            others = [z for z in range(num) if z != p and (count_self or z != q)]
+            above = torch.sigmoid((sim[q, others] - sim[q, p]) / tau2).sum()
+            ranks.append(1.0 + above)
+        per_query.append(_recall_terms(torch.stack(ranks), len(positives), ks, tau1))
+    if not per_query:
+        return embeddings.sum() * 0.0
+    return torch.stack(per_query).mean()
+
+
+def rsk_loss_dense(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8, 16),
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    count_self: bool = False,
+) -> torch.Tensor:
+    """Vectorised RS@k with plain autograd: one (B x P x B) tensor, P = largest class - 1.
+
+    Memory is O(B^2 * P) for the forward and as much again saved for backward.
+    """
+    num = embeddings.shape[0]
+    device = embeddings.device
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(num, dtype=torch.bool, device=device)
+    pos_mask_qz = same & ~eye
+    num_pos_q = pos_mask_qz.sum(1)
+    max_pos = int(num_pos_q.max()) if num else 0
+    if max_pos == 0:
+        return embeddings.sum() * 0.0
+    # Positive indices per query, padded: (B, P); sorting puts positives first.
+    order = torch.argsort(pos_mask_qz.to(torch.int8), dim=1, descending=True, stable=True)
+    pos_qp = order[:, :max_pos]
+    valid_qp = torch.arange(max_pos, device=device)[None, :] < num_pos_q[:, None]
+
+    sim_qz = embeddings @ embeddings.T
+    sim_qp = torch.gather(sim_qz, 1, pos_qp)
+    sig_qpz = torch.sigmoid((sim_qz[:, None, :] - sim_qp[:, :, None]) / tau2)
+    # Leave out z == p always, and z == q unless counting the query itself.
+    keep_qpz = pos_qp[:, :, None] != torch.arange(num, device=device)[None, None, :]
+    if not count_self:
+        keep_qpz = keep_qpz & ~eye[:, None, :]
+    rank_qp = 1.0 + (sig_qpz * keep_qpz).sum(-1)
+
+    recall_qk = []
+    for k in ks:
+        hits_q = (torch.sigmoid((k - rank_qp) / tau1) * valid_qp).sum(1)
+        # clamp(min=1) keeps the (later dropped) queries without positives finite in backward.
+        recall_qk.append(torch.clamp(hits_q, max=float(k)) / torch.clamp(num_pos_q, min=1, max=k))
+    loss_q = 1.0 - torch.stack(recall_qk, 1).mean(1)
+    has_pos_q = num_pos_q > 0
+    return loss_q[has_pos_q].mean()

@@ -1,0 +1,346 @@
+"""Blockwise RS@k (recall@k surrogate) with SiMix, exact and memory-bounded.
+
+Notation (METHOD.md section 1): for query q and positive p,
+
+    rank(q,p) = 1 + sum_{z != q, p} sigmoid((s_qz - s_qp) / tau2)
+    R_k(q)    = min(sum_p sigmoid((k - rank(q,p)) / tau1), k) / min(k, |P(q)|)
+    loss      = mean_q [1 - mean_k R_k(q)]
+
+How it is computed
+- Items live in an *extended* index space: the B real samples, then V virtual (SiMix)
+  samples. Similarities to virtual items are combined from real ones
+  (s(q, v) = a s(q, i) + (1 - a) s(q, j)), so every matrix product runs over the B
+  real embeddings only; virtual items cost scalar work.
+- Queries are processed in blocks of `block_size` rows. For a block we form its
+  similarity rows against all N = B + V items, the (block x P x N) sigmoid tensor, the
+  ranks, and (by a tiny autograd over the ranks alone) d loss / d rank. The gradient
+  needs sigmoid' = sigma (1 - sigma), which is derived from the same tensor, so the
+  sigmoid is evaluated once per (q, p, z) and nothing of size B x B x P is ever stored.
+- The gradient with respect to the embeddings is computed during the forward call
+  (the loss is always followed by its backward in training) and handed to autograd.
+- Similarity rows come from one of two sources:
+  * "dense": S = E E^T is kept whole, d loss / d S is accumulated whole, and the
+    embedding gradient is one product (dS + dS^T) E. Two B x B x d products in all;
+    used when both B x B buffers fit in `sim_cache_mb` and every real row is a query.
+  * "stream": rows are recomputed per block (Q E^T) and gradients pushed out per block
+    (dS_q E and dS_q^T Q): three products, memory O(block x P x N + B x d).
+- Everything is accumulated in float32 (or float64 when the embeddings are float64):
+  with tau2 = 0.01, bf16 similarities are far too coarse for the sigmoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+# Elements of the (block x P x N) sigmoid tensor per block when block_size is None:
+# 2M float32 = 8 MB, small enough to stay near the cache on CPU, large enough for GPUs.
+DEFAULT_BLOCK_ELEMS = 1 << 21
+DEFAULT_SIM_CACHE_MB = 256.0
+
+
+@dataclass(frozen=True)
+class RSkOptions:
+    """Hyper-parameters of RS@k, validated once."""
+
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    tau1: float = 1.0
+    tau2: float = 0.01
+    count_self: bool = False
+    virtual_queries: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.ks) == 0 or any(int(k) != k or k < 1 for k in self.ks):
+            raise ValueError(f"RS@k: ks must be a non-empty list of positive integers, got {self.ks}")
+        if not (self.tau1 > 0 and self.tau2 > 0):
+            raise ValueError(f"RS@k: tau1 and tau2 must be > 0, got tau1={self.tau1}, tau2={self.tau2}")
+
+
+class _ExtendedItems:
+    """Labels, positives and mixing of the extended (real + virtual) item set."""
+
+    def __init__(self, labels: torch.Tensor, pairs: torch.Tensor | None, alphas: torch.Tensor | None, dtype):
+        self.num_real = labels.numel()
+        if pairs is None or pairs.numel() == 0:
+            self.num_virtual = 0
+            labels_x = labels
+        else:
+            self.num_virtual = pairs.shape[0]
+            self.first = pairs[:, 0].contiguous()
+            self.second = pairs[:, 1].contiguous()
+            self.alpha = alphas.to(dtype)
+            self.beta = 1 - self.alpha
+            labels_x = torch.cat([labels, labels[self.first]])
+        self.num = labels_x.numel()
+        # Groups of equal label in sorted order: every item knows where its class starts
+        # in `order`, how many items the class has and where the item itself sits.
+        order = torch.argsort(labels_x, stable=True)
+        _, counts = torch.unique_consecutive(labels_x[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        group_of_sorted = torch.repeat_interleave(torch.arange(counts.numel(), device=labels.device), counts)
+        self.order = order
+        self.count = torch.empty_like(order)
+        self.count[order] = counts[group_of_sorted]
+        self.start = torch.empty_like(order)
+        self.start[order] = starts[group_of_sorted]
+        self.slot = torch.empty_like(order)
+        self.slot[order] = torch.arange(self.num, device=labels.device) - starts[group_of_sorted]
+        self.max_pos = int(counts.max()) - 1 if self.num else 0
+
+    def is_query(self, virtual_queries: bool) -> torch.Tensor:
+        """Which extended items are queries: they have a positive (and are allowed to ask)."""
+        mask = self.count >= 2
+        if not virtual_queries:
+            mask[self.num_real :] = False
+        return mask
+
+    def positives(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positives of a block of queries, padded: (bq, P) indices, (bq, P) valid, (bq,) count."""
+        num_pos = self.count[q] - 1
+        width = max(int(num_pos.max()), 1)
+        j = torch.arange(width, device=q.device)[None, :]
+        # Skip the query's own slot inside its class.
+        slot = j + (j >= self.slot[q][:, None]).long()
+        valid = j < num_pos[:, None]
+        pos = self.order[torch.clamp(self.start[q][:, None] + slot, max=self.num - 1)]
+        return pos, valid, num_pos
+
+    def extend_columns(self, sim_qr: torch.Tensor) -> torch.Tensor:
+        """(bq, B) similarities to real items -> (bq, B + V) with virtual items appended."""
+        if self.num_virtual == 0:
+            return sim_qr
+        sim_qx = torch.empty(sim_qr.shape[0], self.num, dtype=sim_qr.dtype, device=sim_qr.device)
+        sim_qx[:, : self.num_real] = sim_qr
+        torch.mul(sim_qr[:, self.first], self.alpha, out=sim_qx[:, self.num_real :])
+        sim_qx[:, self.num_real :].addcmul_(sim_qr[:, self.second], self.beta)
+        return sim_qx
+
+    def fold_columns(self, dsim_qx: torch.Tensor) -> torch.Tensor:
+        """Adjoint of extend_columns: (bq, B + V) -> (bq, B)."""
+        if self.num_virtual == 0:
+            return dsim_qx
+        dsim_qr = dsim_qx[:, : self.num_real]
+        dsim_qv = dsim_qx[:, self.num_real :]
+        dsim_qr.index_add_(1, self.first, dsim_qv * self.alpha)
+        dsim_qr.index_add_(1, self.second, dsim_qv * self.beta)
+        return dsim_qr
+
+    def parents(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For virtual queries (all of q >= B): real parents and their weights."""
+        v = q - self.num_real
+        return self.first[v], self.second[v], self.alpha[v], self.beta[v]
+
+
+def _block_loss_and_grad(
+    sim_qx: torch.Tensor,
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    num_pos: torch.Tensor,
+    opts: RSkOptions,
+    scale: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss of a block of queries (times `scale`) and its gradient w.r.t. sim_qx."""
+    inv_t2 = 1.0 / opts.tau2
+    sim_qp = torch.gather(sim_qx, 1, pos)
+    # (bq, P, N): the one big tensor of the block; sigmoid in place, then sigmoid' in place.
+    sig = (sim_qx * inv_t2)[:, None, :] - (sim_qp * inv_t2)[:, :, None]
+    sig.sigmoid_()
+    # Leave out z == p always and z == q unless counting the query itself.
+    sig.scatter_(2, pos[:, :, None], 0.0)
+    if not opts.count_self:
+        sig.scatter_(2, q[:, None, None].expand(-1, sig.shape[1], 1), 0.0)
+    rank = sig.sum(-1).add_(1.0)
+
+    ks = torch.tensor(opts.ks, dtype=sim_qx.dtype, device=sim_qx.device)
+    with torch.enable_grad():
+        rank = rank.detach().requires_grad_(need_grad)
+        hits_qk = (torch.sigmoid((ks - rank[:, :, None]) / opts.tau1) * valid[:, :, None]).sum(1)
+        denom_qk = torch.minimum(num_pos[:, None].to(ks.dtype), ks)
+        recall_qk = torch.minimum(hits_qk, ks) / denom_qk
+        loss = (1.0 - recall_qk.mean(1)).sum() * scale
+        if not need_grad:
+            return loss.detach(), None
+        (g_qp,) = torch.autograd.grad(loss, rank)
+    loss = loss.detach()
+
+    # d rank_qp / d s_qz = sig'_qpz / tau2 (z != p), d rank_qp / d s_qp = -sum_z sig'_qpz / tau2.
+    sig.addcmul_(sig, sig, value=-1.0)  # sig' = sig (1 - sig); masked entries stay 0
+    coef_qp = g_qp * inv_t2
+    dsim_qx = torch.bmm(coef_qp[:, None, :], sig).squeeze(1)
+    dsim_qx.scatter_add_(1, pos, -coef_qp * sig.sum(-1))
+    return loss, dsim_qx
+
+
+def rsk_forward_backward(
+    keys: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    opts: RSkOptions,
+    pairs: torch.Tensor | None = None,
+    alphas: torch.Tensor | None = None,
+    queries: torch.Tensor | None = None,
+    block_size: int | None = None,
+    sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The kernel: part of the RS@k loss of (keys, labels) and its gradient w.r.t. keys.
+
+    Args:
+        keys: (B, d) embeddings of the whole (global) batch, any float dtype.
+        labels: (B,) int64 labels.
+        pairs, alphas: SiMix plan over the batch (see `simix_plan`), or None.
+        queries: extended indices (real rows 0..B-1, virtual rows B..B+V-1) that this
+            caller computes; None = all. Items without positives are skipped. A rank of
+            a data-parallel job passes its own rows (and its share of virtual rows).
+        block_size: queries per block; None picks one for DEFAULT_BLOCK_ELEMS.
+        sim_cache_mb: allow the dense path when 2 x B x B similarities fit in this.
+
+    Returns:
+        loss_part: sum over `queries` of the per-query loss divided by the number of
+            queries of the *whole* batch, so parts from disjoint query sets add up to
+            the loss.
+        grad_keys: d loss_part / d keys, (B, d) in the compute dtype, or None.
+        num_queries: number of queries of the whole batch (the normaliser).
+    """
+    compute_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    emb = keys.detach().to(compute_dtype)
+    num_real = emb.shape[0]
+    items = _ExtendedItems(labels, pairs, alphas, compute_dtype)
+    query_mask = items.is_query(opts.virtual_queries)
+    num_queries = int(query_mask.sum())
+    grad = torch.zeros_like(emb) if need_grad else None
+    if queries is None:
+        mine = torch.nonzero(query_mask).flatten()
+        all_rows = True
+    else:
+        mine = queries[query_mask[queries]]
+        all_rows = False
+    if num_queries == 0 or mine.numel() == 0:
+        return emb.new_zeros(()), grad, num_queries
+
+    if block_size is None:
+        block_size = max(1, DEFAULT_BLOCK_ELEMS // (max(items.max_pos, 1) * items.num))
+    elif block_size < 1:
+        raise ValueError(f"RS@k: block_size must be >= 1, got {block_size}")
+    cache_bytes = 2 * num_real * num_real * emb.element_size()
+    dense = all_rows and cache_bytes <= sim_cache_mb * 2**20
+
+    scale = 1.0 / num_queries
+    if dense:
+        sim_rr = emb @ emb.T
+        if need_grad:
+            # Rows of real queries are written whole below; only the others need zeros.
+            dsim_rr = torch.empty_like(sim_rr)
+            not_real_query = ~query_mask[:num_real]
+            if bool(not_real_query.any()):
+                dsim_rr[not_real_query] = 0
+    total = emb.new_zeros(())
+    # Real queries first, then virtual ones; a block never mixes the two.
+    real = mine[mine < num_real]
+    virtual = mine[mine >= num_real]
+    for part, is_virtual in ((real, False), (virtual, True)):
+        for start in range(0, part.numel(), block_size):
+            q = part[start : start + block_size]
+            if is_virtual:
+                first, second, a, b = items.parents(q)
+            if dense:
+                if is_virtual:
+                    sim_qr = sim_rr[first] * a[:, None] + sim_rr[second] * b[:, None]
+                else:
+                    sim_qr = sim_rr[q]
+            else:
+                emb_q = emb[first] * a[:, None] + emb[second] * b[:, None] if is_virtual else emb[q]
+                sim_qr = emb_q @ emb.T
+            pos, valid, num_pos = items.positives(q)
+            loss_b, dsim_qx = _block_loss_and_grad(
+                items.extend_columns(sim_qr), q, pos, valid, num_pos, opts, scale, need_grad
+            )
+            total += loss_b
+            if not need_grad:
+                continue
+            dsim_qr = items.fold_columns(dsim_qx)
+            if dense:
+                target = dsim_rr
+            else:
+                # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q.
+                grad.addmm_(dsim_qr.T, emb_q)
+                dsim_qr = dsim_qr @ emb  # now d loss / d emb_q, (bq, d)
+                target = grad
+            if is_virtual:
+                target.index_add_(0, first, dsim_qr * a[:, None])
+                target.index_add_(0, second, dsim_qr * b[:, None])
+            elif dense:
+                target.index_copy_(0, q, dsim_qr)  # real rows come before any virtual fold
+            else:
+                target.index_add_(0, q, dsim_qr)
+    if dense and need_grad:
+        # S is symmetric: d emb = (dS + dS^T) emb, one product instead of two.
+        grad = _symmetrise_(dsim_rr, out=sim_rr) @ emb
+    return total, grad, num_queries
+
+
+def _symmetrise_(mat: torch.Tensor, out: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """out = mat + mat^T, by square tiles: a whole-matrix transposed read thrashes the cache
+    (about 3x slower on CPU at 4096 x 4096)."""
+    n = mat.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper = out[i : i + tile, j : j + tile]
+            torch.add(mat[i : i + tile, j : j + tile], mat[j : j + tile, i : i + tile].T, out=upper)
+            if j != i:
+                out[j : j + tile, i : i + tile].copy_(upper.T)
+    return out
+
+
+def validate_inputs(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    mix: tuple[torch.Tensor, torch.Tensor] | None,
+    check_finite: bool = True,
+) -> None:
+    """Raise ValueError with the problem and the fix for malformed loss inputs."""
+    if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise ValueError("RS@k: embeddings and labels must be torch tensors")
+    if embeddings.dim() != 2:
+        raise ValueError(f"RS@k: embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"RS@k: labels must be 1-D (batch,), got shape {tuple(labels.shape)}")
+    if embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"RS@k: {embeddings.shape[0]} embeddings but {labels.shape[0]} labels; pass one label per embedding"
+        )
+    if embeddings.shape[0] == 0:
+        raise ValueError("RS@k: empty batch; the loss needs at least two samples of one class")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"RS@k: embeddings must be floating point, got {embeddings.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"RS@k: labels must be integers, got {labels.dtype}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"RS@k: labels on {labels.device} but embeddings on {embeddings.device}")
+    # One device sync; cheap next to the loss itself and it turns a silent NaN run into an error.
+    if check_finite and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("RS@k: embeddings contain NaN or Inf; check the model output and the learning rate")
+    if mix is not None:
+        validate_mix(mix, labels)
+
+
+def validate_mix(mix: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> None:
+    """A SiMix plan must index the batch, pair same-class items and carry weights in [0, 1]."""
+    if not (isinstance(mix, (tuple, list)) and len(mix) == 2):
+        raise ValueError("RS@k: mix must be a (pairs, alphas) tuple from rskdist.loss.simix_plan")
+    pairs, alphas = mix
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype != torch.int64:
+        raise ValueError(f"RS@k: mix pairs must be an int64 (V, 2) tensor, got {pairs.dtype} {tuple(pairs.shape)}")
+    if alphas.shape != (pairs.shape[0],):
+        raise ValueError(f"RS@k: mix alphas must have shape ({pairs.shape[0]},), got {tuple(alphas.shape)}")
+    if pairs.numel() == 0:
+        return
+    if int(pairs.min()) < 0 or int(pairs.max()) >= labels.numel():
+        raise ValueError(f"RS@k: mix pairs index outside the batch of {labels.numel()} samples")
+    if not bool((labels[pairs[:, 0]] == labels[pairs[:, 1]]).all()):
+        raise ValueError("RS@k: mix pairs must join samples of the same class")
+    if not bool(((alphas >= 0) & (alphas <= 1)).all()):
+        raise ValueError("RS@k: mix alphas must lie in [0, 1]")
+

@@ -1,0 +1,188 @@
+"""RS@k blockwise kernel against the plain per-query reference (float64)."""
+
+import pytest
+import torch
+
+from rskdist.loss import RSkLoss, rsk_loss, simix_plan
+from rskdist.loss.reference import rsk_loss_dense, rsk_loss_per_query
+from rskdist.loss.simix import materialise_mix
+
+
+def _batch(num, dim, num_classes, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(num, dim, generator=gen, dtype=dtype), dim=1)
+    # Irregular classes: sizes from 1 (singletons) upwards, unsorted.
+    labels = torch.randint(0, num_classes, (num,), generator=gen)
+    return emb, labels
+
+
+def _value_and_grad(fn, emb, *args, **kwargs):
+    x = emb.clone().requires_grad_(True)
+    loss = fn(x, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("count_self", [False, True])
+@pytest.mark.parametrize("block_size", [1, 3, 7, None])
+@pytest.mark.parametrize("sim_cache_mb", [0.0, 256.0], ids=["stream", "dense"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_per_query_reference(count_self, block_size, sim_cache_mb, seed):
+    emb, labels = _batch(29, 6, 7, seed)
+    ref_loss, ref_grad = _value_and_grad(rsk_loss_per_query, emb, labels, count_self=count_self)
+    loss, grad = _value_and_grad(
+        rsk_loss, emb, labels, count_self=count_self, block_size=block_size, sim_cache_mb=sim_cache_mb
+    )
+    assert ref_grad.abs().max() > 1e-4  # the comparison below means something
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ks,tau1,tau2", [((1, 2, 4, 8, 16), 1.0, 0.01), ((1, 3), 0.5, 0.05), (5, 2.0, 0.1)])
+def test_other_hyperparameters(ks, tau1, tau2):
+    emb, labels = _batch(31, 5, 5, seed=3)
+    kw = dict(ks=(ks,) if isinstance(ks, int) else ks, tau1=tau1, tau2=tau2)
+    ref_loss, ref_grad = _value_and_grad(rsk_loss_per_query, emb, labels, **kw)
+    loss, grad = _value_and_grad(rsk_loss, emb, labels, block_size=4, ks=ks, tau1=tau1, tau2=tau2)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+def test_count_self_raises_ranks():
+    """The published behaviour ranks every positive about one place lower: higher loss."""
+    emb, labels = _batch(40, 8, 6, seed=4)
+    assert rsk_loss(emb, labels, count_self=True) > rsk_loss(emb, labels) + 1e-3
+
+
+def test_dense_reference_agrees_on_larger_batch():
+    emb, labels = _batch(300, 16, 60, seed=5)
+    ref_loss, ref_grad = _value_and_grad(rsk_loss_dense, emb, labels)
+    for cache in (0.0, 256.0):
+        loss, grad = _value_and_grad(rsk_loss, emb, labels, block_size=37, sim_cache_mb=cache)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=0)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=0)
+
+
+def test_permutation_equivariance():
+    emb, labels = _batch(50, 8, 9, seed=6)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    loss, grad = _value_and_grad(rsk_loss, emb, labels, block_size=8)
+    loss_p, grad_p = _value_and_grad(rsk_loss, emb[perm], labels[perm], block_size=8)
+    torch.testing.assert_close(loss_p, loss, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_p, grad[perm], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("virtual_queries", [True, False])
+@pytest.mark.parametrize("sim_cache_mb", [0.0, 256.0], ids=["stream", "dense"])
+@pytest.mark.parametrize("per_class", [None, 2])
+def test_simix_equals_materialised_batch(virtual_queries, sim_cache_mb, per_class):
+    emb, labels = _batch(26, 6, 6, seed=7)
+    pairs, alphas = simix_plan(labels, per_class=per_class, generator=torch.Generator().manual_seed(1))
+    assert pairs.shape[0] > 0
+    alphas = alphas.double()
+
+    def extended_reference(x):
+        feats = torch.cat([x, materialise_mix(x, pairs, alphas)])
+        ext_labels = torch.cat([labels, labels[pairs[:, 0]]])
+        queries = torch.ones(ext_labels.numel(), dtype=torch.bool)
+        queries[labels.numel():] = virtual_queries
+        return rsk_loss_per_query(feats, ext_labels, queries=queries)
+
+    ref_loss, ref_grad = _value_and_grad(extended_reference, emb)
+    loss, grad = _value_and_grad(
+        rsk_loss, emb, labels, mix=(pairs, alphas), block_size=5,
+        virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb,
+    )
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+def test_simix_plan_all_pairs():
+    labels = torch.tensor([3, 1, 3, 3, 1, 7, 3, 1, 1, 9])  # class 9 and 7 are singletons
+    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(0))
+    assert pairs.shape == (12, 2)  # 6 pairs for each class of 4
+    assert (labels[pairs[:, 0]] == labels[pairs[:, 1]]).all()
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert len({tuple(p) for p in pairs.tolist()}) == 12
+    assert ((alphas >= 0) & (alphas < 1)).all() and alphas.std() > 0
+    again = simix_plan(labels, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], pairs) and torch.equal(again[1], alphas)
+
+
+def test_simix_plan_per_class_and_empty():
+    labels = torch.arange(40) // 5  # 8 classes of 5: 10 pairs each
+    pairs, _ = simix_plan(labels, per_class=3, generator=torch.Generator().manual_seed(0))
+    assert pairs.shape == (24, 2)
+    assert torch.bincount(labels[pairs[:, 0]]).tolist() == [3] * 8
+    pairs, alphas = simix_plan(torch.arange(5))
+    assert pairs.shape == (0, 2) and alphas.shape == (0,)
+
+
+def test_low_precision_inputs_computed_in_fp32():
+    emb, labels = _batch(64, 16, 12, seed=8, dtype=torch.float32)
+    emb_bf16 = emb.to(torch.bfloat16)
+    x = emb_bf16.clone().requires_grad_(True)
+    loss = rsk_loss(x, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    ref_loss, ref_grad = _value_and_grad(rsk_loss_per_query, emb_bf16.double(), labels)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=2e-2 * ref_grad.abs().max().item(), rtol=0)
+
+
+def test_no_positives_gives_zero_loss_and_grad():
+    emb, _ = _batch(6, 4, 1, seed=9)
+    loss, grad = _value_and_grad(rsk_loss, emb, torch.arange(6))
+    assert float(loss) == 0.0 and torch.count_nonzero(grad) == 0
+
+
+def test_module_matches_function():
+    emb, labels = _batch(33, 8, 8, seed=10)
+    module = RSkLoss(ks=(1, 4), block_size=6)
+    torch.testing.assert_close(module(emb, labels), rsk_loss(emb, labels, ks=(1, 4)), atol=1e-12, rtol=0)
+    assert "block_size=6" in repr(module)
+
+
+def test_no_grad_forward_skips_gradient_work():
+    emb, labels = _batch(20, 4, 4, seed=11)
+    with torch.no_grad():
+        value = rsk_loss(emb, labels)
+    torch.testing.assert_close(value, rsk_loss_per_query(emb, labels), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda e, y: (e, y[:-1]), "embeddings but"),
+        (lambda e, y: (e[0], y), "must be 2-D"),
+        (lambda e, y: (e, y[:, None]), "must be 1-D"),
+        (lambda e, y: (e[:0], y[:0]), "empty batch"),
+        (lambda e, y: (e.index_fill(0, torch.tensor([2]), float("nan")), y), "NaN or Inf"),
+        (lambda e, y: (e, y.float()), "labels must be integers"),
+        (lambda e, y: (e.long(), y), "floating point"),
+    ],
+)
+def test_bad_input_is_a_clear_error(make, match):
+    emb, labels = _batch(10, 4, 3, seed=12)
+    bad_emb, bad_labels = make(emb, labels)
+    with pytest.raises(ValueError, match=match):
+        rsk_loss(bad_emb, bad_labels)
+
+
+def test_bad_options_and_mix_are_clear_errors():
+    emb, labels = _batch(10, 4, 3, seed=13)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0])
+    with pytest.raises(ValueError, match="ks must be"):
+        rsk_loss(emb, labels, ks=(0, 2))
+    with pytest.raises(ValueError, match="tau1 and tau2"):
+        rsk_loss(emb, labels, tau2=0.0)
+    with pytest.raises(ValueError, match="same class"):
+        rsk_loss(emb, labels, mix=(torch.tensor([[0, 2]]), torch.tensor([0.5])))
+    with pytest.raises(ValueError, match="outside the batch"):
+        rsk_loss(emb, labels, mix=(torch.tensor([[0, 10]]), torch.tensor([0.5])))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rsk_loss(emb, labels, mix=(torch.tensor([[0, 1]]), torch.tensor([1.5])))
+    with pytest.raises(ValueError, match="block_size"):
+        rsk_loss(emb, labels, block_size=0)
+    with pytest.raises(ValueError, match="ks must be"):
+        RSkLoss(ks=())

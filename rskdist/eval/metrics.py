@@ -1,0 +1,202 @@
+"""Retrieval metrics: Recall@k, MAP@R and R-precision (Musgrave et al., 2020).
+
+Leave-one-out (every sample queries all the others) or query-vs-gallery. For a query
+with R >= 1 relevant gallery items (same label; the query itself excluded):
+
+* recall@k    = 1 if at least one relevant item is among the k nearest, else 0
+                (k larger than the number of candidates means "all candidates").
+* r_precision = (#relevant among the R nearest) / R
+* map@r       = (1 / R) * sum_{i <= R, item i relevant} precision@i
+
+Each is averaged over queries with R >= 1; queries with R == 0 (a class with no
+other sample) are excluded from every metric and counted in
+``num_excluded_queries``. Neighbours come from :mod:`rskdist.eval.neighbors` (exact,
+ties broken by lower gallery index, identical for every backend).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from rskdist.eval.neighbors import ExactSearch, _work_device, as_float32_matrix, resolve_backend, warn_if_costly
+
+METRICS = ("recall", "map_at_r", "r_precision")
+
+# Usual k lists per dataset (METHOD.md section 6); configs pick from here.
+DEFAULT_KS: dict[str, tuple[int, ...]] = {
+    "inat": (1, 4, 16, 32),
+    "sop": (1, 10, 100, 1000),
+    "cars196": (1, 2, 4, 8, 16, 32),
+    "cub": (1, 2, 4, 8, 16, 32),
+    "demo": (1, 2, 4, 8),
+}
+
+
+def default_ks(dataset: str) -> tuple[int, ...]:
+    """The usual Recall@k list for ``dataset`` (a key of DEFAULT_KS)."""
+    if dataset not in DEFAULT_KS:
+        raise ValueError(f"no default k list for dataset {dataset!r}; known: {', '.join(DEFAULT_KS)}")
+    return DEFAULT_KS[dataset]
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers; got {ks}")
+    return tuple(sorted(set(ks)))
+
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; valid choices: {', '.join(METRICS)}")
+    return tuple(metrics)
+
+
+def _encode_labels(*label_sets) -> list[torch.Tensor]:
+    """Map labels of any hashable dtype to dense int64 codes shared by all sets."""
+    arrays = []
+    for lab in label_sets:
+        a = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
+        if a.ndim != 1:
+            raise ValueError(f"labels must be 1-D; got shape {a.shape}")
+        arrays.append(a)
+    _, codes = np.unique(np.concatenate(arrays), return_inverse=True)
+    out, start = [], 0
+    for a in arrays:
+        out.append(torch.from_numpy(codes[start : start + len(a)].astype(np.int64)))
+        start += len(a)
+    return out
+
+
+def _metrics_from_search(
+    search: ExactSearch,
+    q_labels: torch.Tensor,
+    g_labels: torch.Tensor,
+    num_relevant: torch.Tensor,
+    ks: tuple[int, ...],
+    metrics: tuple[str, ...],
+) -> dict[str, float | int]:
+    """Accumulate metric sums over exact ranked chunks. Labels are int64 on CPU."""
+    n_avail = search.num_available
+    valid = num_relevant > 0
+    need_r = "map_at_r" in metrics or "r_precision" in metrics
+    k_need = torch.full_like(num_relevant, min(max(ks), n_avail) if "recall" in metrics else 0)
+    if need_r:
+        k_need = torch.maximum(k_need, num_relevant)
+    k_need = torch.where(valid, k_need, torch.zeros_like(k_need))
+    warn_if_costly(int(k_need.max()) if k_need.numel() else 0, int(valid.sum()))
+
+    dev = search.queries.device
+    q_labels, g_labels, num_relevant = q_labels.to(dev), g_labels.to(dev), num_relevant.to(dev)
+    sums = {f"recall@{k}": torch.zeros((), dtype=torch.float64, device=dev) for k in ks if "recall" in metrics}
+    sums.update({m: torch.zeros((), dtype=torch.float64, device=dev) for m in ("map@r", "r_precision")})
+    for part in search.ranked(k_need):
+        R = num_relevant[part.query_idx]  # (B,) >= 1
+        K = part.ids.shape[1]
+        rel_bk = g_labels[part.ids] == q_labels[part.query_idx].unsqueeze(1)  # (B, K)
+        if "recall" in metrics:
+            for k in ks:
+                sums[f"recall@{k}"] += rel_bk[:, : min(k, K)].any(dim=1).sum(dtype=torch.float64)
+        if need_r:
+            ranks = torch.arange(1, K + 1, device=dev, dtype=torch.float64)  # (K,)
+            rel_r = rel_bk & (ranks.unsqueeze(0) <= R.unsqueeze(1))  # relevant and within top R
+            hits = rel_r.cumsum(dim=1, dtype=torch.float64)  # (B, K) relevant so far
+            R64 = R.double()
+            sums["map@r"] += ((hits / ranks) * rel_r).sum(dim=1).div(R64).sum()
+            sums["r_precision"] += hits[:, -1].div(R64).sum()
+
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        warnings.warn("no query has a relevant item (all classes are singletons): metrics are NaN", stacklevel=3)
+    names = [f"recall@{k}" for k in ks] if "recall" in metrics else []
+    names += [name for name, m in (("map@r", "map_at_r"), ("r_precision", "r_precision")) if m in metrics]
+    out: dict[str, float | int] = {n: float(sums[n]) / num_valid if num_valid else math.nan for n in names}
+    out["num_queries"] = num_valid
+    out["num_excluded_queries"] = int((~valid).sum())
+    return out
+
+
+def retrieval_metrics(
+    embeddings,
+    labels,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] = METRICS,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    max_candidates: int = 1 << 22,
+) -> dict[str, float | int]:
+    """Leave-one-out retrieval metrics: each sample queries all the others by inner product.
+
+    ``embeddings`` (N, d) and ``labels`` (N,) are torch tensors or numpy arrays (normalise
+    the embeddings first for cosine similarity). Returns ``recall@k`` for each k,
+    ``map@r``, ``r_precision`` (those requested in ``metrics``), ``num_queries`` (queries
+    that count) and ``num_excluded_queries`` (singleton classes). ``backend``: auto,
+    faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the number of
+    (query, neighbour) pairs held at once.
+    """
+    ks, metrics = _check_ks(ks), _check_metrics(metrics)
+    backend = resolve_backend(backend)
+    dev = _work_device(backend, device, embeddings)
+    emb = as_float32_matrix(embeddings, "embeddings").to(dev)
+    (lab,) = _encode_labels(labels)
+    if lab.numel() != emb.shape[0]:
+        raise ValueError(f"{emb.shape[0]} embeddings but {lab.numel()} labels")
+    num_relevant = torch.bincount(lab)[lab] - 1  # other samples of the same class
+    search = ExactSearch(
+        emb, emb, backend=backend, self_index=torch.arange(emb.shape[0], device=dev), max_candidates=max_candidates
+    )
+    return _metrics_from_search(search, lab, lab, num_relevant, ks, metrics)
+
+
+def retrieval_metrics_qg(
+    query_embeddings,
+    query_labels,
+    gallery_embeddings,
+    gallery_labels,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] = METRICS,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    max_candidates: int = 1 << 22,
+) -> dict[str, float | int]:
+    """Query-vs-gallery retrieval metrics (separate query and gallery sets).
+
+    Same keys as :func:`retrieval_metrics`; R is the number of gallery items with the
+    query's label, and queries with R == 0 are excluded. Nothing is removed from the
+    gallery, so a query that also sits in the gallery will find itself.
+    """
+    ks, metrics = _check_ks(ks), _check_metrics(metrics)
+    backend = resolve_backend(backend)
+    dev = _work_device(backend, device, query_embeddings, gallery_embeddings)
+    q = as_float32_matrix(query_embeddings, "query_embeddings").to(dev)
+    g = as_float32_matrix(gallery_embeddings, "gallery_embeddings").to(dev)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+    q_lab, g_lab = _encode_labels(query_labels, gallery_labels)
+    if q_lab.numel() != q.shape[0] or g_lab.numel() != g.shape[0]:
+        raise ValueError("the number of labels must match the number of embeddings")
+    num_codes = int(torch.cat([q_lab, g_lab]).max()) + 1 if q_lab.numel() + g_lab.numel() else 0
+    counts = torch.bincount(g_lab, minlength=num_codes)
+    num_relevant = counts[q_lab]
+    search = ExactSearch(q, g, backend=backend, max_candidates=max_candidates)
+    return _metrics_from_search(search, q_lab, g_lab, num_relevant, ks, metrics)
+
+
+def format_metrics_table(metrics: dict[str, float | int], title: str | None = None) -> str:
+    """A two-column text table; fractions shown as percentages."""
+    rows = [(name, f"{100 * v:6.2f}" if isinstance(v, float) else str(v)) for name, v in metrics.items()]
+    width = max([len(n) for n, _ in rows] + [6])
+    lines = [title] if title else []
+    lines += [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{n:<{width}}  {v:>6}" for n, v in rows]
+    return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""Exact inner-product k-nearest-neighbour search with backend-independent ranking.
+
+Backends (faiss on GPU, faiss on CPU, blockwise torch matmul + topk) only *propose*
+candidates with float32 scores. The final ranking is computed here, identically for
+every backend:
+
+* Order = descending exact score, ties broken by lower gallery index.
+* "Exact score" = the float64 sum of the (exact) float64 products of the float32
+  embeddings, added in a fixed pairwise tree. Every operation is a separate IEEE
+  elementwise op, so the value is bit-identical on CPU and GPU, and equal
+  embeddings or exactly tied dot products (quantised data) give equal values.
+* A backend's float32 score differs from the real dot product by at most
+  ``gamma_d * |q| * |x|`` (gamma_d = d u / (1 - d u), u = 2**-24) whatever its
+  summation order. Candidates whose float32 scores lie within twice that bound of
+  each other form a "cluster"; only clusters of two or more are re-scored exactly,
+  everything else is already in its exact order.
+* The candidate list is complete when the k-th item beats the last retrieved score
+  by more than the bound; otherwise the query is searched again with twice as many
+  candidates (up to the whole gallery).
+
+Memory stays bounded: queries are processed in chunks of at most
+``max_candidates // k`` rows, and the torch backend scores at most
+``torch_block_elems`` query x gallery entries at once (no N x N matrix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # faiss is optional: the torch backend covers its absence.
+    import faiss
+except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
+    faiss = None
+
+BACKENDS = ("auto", "faiss", "faiss_cpu", "faiss_gpu", "torch")
+
+# faiss on GPU selects at most this many neighbours per query (GPU_MAX_SELECTION_K).
+FAISS_GPU_MAX_K = 2048
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+
+
+def faiss_gpu_available() -> bool:
+    """True when the installed faiss has GPU support and a CUDA device is visible."""
+    if faiss is None or not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - some builds raise when no driver is present
+        return False
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """Map ``auto``/``faiss`` to a concrete backend: faiss_gpu, faiss_cpu or torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; valid choices: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if faiss is None:
+            return "torch"
+        return "faiss_gpu" if faiss_gpu_available() else "faiss_cpu"
+    if backend in ("faiss", "faiss_cpu", "faiss_gpu") and faiss is None:
+        raise ValueError(f"backend={backend!r} needs faiss (pip install faiss-cpu or faiss-gpu)")
+    if backend == "faiss":
+        return "faiss_gpu" if faiss_gpu_available() else "faiss_cpu"
+    if backend == "faiss_gpu" and not faiss_gpu_available():
+        raise ValueError("backend='faiss_gpu' needs a faiss build with GPU support and a CUDA device")
+    return backend
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 matmuls at full precision: TF32 would break the float32 error bound."""
+    old_flag = torch.backends.cuda.matmul.allow_tf32
+    old_prec = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_flag
+        torch.set_float32_matmul_precision(old_prec)
+
+
+# ----------------------------------------------------------------------------- searchers
+class _TorchSearcher:
+    """Blockwise ``q @ g.T`` + topk on the gallery's device (float32, no TF32)."""
+
+    def __init__(self, gallery: torch.Tensor, block_elems: int):
+        self.gallery = gallery  # (N_g, d) float32 on the work device
+        self.block_rows = max(1, block_elems // max(1, gallery.shape[0]))
+
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out_s, out_i = [], []
+        with _no_tf32():
+            for start in range(0, q.shape[0], self.block_rows):
+                sim_qg = q[start : start + self.block_rows] @ self.gallery.T  # (b, N_g)
+                s, i = torch.topk(sim_qg, k, dim=1, largest=True, sorted=True)
+                out_s.append(s)
+                out_i.append(i)
+        return torch.cat(out_s), torch.cat(out_i)
+
+
+class _FaissCpuSearcher:
+    """faiss IndexFlatIP (exhaustive, float32 BLAS) on CPU."""
+
+    def __init__(self, gallery: torch.Tensor):
+        self.index = faiss.IndexFlatIP(gallery.shape[1])
+        self.index.add(np.ascontiguousarray(gallery.cpu().numpy(), dtype=np.float32))
+
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, i = self.index.search(np.ascontiguousarray(q.cpu().numpy()), k)
+        return torch.from_numpy(s).to(q.device), torch.from_numpy(i).to(q.device)
+
+
+class _FaissGpuSearcher:
+    """faiss brute-force ``knn_gpu`` (float32 cuBLAS, no reduced precision) per query chunk.
+
+    knn_gpu streams the gallery per call instead of keeping a GPU index, which avoids
+    the temporary-memory failures seen with large GPU indexes. Requests above faiss's
+    selection limit go to the torch searcher on the same GPU.
+    """
+
+    def __init__(self, gallery: torch.Tensor, block_elems: int):
+        self.res = faiss.StandardGpuResources()
+        self.gallery_np = np.ascontiguousarray(gallery.cpu().numpy(), dtype=np.float32)
+        self.device = gallery.device.index if gallery.device.type == "cuda" else -1
+        self.fallback = _TorchSearcher(gallery, block_elems)
+
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k > FAISS_GPU_MAX_K:
+            return self.fallback.search(q, k)
+        s, i = faiss.knn_gpu(
+            self.res,
+            np.ascontiguousarray(q.cpu().numpy()),
+            self.gallery_np,
+            k,
+            metric=faiss.METRIC_INNER_PRODUCT,
+            device=-1 if self.device is None else self.device,
+        )
+        return torch.from_numpy(s).to(q.device), torch.from_numpy(i).to(q.device)
+
+
+def _work_device(backend: str, device: str | torch.device | None, *tensors) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if backend == "faiss_gpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "torch":
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                return t.device
+    return torch.device("cpu")
+
+
+def _make_searcher(backend: str, gallery: torch.Tensor, block_elems: int):
+    if backend == "torch":
+        return _TorchSearcher(gallery, block_elems)
+    if backend == "faiss_cpu":
+        return _FaissCpuSearcher(gallery)
+    if backend == "faiss_gpu":
+        return _FaissGpuSearcher(gallery, block_elems)
+    raise AssertionError(backend)
+
+
+# ------------------------------------------------------------------------ exact re-scoring
+def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (P, d) x (P, d) -> (P,) float64, bit-identical on any device.
+
+    float32 x float32 products are exact in float64; they are then added in a fixed
+    pairwise tree (zero padding to a power of two is exact), one IEEE op per element.
+    """
+    p = a.double() * b.double()  # (P, d) exact products
+    d = p.shape[1]
+    width = 1 << max(0, (d - 1).bit_length())
+    if width != d:
+        p = torch.nn.functional.pad(p, (0, width - d))
+    while p.shape[1] > 1:
+        half = p.shape[1] // 2
+        p = p[:, :half] + p[:, half:]
+    return p[:, 0]
+
+
+def _bound_coeff(d: int) -> float:
+    """Relative error bound of a float32 dot product of length d (any order) plus the
+    float64 tree's own bound, doubled for safety."""
+    gamma32 = d * _U32 / (1.0 - d * _U32)
+    tree64 = max(1, math.ceil(math.log2(max(d, 2)))) * _U64 * 1.01
+    return 2.0 * (gamma32 + tree64)
+
+
+@dataclass
+class _Ranked:
+    query_idx: torch.Tensor  # (B,) positions in the query set
+    ids: torch.Tensor  # (B, K) gallery indices in exact order; first k_need[b] are final
+    scores: torch.Tensor  # (B, K) backend float32 scores in that order
+
+
+class ExactSearch:
+    """Exact ranked neighbours of queries in a gallery, one chunk of queries at a time.
+
+    ``queries`` and ``gallery`` are (N, d) float32 on the work device. With
+    ``self_index`` (LOO), query b's own gallery row ``self_index[b]`` is never returned.
+    """
+
+    def __init__(
+        self,
+        queries: torch.Tensor,
+        gallery: torch.Tensor,
+        *,
+        backend: str,
+        self_index: torch.Tensor | None = None,
+        max_candidates: int = 1 << 22,
+        torch_block_elems: int = 1 << 25,
+        rescore_block_elems: int = 1 << 23,
+    ):
+        self.queries, self.gallery = queries, gallery
+        self.self_index = self_index
+        self.num_gallery, self.dim = gallery.shape
+        self.max_candidates = max_candidates
+        self.rescore_rows = max(1, rescore_block_elems // max(1, self.dim))
+        self.searcher = _make_searcher(backend, gallery, torch_block_elems)
+        # Per-query absolute error radius of a float32 score (see module docstring).
+        q_norm = queries.double().norm(dim=1)
+        g_norm_max = gallery.double().norm(dim=1).max() if self.num_gallery else torch.tensor(0.0)
+        self.radius = _bound_coeff(self.dim) * q_norm * g_norm_max + 1e-30  # (N_q,) float64
+        self.num_retries = 0
+        self.num_rescored = 0
+
+    # The most neighbours a query can have (the gallery minus itself under LOO).
+    @property
+    def num_available(self) -> int:
+        return self.num_gallery - (1 if self.self_index is not None else 0)
+
+    def ranked(self, k_need: torch.Tensor) -> Iterator[_Ranked]:
+        """Yield exact rankings for every query; ``k_need[b]`` (<= num_available) is how
+        many leading neighbours must be exact for query b. Queries with k_need == 0
+        are skipped. Chunks come in increasing order of k_need."""
+        k_need = k_need.to(torch.int64).cpu()
+        if k_need.numel() and int(k_need.max()) > self.num_available:
+            raise AssertionError("k_need exceeds the number of available neighbours")
+        order = torch.argsort(k_need, stable=True)
+        order = order[k_need[order] > 0]
+        fetch = self._fetch_k(k_need[order])  # (n,) non-decreasing
+        start = 0
+        while start < order.numel():
+            # Largest chunk whose rows x fetched candidates (set by its last, largest
+            # row) stays within the budget; at least one row.
+            cost = torch.arange(1, order.numel() - start + 1) * fetch[start:]
+            rows = max(1, int((cost <= self.max_candidates).sum()))
+            idx = order[start : start + rows]
+            start += rows
+            yield from self._rank_chunk(idx.to(self.queries.device), k_need[idx].to(self.queries.device))
+
+    def _fetch_k(self, k):
+        """Neighbours to request for k exact ones: a margin, plus one for the query itself."""
+        extra = (1 if self.self_index is not None else 0)
+        if isinstance(k, torch.Tensor):
+            return torch.clamp(k + torch.clamp(k // 8, min=8) + extra, max=self.num_gallery)
+        return min(self.num_gallery, k + max(8, k // 8) + extra)
+
+    def _rank_chunk(self, idx: torch.Tensor, k_need: torch.Tensor) -> Iterator[_Ranked]:
+        k_fetch = self._fetch_k(int(k_need.max()))
+        while idx.numel():
+            ranked, ok = self._try_rank(idx, k_need, k_fetch)
+            if bool(ok.all()):
+                yield ranked
+                return
+            yield _Ranked(ranked.query_idx[ok], ranked.ids[ok], ranked.scores[ok])
+            # Retry the unresolved queries with twice as many candidates.
+            self.num_retries += int((~ok).sum())
+            idx, k_need = idx[~ok], k_need[~ok]
+            k_fetch = min(self.num_gallery, 2 * k_fetch)
+
+    def _try_rank(self, idx: torch.Tensor, k_need: torch.Tensor, k_fetch: int):
+        dev = idx.device
+        s, ids = self.searcher.search(self.queries[idx], k_fetch)  # (B, k_fetch) float32 / int64
+        s, ids = s.to(dev), ids.to(dev)
+        if bool((ids < 0).any()):
+            raise RuntimeError("search returned missing neighbours (non-finite embeddings?)")
+        complete = k_fetch >= self.num_gallery
+        thr = s.min(dim=1).values.double()  # every non-retrieved item scores <= thr (float32)
+        # Re-sort by float32 score (backends return sorted lists; this makes it certain).
+        s, perm = torch.sort(s, dim=1, descending=True, stable=True)
+        ids = torch.gather(ids, 1, perm)
+        if self.self_index is not None:
+            # Drop the query itself, or the last column when it was not retrieved.
+            is_self = ids == self.self_index[idx].unsqueeze(1)
+            is_self[:, -1] |= ~is_self.any(dim=1)
+            keep = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)[:, :-1]
+            s, ids = torch.gather(s, 1, keep), torch.gather(ids, 1, keep)
+        B, K = ids.shape
+        s64 = s.double()
+        tol = 2.0 * self.radius[idx].unsqueeze(1)  # (B, 1): gap that guarantees the order
+        # Clusters: maximal runs whose consecutive float32 scores are within tol.
+        brk = (s64[:, :-1] - s64[:, 1:]) > tol  # (B, K-1)
+        cid = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=dev), brk.cumsum(1)], dim=1)
+        # Is the candidate list complete for the first k_need items?
+        if complete:
+            ok = torch.ones(B, dtype=torch.bool, device=dev)
+        else:
+            c_k = torch.gather(cid, 1, (k_need - 1).unsqueeze(1))  # cluster of the k-th item
+            in_c = cid == c_k
+            c_min = torch.where(in_c, s64, torch.full_like(s64, math.inf)).min(dim=1).values
+            ok = (c_min - thr) > tol.squeeze(1)
+        # Exact scores for members of clusters of size >= 2 (ties and near-ties).
+        r = torch.zeros(B, K, dtype=torch.float64, device=dev)
+        if K > 1:
+            tied = torch.zeros(B, K, dtype=torch.bool, device=dev)
+            near = ~brk
+            tied[:, :-1] |= near
+            tied[:, 1:] |= near
+            rows, cols = tied.nonzero(as_tuple=True)
+            self.num_rescored += rows.numel()
+            q_rows = idx[rows]
+            g_rows = ids[rows, cols]
+            vals = torch.empty(rows.numel(), dtype=torch.float64, device=dev)
+            for a in range(0, rows.numel(), self.rescore_rows):
+                b = a + self.rescore_rows
+                vals[a:b] = fixed_order_dot(self.queries[q_rows[a:b]], self.gallery[g_rows[a:b]])
+            r[rows, cols] = vals
+        # Final order: cluster, then exact score (desc), then gallery index (asc).
+        perm = torch.argsort(ids, dim=1, stable=True)
+        perm = torch.gather(perm, 1, torch.argsort(-torch.gather(r, 1, perm), dim=1, stable=True))
+        perm = torch.gather(perm, 1, torch.argsort(torch.gather(cid, 1, perm), dim=1, stable=True))
+        return _Ranked(idx, torch.gather(ids, 1, perm), torch.gather(s, 1, perm)), ok
+
+
+# ------------------------------------------------------------------------------ public API
+def as_float32_matrix(x, name: str) -> torch.Tensor:
+    """Torch tensor or numpy array (N, d) -> contiguous float32 torch tensor (same device)."""
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, d); got shape {tuple(t.shape)}")
+    t = t.to(torch.float32).contiguous()
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def knn(
+    queries,
+    gallery=None,
+    k: int = 1,
+    *,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    max_candidates: int = 1 << 22,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours by inner product, ties broken by lower gallery index.
+
+    With ``gallery=None`` this is leave-one-out on ``queries`` (a query never returns
+    itself). Returns ``(ids, scores)``, both (N_q, k) on CPU: int64 gallery indices in
+    the exact order, and the backend's float32 scores (the order is backend-independent,
+    the scores may differ by float32 rounding).
+    """
+    backend = resolve_backend(backend)
+    dev = _work_device(backend, device, queries, gallery)
+    q = as_float32_matrix(queries, "queries").to(dev)
+    loo = gallery is None
+    g = q if loo else as_float32_matrix(gallery, "gallery").to(dev)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"queries have dim {q.shape[1]} but gallery has dim {g.shape[1]}")
+    self_index = torch.arange(q.shape[0], device=dev) if loo else None
+    search = ExactSearch(q, g, backend=backend, self_index=self_index, max_candidates=max_candidates)
+    if not 1 <= k <= search.num_available:
+        raise ValueError(f"k={k} must be in [1, {search.num_available}] (available neighbours)")
+    ids = torch.empty(q.shape[0], k, dtype=torch.int64)
+    scores = torch.empty(q.shape[0], k, dtype=torch.float32)
+    for part in search.ranked(torch.full((q.shape[0],), k)):
+        ids[part.query_idx.cpu()] = part.ids[:, :k].cpu()
+        scores[part.query_idx.cpu()] = part.scores[:, :k].cpu()
+    return ids, scores
+
+
+def warn_if_costly(k_max: int, num_queries: int) -> None:
+    if k_max > 4096:
+        warnings.warn(
+            f"MAP@R needs the {k_max} nearest neighbours for the largest class; the cost "
+            f"grows with class size (queries from that class search and rank that many).",
+            stacklevel=3,
+        )

@@ -1,0 +1,132 @@
+"""Class-balanced global batch plan: m images per class, each class on one rank per step.
+
+The plan for (seed, epoch) is a pure function of the labels, so every rank (and every
+DataLoader worker) computes the same plan and takes its own slice; no communication,
+and every rank runs exactly `steps_per_epoch` steps whatever the shard layout.
+
+Construction, per epoch:
+1. each class's images are shuffled and cut into groups of m ("remainder=topup": a last
+   partial group is filled with other images of the class, chosen at random; a class
+   with fewer than m images repeats them; "remainder=drop": partial groups dropped,
+   except that a class always keeps one group);
+2. a step holds K = classes_per_rank * world_size groups of K distinct classes.
+   steps_per_epoch S is the largest S with sum_c min(groups_c, S) >= S * K: a class
+   cannot fill more than one slot per step, so classes with more than S groups
+   contribute S of them this epoch (a random S; others wait for later epochs), and
+   a few random groups are dropped so the total is exactly S * K;
+3. the class-contiguous sequence of groups (classes in random order) is laid out
+   column-major into an S x K grid: position p goes to step p % S, slot p // S. A class
+   has at most S contiguous groups, so its groups land on distinct steps. Steps are
+   then shuffled, and slots within each step (slot -> rank assignment).
+
+So an epoch shows S * K * m images; with class sizes <= m * S every image appears
+at least once and the only repeats are top-ups of partial groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ClassBalancedPlan:
+    """Deterministic per-epoch plan of sample indices, shape [steps, world_size, classes_per_rank, m]."""
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        *,
+        m: int,
+        classes_per_rank: int,
+        world_size: int,
+        seed: int = 0,
+        remainder: str = "topup",
+    ):
+        if m < 1 or classes_per_rank < 1 or world_size < 1:
+            raise ValueError(f"m, classes_per_rank, world_size must be >= 1 (got {m}, {classes_per_rank}, {world_size})")
+        if remainder not in ("topup", "drop"):
+            raise ValueError(f"remainder must be 'topup' or 'drop', got {remainder!r}")
+        labels = np.asarray(labels, dtype=np.int64)
+        self.m, self.classes_per_rank, self.world_size = m, classes_per_rank, world_size
+        self.seed, self.remainder = seed, remainder
+        self.slots = classes_per_rank * world_size  # K: distinct classes per global batch
+        # Class members as CSR: members[starts[c]:starts[c+1]] are the sample indices of class c.
+        self.members = np.argsort(labels, kind="stable")
+        self.class_ids, counts = np.unique(labels, return_counts=True)
+        self.counts = counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        if len(self.class_ids) < self.slots:
+            raise ValueError(
+                f"a global batch needs {self.slots} distinct classes (classes_per_rank={classes_per_rank} x "
+                f"world_size={world_size}) but the split has only {len(self.class_ids)}; lower classes_per_rank"
+            )
+        if remainder == "topup":
+            self.groups = -(-counts // m)
+        else:
+            self.groups = np.maximum(counts // m, 1)
+        self.steps_per_epoch = self._solve_steps()
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _solve_steps(self) -> int:
+        """Largest S with sum_c min(groups_c, S) >= S * K (the feasible S form an interval [0, S*])."""
+        lo, hi = 0, int(self.groups.sum()) // self.slots
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if np.minimum(self.groups, mid).sum() >= mid * self.slots:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    @property
+    def batch_size(self) -> int:
+        """Images per rank per step."""
+        return self.classes_per_rank * self.m
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images in one epoch, all ranks together."""
+        return self.steps_per_epoch * self.slots * self.m
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """Sample indices of the whole epoch, [steps, world_size, classes_per_rank, m] (cached)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        plan = self._build(epoch)
+        self._cache = (epoch, plan)
+        return plan
+
+    def rank_batch(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """Sample indices of `rank`'s batch at `step`: classes_per_rank blocks of m, [batch_size]."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
+        return self.epoch_plan(epoch)[step, rank].reshape(-1)
+
+    def _build(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        m, num_steps, slots = self.m, self.steps_per_epoch, self.slots
+        blocks = []  # per class (in random order): [groups, m] sample indices
+        for c in rng.permutation(len(self.class_ids)):
+            idx = self.members[self.starts[c] : self.starts[c + 1]]
+            idx = idx[rng.permutation(len(idx))]
+            n, g = len(idx), int(self.groups[c])
+            if n < m:  # fewer images than m: repeat them (a random cyclic order)
+                idx = np.resize(idx, g * m)
+            elif g * m > n:  # partial last group: top up with other images of the class
+                r = n % m
+                fill = rng.choice(idx[: n - r], size=m - r, replace=False)
+                idx = np.concatenate([idx, fill])
+            else:
+                idx = idx[: g * m]  # drop mode: leftover images wait for another epoch
+            blocks.append(idx.reshape(g, m)[: min(g, num_steps)])
+        groups_seq = np.concatenate(blocks)  # class-contiguous, [total_groups, m]
+        excess = len(groups_seq) - num_steps * slots
+        assert excess >= 0, "steps_per_epoch solved wrongly"
+        if excess:
+            keep = np.ones(len(groups_seq), bool)
+            keep[rng.choice(len(groups_seq), size=excess, replace=False)] = False
+            groups_seq = groups_seq[keep]
+        # Position p -> (step p % S, slot p // S): contiguous runs of <= S groups hit distinct steps.
+        grid = groups_seq.reshape(slots, num_steps, m).transpose(1, 0, 2)  # [S, K, m]
+        grid = grid[rng.permutation(num_steps)]
+        grid = np.take_along_axis(grid, rng.permuted(np.tile(np.arange(slots), (num_steps, 1)), axis=1)[..., None], 1)
+        return np.ascontiguousarray(grid.reshape(num_steps, self.world_size, self.classes_per_rank, m))

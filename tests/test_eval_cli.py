@@ -1,0 +1,59 @@
+"""tools/evaluate.py end to end on saved embeddings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rskdist.eval import retrieval_metrics, retrieval_metrics_qg, save_embeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import evaluate  # noqa: E402
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((120, 8)).astype(np.float32)
+    return emb, rng.integers(0, 12, 120)
+
+
+def test_evaluate_file_and_history(tmp_path, data, capsys):
+    emb, lab = data
+    save_embeddings(tmp_path / "e.npz", emb, lab)
+    hist, out = tmp_path / "hist.jsonl", tmp_path / "r.json"
+    argv = ["--embeddings", str(tmp_path / "e.npz"), "--dataset", "cub", "--backend", "torch",
+            "--out", str(out), "--history", str(hist), "--best-metric", "map@r"]
+    first = evaluate.main(argv + ["--step", "5"])
+    assert first["is_best"] and first["ks"] == [1, 2, 4, 8, 16, 32]
+    assert first["results"] == retrieval_metrics(emb, lab, ks=(1, 2, 4, 8, 16, 32), backend="torch")
+    assert json.loads(out.read_text())["results"] == first["results"]
+    assert "recall@32" in capsys.readouterr().out
+    second = evaluate.main(argv + ["--step", "9"])  # same numbers: not strictly better
+    assert not second["is_best"] and second["best"]["step"] == 5
+    assert len(hist.read_text().splitlines()) == 2
+
+
+def test_evaluate_query_gallery_and_embed_fn(tmp_path, data):
+    emb, lab = data
+    save_embeddings(tmp_path / "q.pt", emb[:40], lab[:40])
+    save_embeddings(tmp_path / "g.pt", emb[40:], lab[40:])
+    rec = evaluate.main(["--embeddings", str(tmp_path / "q.pt"), "--gallery", str(tmp_path / "g.pt"),
+                         "--ks", "1", "5", "--metrics", "recall"])
+    assert rec["results"] == retrieval_metrics_qg(emb[:40], lab[:40], emb[40:], lab[40:], ks=(1, 5),
+                                                  metrics=("recall",))
+    plugged = evaluate.main(["--ks", "1"], embed_fn=lambda args: (emb, lab))
+    assert plugged["results"]["recall@1"] == retrieval_metrics(emb, lab, ks=(1,))["recall@1"]
+
+
+def test_cli_subprocess(tmp_path, data):
+    emb, lab = data
+    save_embeddings(tmp_path / "e.pt", emb, lab)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/evaluate.py"), "--embeddings", str(tmp_path / "e.pt"),
+                           "--ks", "1", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "recall@2" in proc.stdout and "num_excluded_queries" in proc.stdout

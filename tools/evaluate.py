@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Evaluate retrieval: Recall@k, MAP@R, R-precision.
+
+Now: from a saved embeddings file (``.pt`` or ``.npz`` with ``embeddings`` and
+``labels``; optionally a separate ``--gallery`` file for query-vs-gallery).
+
+    python tools/evaluate.py --embeddings test_emb.npz --dataset inat --out results.json
+    python tools/evaluate.py --embeddings q.pt --gallery g.pt --ks 1 10 100
+    python tools/evaluate.py --embeddings e.pt --history runs/x/eval.jsonl --step 1200
+
+Prints a table, writes JSON (``--out``), and with ``--history`` appends the result to a
+JSON-lines history and reports whether it is the best so far by ``--best-metric``.
+Model inputs (``--config`` + ``--checkpoint``) plug in through ``embed_fn`` in
+:func:`main`: any callable returning ``(embeddings, labels)`` (e.g. one that builds the
+model and loader and calls :func:`rskdist.eval.embed_dataset`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rskdist.eval import (
+    BACKENDS,
+    DEFAULT_KS,
+    METRICS,
+    BestTracker,
+    default_ks,
+    format_metrics_table,
+    load_embeddings,
+    retrieval_metrics,
+    retrieval_metrics_qg,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_argument_group("inputs")
+    src.add_argument("--embeddings", help="embeddings file (.pt or .npz with 'embeddings' and 'labels')")
+    src.add_argument("--gallery", help="separate gallery file: query-vs-gallery instead of leave-one-out")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--dataset", choices=sorted(DEFAULT_KS), help="use this dataset's default k list")
+    m.add_argument("--ks", type=int, nargs="+", help="Recall@k values (default: --dataset's list, else 1 2 4 8)")
+    m.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    m.add_argument("--backend", default="auto", choices=BACKENDS)
+    m.add_argument("--device", help="work device for the torch backend (default: auto)")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", help="write the results as JSON here")
+    o.add_argument("--history", help="JSON-lines results history to append to (tracks the best)")
+    o.add_argument("--best-metric", default="recall@1", help="metric that decides the best result")
+    o.add_argument("--mode", default="max", choices=("max", "min"))
+    o.add_argument("--step", type=int, help="step/epoch recorded in the history (default: next index)")
+    return p
+
+
+def resolve_ks(args) -> tuple[int, ...]:
+    if args.ks:
+        return tuple(args.ks)
+    return default_ks(args.dataset) if args.dataset else (1, 2, 4, 8)
+
+
+def load_inputs(args) -> dict:
+    """Embeddings from files: ``{"embeddings", "labels"}`` plus gallery ones if given."""
+    if not args.embeddings:
+        raise SystemExit("error: give --embeddings FILE")
+    emb, lab = load_embeddings(args.embeddings)
+    inputs = {"embeddings": emb, "labels": lab}
+    if args.gallery:
+        inputs["gallery_embeddings"], inputs["gallery_labels"] = load_embeddings(args.gallery)
+    return inputs
+
+
+def compute(inputs: dict, *, ks, metrics, backend, device=None) -> dict:
+    kw = dict(ks=ks, metrics=metrics, backend=backend, device=device)
+    if "gallery_embeddings" in inputs:
+        return retrieval_metrics_qg(
+            inputs["embeddings"], inputs["labels"], inputs["gallery_embeddings"], inputs["gallery_labels"], **kw
+        )
+    return retrieval_metrics(inputs["embeddings"], inputs["labels"], **kw)
+
+
+def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespace], tuple] | None = None) -> dict:
+    """CLI entry. ``embed_fn(args) -> (embeddings, labels)`` replaces file loading
+    (how ``--config/--checkpoint`` evaluation plugs in)."""
+    args = build_parser().parse_args(argv)
+    ks = resolve_ks(args)
+    if embed_fn is not None:
+        emb, lab = embed_fn(args)
+        inputs = {"embeddings": emb, "labels": lab}
+    else:
+        inputs = load_inputs(args)
+
+    t0 = time.perf_counter()
+    results = compute(inputs, ks=ks, metrics=args.metrics, backend=args.backend, device=args.device)
+    seconds = time.perf_counter() - t0
+    n, d = tuple(torch.as_tensor(inputs["embeddings"]).shape)
+    print(format_metrics_table(results, title=f"{n} x {d} embeddings, {seconds:.1f} s"))
+
+    record = {"results": results, "ks": list(ks), "backend": args.backend, "seconds": seconds,
+              "embeddings": args.embeddings, "gallery": args.gallery}
+    if args.history:
+        tracker = BestTracker.from_history(args.history, metric=args.best_metric, mode=args.mode)
+        step = args.step if args.step is not None else len(tracker.history)
+        record["is_best"] = tracker.append_to_history(args.history, step, results)
+        record["best"] = {"metric": tracker.metric, "value": tracker.best_value, "step": tracker.best_step}
+        print(f"best {tracker.metric}: {tracker.best_value} at step {tracker.best_step}"
+              + (" (this one)" if record["is_best"] else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+    return record
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

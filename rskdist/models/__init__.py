@@ -1,1 +1,23 @@
+"""Retrieval backbones: timm / open_clip encoder -> pooled feature -> LayerNorm -> Linear -> L2.
 
+Public API: create_model, RetrievalModel, GeM, param_groups, count_params, describe,
+read_state_dict, WeightsNotFoundError, WeightsMismatchError. See docs/models.md.
+"""
+
+from .factory import OPEN_CLIP_PREFIX, create_model
+from .model import GeM, RetrievalModel, count_params, describe
+from .params import param_groups
+from .weights import WeightsMismatchError, WeightsNotFoundError, read_state_dict
+
+__all__ = [
+    "OPEN_CLIP_PREFIX",
+    "GeM",
+    "RetrievalModel",
+    "WeightsMismatchError",
+    "WeightsNotFoundError",
+    "count_params",
+    "create_model",
+    "describe",
+    "param_groups",
+    "read_state_dict",
+]

@@ -1,0 +1,491 @@
+"""create_model: timm or open_clip backbone + retrieval head, with weights from hub or file.
+
+Weight sources (`pretrained`):
+- None: random init.
+- a file path: safetensors or torch checkpoint (loaded with weights_only=True) holding
+  either a whole RetrievalModel ("backbone.*" + "head.*") or the backbone alone (a timm
+  state dict, an open_clip visual tower, or a full CLIP checkpoint whose "visual.*"
+  part is used).
+- "hub" (timm's default tag of the architecture, or the tag in the backbone name) or a
+  hub tag ("augreg_in21k" for timm, "openai"/"laion2b_s32b_b82k" for open_clip):
+  downloaded via the Hugging Face Hub cache. Offline and not cached -> WeightsNotFoundError
+  that says how to fetch the file elsewhere and pass it as a path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import warnings
+from typing import Any
+
+import torch.nn as nn
+
+from .model import GeM, RetrievalModel
+from .weights import (
+    WeightsNotFoundError,
+    hub_offline,
+    is_unavailable_error,
+    load_strict,
+    looks_like_path,
+    read_state_dict,
+    split_retrieval_state,
+)
+
+OPEN_CLIP_PREFIX = "open_clip:"
+
+
+def create_model(
+    backbone: str,
+    *,
+    embed_dim: int = 512,
+    pretrained: str | None = None,
+    pool: str = "auto",
+    gem_p: float = 3.0,
+    image_size: int | None = None,
+    grad_checkpointing: bool = False,
+    freeze_bn: bool = True,
+    drop_path_rate: float = 0.0,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> RetrievalModel:
+    """Build a RetrievalModel: backbone -> pool -> LayerNorm -> Linear(embed_dim) -> L2 norm.
+
+    Args:
+        backbone: a timm model name, optionally with a pretrained tag
+            ("vit_base_patch16_224", "vit_base_patch16_224.augreg_in21k", "resnet50"), or
+            "open_clip:<config>" for an open_clip visual tower ("open_clip:ViT-L-14").
+        embed_dim: output embedding size.
+        pretrained: None (random init), a weights file, "hub", or a hub tag (module doc).
+        pool: "auto" = GeM for CNNs whose timm head is a plain global pool (ResNet,
+            EfficientNet, ...), otherwise the backbone's own pooling (CLS token for ViT,
+            the projected image embedding for open_clip). "gem" forces GeM; any other
+            value is passed to timm as `global_pool` ("token", "avg", "max", "avgmax", ...).
+        gem_p: GeM exponent (3 in the paper).
+        image_size: input size the model is built for; None = the weights' native size.
+            ViTs resample their position embeddings (timm `set_input_size`, open_clip
+            `image_size`), CNNs take any size.
+        grad_checkpointing: checkpoint the backbone's blocks (recompute in backward).
+        freeze_bn: keep BatchNorm layers in eval mode in training (see RetrievalModel).
+        drop_path_rate: stochastic depth rate (timm backbones and timm-based open_clip towers).
+        backbone_kwargs: extra constructor arguments: timm kwargs (depth=2, embed_dim=64, ...)
+            or open_clip `vision_cfg` overrides (layers=2, width=64, ...; plus quick_gelu).
+    """
+    if pool != "auto" and not isinstance(pool, str):
+        raise ValueError(f"pool must be a string, got {pool!r}")
+    if image_size is not None and image_size <= 0:
+        raise ValueError(f"image_size must be > 0, got {image_size}")
+    if drop_path_rate < 0 or drop_path_rate >= 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if pretrained is not None and not isinstance(pretrained, str):
+        pretrained = os.fspath(pretrained)
+    if pretrained == "":
+        pretrained = None
+    kwargs = dict(backbone_kwargs or {})
+    if backbone.startswith(OPEN_CLIP_PREFIX):
+        build = _build_open_clip
+        name = backbone[len(OPEN_CLIP_PREFIX):]
+    else:
+        build = _build_timm
+        name = backbone
+    model = build(
+        name,
+        embed_dim=embed_dim,
+        pretrained=pretrained,
+        pool=pool,
+        gem_p=gem_p,
+        image_size=image_size,
+        freeze_bn=freeze_bn,
+        drop_path_rate=drop_path_rate,
+        backbone_kwargs=kwargs,
+    )
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# timm
+
+
+def _build_timm(
+    name: str,
+    *,
+    embed_dim: int,
+    pretrained: str | None,
+    pool: str,
+    gem_p: float,
+    image_size: int | None,
+    freeze_bn: bool,
+    drop_path_rate: float,
+    backbone_kwargs: dict[str, Any],
+) -> RetrievalModel:
+    import timm
+    from timm.layers import SelectAdaptivePool2d
+
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise ValueError(f"unknown timm model {arch!r}; close matches: {close}")
+
+    file_state = head_state = None
+    file_meta: dict = {}
+    hub_tag = None
+    source = "random init"
+    if pretrained is not None:
+        if looks_like_path(pretrained):
+            file_state, file_meta = read_state_dict(pretrained)
+            file_state, head_state = split_retrieval_state(file_state)
+            source = f"file {pretrained}"
+        else:
+            hub_tag = tag if pretrained == "hub" else pretrained
+            if pretrained != "hub" and tag and tag != pretrained:
+                raise ValueError(
+                    f"backbone {name!r} names tag {tag!r} but pretrained={pretrained!r}; give the tag once"
+                )
+    timm_name = f"{arch}.{hub_tag or tag}" if (hub_tag or tag) else arch
+
+    kwargs: dict[str, Any] = dict(num_classes=0)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pool not in ("auto", "gem"):
+        kwargs["global_pool"] = pool
+    kwargs.update(backbone_kwargs)
+
+    if pretrained is not None and not looks_like_path(pretrained):
+        backbone = _timm_from_hub(arch, timm_name, kwargs)
+        source = f"hub {backbone.pretrained_cfg.get('hf_hub_id') or backbone.pretrained_cfg.get('url')}"
+    else:
+        try:
+            backbone = timm.create_model(timm_name, pretrained=False, **kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"cannot build timm model {timm_name!r}: {err}; "
+                             f"known tags: {timm.list_pretrained(arch + '.*')}") from err
+        except (TypeError, AssertionError) as err:
+            raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+
+    cfg = dict(backbone.pretrained_cfg)
+    native_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    if image_size is not None and image_size != native_size:
+        if hasattr(backbone, "set_input_size"):
+            backbone.set_input_size(img_size=image_size)
+        elif cfg.get("fixed_input_size", False):
+            raise ValueError(
+                f"timm model {arch!r} needs {native_size} px inputs and cannot be resized "
+                f"to image_size={image_size}"
+            )
+
+    # GeM replaces the model's own global pool only where that pool is a plain 2D pool
+    # applied to the last feature map with nothing after it but the (removed) classifier.
+    plain_2d_pool = isinstance(getattr(backbone, "global_pool", None), SelectAdaptivePool2d) and (
+        getattr(backbone, "head_hidden_size", backbone.num_features) == backbone.num_features
+    )
+    use_gem = pool == "gem" or (pool == "auto" and plain_2d_pool)
+    if use_gem:
+        if not plain_2d_pool:
+            raise ValueError(
+                f"pool='gem' needs a CNN whose head is a plain global pool; {arch!r} is not one "
+                "(it outputs tokens or has layers after pooling). Use pool='auto' or a timm "
+                "global_pool such as 'token' or 'avg'."
+            )
+        backbone.reset_classifier(0, global_pool="")  # backbone(x) -> [b, c, h, w]
+        pool_module: nn.Module = GeM(gem_p)
+        pool_name = f"gem(p={gem_p})"
+    else:
+        pool_module = nn.Identity()
+        pool_name = str(getattr(backbone, "global_pool", pool))
+        if isinstance(getattr(backbone, "global_pool", None), nn.Module):
+            pool_name = getattr(backbone.global_pool, "pool_type", type(backbone.global_pool).__name__)
+        if pool_name == "token":
+            pool_name = "token (CLS)"
+    feat_dim = backbone.num_features if use_gem else getattr(backbone, "head_hidden_size", backbone.num_features)
+
+    if file_state is not None:
+        file_state = _timm_filter(backbone, file_state, cfg)
+        load_strict(backbone, file_state, f"timm backbone {arch}", source)
+
+    mean = tuple(file_meta.get("mean", cfg.get("mean", (0.485, 0.456, 0.406))))
+    std = tuple(file_meta.get("std", cfg.get("std", (0.229, 0.224, 0.225))))
+    model = RetrievalModel(
+        backbone,
+        feat_dim=feat_dim,
+        embed_dim=embed_dim,
+        pool=pool_module,
+        freeze_bn=freeze_bn,
+        mean=mean,
+        std=std,
+        image_size=image_size or native_size,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        info=dict(backbone=name, library="timm", weights=source, pool=pool_name),
+    )
+    if head_state is not None:
+        load_strict(
+            model.head, head_state, "retrieval head", source, prefix="head.",
+            hint=f"The head maps feat_dim={model.feat_dim} to embed_dim={model.embed_dim}; use the embed_dim of the checkpoint.",
+        )
+    return model
+
+
+def _timm_from_hub(arch: str, timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except Exception:
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ValueError(
+            f"timm has no downloadable weights for {timm_name!r}; known tags: "
+            f"{timm.list_pretrained(arch + '.*')}"
+        )
+    tagged = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    if hub_offline() and not cfg.hf_hub_id and not _torch_hub_cached(cfg.url):
+        # torch.hub would try the URL regardless of HF_HUB_OFFLINE; fail fast instead of hanging.
+        raise WeightsNotFoundError(_offline_message_timm(tagged, cfg, "HF_HUB_OFFLINE is set"))
+    try:
+        return timm.create_model(tagged, pretrained=True, **kwargs)
+    except Exception as err:
+        if is_unavailable_error(err):
+            raise WeightsNotFoundError(_offline_message_timm(tagged, cfg, f"{type(err).__name__}: {err}")) from err
+        raise
+
+
+def _torch_hub_cached(url: str | None) -> bool:
+    if not url:
+        return False
+    import torch.hub
+
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+
+
+def _offline_message_timm(tagged: str, cfg, cause: str) -> str:
+    arch, _, tag = tagged.partition(".")
+    out = f"{tagged}.safetensors"
+    where = f"Hugging Face repo {cfg.hf_hub_id}" if cfg.hf_hub_id else f"URL {cfg.url}"
+    lines = [
+        f"pretrained weights for timm backbone {tagged!r} ({where}) are not available here: "
+        "this machine cannot download them (offline or no connection) and they are not in the local cache.",
+        "To provide them:",
+        "  1. on a machine with internet, run",
+        f"       python -m rskdist.models.fetch_weights {shlex.quote(tagged)} --out {shlex.quote(out)}",
+        "     or, without rskdist installed,",
+        "       python -c \"import timm, safetensors.torch as st; "
+        f"m = timm.create_model('{tagged}', pretrained=True, num_classes=0); "
+        "st.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "
+        f"'{out}')\"",
+    ]
+    if cfg.hf_hub_id:
+        lines.append(f"     or: hf download {cfg.hf_hub_id} model.safetensors --local-dir .")
+    lines += [
+        "  2. copy the file to this machine and pass it as a path:",
+        f"       model.backbone={tagged} model.pretrained=/path/to/{out}",
+        "     (keeping the tag in the backbone name selects the matching mean/std).",
+        f"Cause: {cause}",
+    ]
+    return "\n".join(lines)
+
+
+def _timm_filter(backbone: nn.Module, state: dict, cfg: dict) -> dict:
+    """Adapt a timm-format state dict the way timm's own pretrained loader does.
+
+    Each timm model module defines `checkpoint_filter_fn(state_dict, model)` (original
+    checkpoint layouts, position-embedding resampling to the model's size); then the
+    classifier is dropped because the backbone is built with num_classes=0.
+    """
+    import sys
+
+    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(dict(state), backbone)
+        except TypeError:
+            state = filter_fn(dict(state))
+    own = backbone.state_dict()
+    classifiers = cfg.get("classifier") or ()
+    if isinstance(classifiers, str):
+        classifiers = (classifiers,)
+    for prefix in classifiers:
+        for key in (f"{prefix}.weight", f"{prefix}.bias"):
+            if key in state and key not in own:
+                del state[key]
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# open_clip
+
+
+def _build_open_clip(
+    name: str,
+    *,
+    embed_dim: int,
+    pretrained: str | None,
+    pool: str,
+    gem_p: float,
+    image_size: int | None,
+    freeze_bn: bool,
+    drop_path_rate: float,
+    backbone_kwargs: dict[str, Any],
+) -> RetrievalModel:
+    import open_clip
+    from open_clip.model import _build_vision_tower  # builds the image tower alone (no text tower)
+    from open_clip.modified_resnet import ModifiedResNet
+
+    if pool != "auto":
+        raise ValueError(
+            f"open_clip backbones use the tower's own output (projected image embedding); "
+            f"pool={pool!r} is not supported, use pool='auto'"
+        )
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        raise ValueError(f"unknown open_clip model {name!r}; close matches: {close}")
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    preprocess: dict[str, Any] = {}
+
+    state = head_state = None
+    source = "random init"
+    if pretrained is not None:
+        if looks_like_path(pretrained):
+            path = pretrained
+            source = f"file {pretrained}"
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained != "hub" else {}
+            if not tag_cfg:
+                raise ValueError(
+                    f"open_clip model {name!r} has no pretrained tag {pretrained!r}; "
+                    f"choose one of {tags} (e.g. pretrained={tags[0] if tags else 'openai'!r})"
+                )
+            path = _open_clip_download(name, pretrained, tag_cfg)
+            preprocess = dict(tag_cfg)
+            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+            source = f"hub {name}/{pretrained}"
+        state, meta = read_state_dict(path)
+        if meta.get("open_clip_tag"):
+            tag_cfg = open_clip.get_pretrained_cfg(name, meta["open_clip_tag"])
+            preprocess = dict(tag_cfg)
+            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+        preprocess.update({k: meta[k] for k in ("mean", "std") if k in meta})
+        state, head_state = split_retrieval_state(state)
+        if head_state is None and any(k.startswith("visual.") for k in state):
+            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+
+    overrides = dict(backbone_kwargs)
+    quick_gelu = bool(overrides.pop("quick_gelu", quick_gelu))
+    vision_cfg.update(overrides)
+    if image_size is not None:
+        vision_cfg["image_size"] = image_size
+    if drop_path_rate:
+        if not vision_cfg.get("timm_model_name"):
+            raise ValueError(
+                f"open_clip model {name!r} (native open_clip ViT/ResNet) has no stochastic depth; "
+                "set drop_path_rate=0 (it is honoured for timm-based open_clip towers only)"
+            )
+        vision_cfg["timm_drop_path"] = drop_path_rate
+    if vision_cfg.get("timm_model_name"):
+        vision_cfg["timm_model_pretrained"] = False  # weights come only from `pretrained`
+    try:
+        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
+    except TypeError as err:
+        raise ValueError(f"cannot build open_clip tower {name!r} with {overrides}: {err}") from err
+
+    if state is not None:
+        _resize_open_clip_pos_embed(state, visual)
+        load_strict(visual, state, f"open_clip visual tower {name}", source)
+
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    size = vision_cfg.get("image_size", 224)
+    size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+    model = RetrievalModel(
+        visual,
+        feat_dim=int(model_cfg["embed_dim"]),
+        embed_dim=embed_dim,
+        pool=nn.Identity(),
+        freeze_bn=freeze_bn,
+        mean=preprocess.get("mean", OPENAI_DATASET_MEAN),
+        std=preprocess.get("std", OPENAI_DATASET_STD),
+        image_size=size,
+        interpolation=preprocess.get("interpolation", "bicubic"),
+        info=dict(
+            backbone=f"{OPEN_CLIP_PREFIX}{name}",
+            library="open_clip",
+            weights=source,
+            pool="open_clip tower output (projected)",
+            quick_gelu=quick_gelu,
+            supports_grad_checkpointing=not isinstance(visual, ModifiedResNet),
+        ),
+    )
+    if head_state is not None:
+        load_strict(
+            model.head, head_state, "retrieval head", source, prefix="head.",
+            hint=f"The head maps feat_dim={model.feat_dim} to embed_dim={model.embed_dim}; use the embed_dim of the checkpoint.",
+        )
+    return model
+
+
+def _open_clip_download(name: str, tag: str, tag_cfg: dict) -> str:
+    import open_clip
+
+    hf_hub = tag_cfg.get("hf_hub", "")
+    url = tag_cfg.get("url", "")
+    if hub_offline() and not hf_hub:
+        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if not os.path.isfile(cached):  # urllib ignores HF_HUB_OFFLINE; do not try the network
+            raise WeightsNotFoundError(_offline_message_open_clip(name, tag, tag_cfg, "HF_HUB_OFFLINE is set"))
+    try:
+        path = open_clip.download_pretrained(tag_cfg)
+    except Exception as err:
+        if is_unavailable_error(err):
+            raise WeightsNotFoundError(
+                _offline_message_open_clip(name, tag, tag_cfg, f"{type(err).__name__}: {err}")
+            ) from err
+        raise
+    if not path:
+        raise WeightsNotFoundError(_offline_message_open_clip(name, tag, tag_cfg, "no download location"))
+    return path
+
+
+def _offline_message_open_clip(name: str, tag: str, tag_cfg: dict, cause: str) -> str:
+    out = f"{name}.{tag}.safetensors"
+    repo = tag_cfg.get("hf_hub", "").rstrip("/")
+    lines = [
+        f"pretrained weights for open_clip backbone {name!r} tag {tag!r} "
+        f"({'Hugging Face repo ' + repo if repo else tag_cfg.get('url', '')}) are not available here: "
+        "this machine cannot download them (offline or no connection) and they are not in the local cache.",
+        "To provide them:",
+        "  1. on a machine with internet, run",
+        f"       python -m rskdist.models.fetch_weights open_clip:{name} --pretrained {tag} --out {out}",
+        "     or, without rskdist installed,",
+        "       python -c \"import open_clip, safetensors.torch as st; "
+        f"m = open_clip.create_model('{name}', pretrained='{tag}'); "
+        "st.save_file({k: v.contiguous() for k, v in m.visual.state_dict().items()}, "
+        f"'{out}')\"",
+        "  2. copy the file to this machine and pass it as a path:",
+        f"       model.backbone=open_clip:{name} model.pretrained=/path/to/{out}",
+    ]
+    if tag_cfg.get("quick_gelu"):
+        lines.append(
+            f"     (tag {tag!r} was trained with QuickGELU: files made by fetch_weights record this; for "
+            f"other files use model.backbone=open_clip:{name}-quickgelu)"
+        )
+    lines.append(f"Cause: {cause}")
+    return "\n".join(lines)
+
+
+def _resize_open_clip_pos_embed(state: dict, visual: nn.Module) -> None:
+    """Resample a native open_clip ViT's position embeddings to the tower's grid."""
+    from types import SimpleNamespace
+
+    from open_clip.model import resize_pos_embed
+
+    if "positional_embedding" not in state or not hasattr(visual, "grid_size"):
+        return
+    wrapped = {"visual.positional_embedding": state["positional_embedding"]}
+    resize_pos_embed(wrapped, SimpleNamespace(visual=visual))
+    state["positional_embedding"] = wrapped["visual.positional_embedding"]
+
+
+__all__ = ["OPEN_CLIP_PREFIX", "create_model"]

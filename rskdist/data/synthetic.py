@@ -78,7 +78,13 @@ def _polygon(shape: str) -> np.ndarray:
 
 
 def _rgb(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0), 1), min(max(v, 0), 1))) * 255.0
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0), 1), min(max(v, 0), 1)), np.float32) * 255.0
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    return yy, xx
 
 
 def render(seed: int, class_id: int, instance: int, size: int = 64, num_classes: int | None = None) -> np.ndarray:
@@ -88,12 +94,12 @@ def render(seed: int, class_id: int, instance: int, size: int = 64, num_classes:
     ss = 2 * size  # render at 2x and downsample: cheap anti-aliasing
 
     # Background: low-saturation colour with a linear gradient, then clutter strokes.
-    yy, xx = np.mgrid[0:ss, 0:ss].astype(np.float32) / ss
+    yy, xx = _grid(ss)
     bg0 = _rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.9))
     bg1 = _rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.9))
-    g = math.cos(a := rng.uniform(0, 2 * math.pi)) * xx + math.sin(a) * yy
-    g = (g - g.min()) / max(float(g.max() - g.min()), 1e-6)
-    img = bg0 * (1 - g[..., None]) + bg1 * g[..., None]
+    g = np.float32(math.cos(a := rng.uniform(0, 2 * math.pi))) * xx + np.float32(math.sin(a)) * yy
+    g = ((g - g.min()) / max(float(g.max() - g.min()), 1e-6))[..., None]
+    img = bg0 + (bg1 - bg0) * g
     canvas = Image.fromarray(img.astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.integers(3, 8)):
@@ -122,10 +128,10 @@ def render(seed: int, class_id: int, instance: int, size: int = 64, num_classes:
     col_b = _rgb(hue, 0.9, val * 0.35) if TONES[tone_i] == "dark" else _rgb(hue, 0.12, 0.97)
 
     # Texture in the object frame (it rotates and scales with the object).
-    dx, dy = (xx * ss - cx) / radius, (yy * ss - cy) / radius
-    u, v = c * dx + s * dy, -s * dx + c * dy
-    f = rng.uniform(2.2, 2.8)  # cycles per radius
-    ph = rng.uniform(0, 1)
+    dx, dy = (xx * np.float32(ss) - np.float32(cx)) / np.float32(radius), (yy * np.float32(ss) - np.float32(cy)) / np.float32(radius)
+    u, v = np.float32(c) * dx + np.float32(s) * dy, np.float32(-s) * dx + np.float32(c) * dy
+    f = np.float32(rng.uniform(2.2, 2.8))  # cycles per radius
+    ph = np.float32(rng.uniform(0, 1))
     tex = TEXTURES[tex_i]
     if tex == "solid":
         t = np.zeros_like(u)
@@ -140,11 +146,12 @@ def render(seed: int, class_id: int, instance: int, size: int = 64, num_classes:
         t = (fu * fu + fv * fv < 0.09).astype(np.float32)
     else:  # rings
         t = (np.sin(2 * math.pi * (f * np.sqrt(u * u + v * v) + ph)) > 0).astype(np.float32)
-    obj = col_a * (1 - t[..., None]) + col_b * t[..., None]
-    img = img * (1 - mask) + obj * mask
+    obj = col_a + (col_b - col_a) * t[..., None]
+    img += (obj - img) * mask
 
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-    arr = np.asarray(out, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
+    noise = rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(rng.uniform(2, 8))
+    arr = np.asarray(out, dtype=np.float32) + noise
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 

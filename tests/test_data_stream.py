@@ -1,0 +1,346 @@
+"""Training/evaluation streams: class balance over ranks, equal step counts, coverage, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from rskdist.data import shards as S
+from rskdist.data.loader import build_eval_loader, build_train_loader
+from rskdist.data.sampler import ClassBalancedPlan
+from rskdist.data.sources import Item, Listing
+from rskdist.data.transforms import decode_eval, decode_train, normalize, random_resized_crop_params
+from rskdist.data.writer import write_shards
+
+SIZE = 16  # tiny images keep decoding cheap
+
+
+def make_shards(root, counts, samples_per_shard=10, image_size=20, test_counts=(3, 2, 4)) -> str:
+    """Shards of generated JPEGs with the given images per class (train) and test_counts (test)."""
+    listing = Listing("demo")
+    for split, cnts, offset in (("train", counts, 0), ("test", test_counts, len(counts))):
+        names = [f"c{offset + c}" for c in range(len(cnts))]
+        items = [
+            Item(c, names[c], f"{offset + c:03d}_{k:03d}", None, (0, (offset + c) % 700, k, image_size))
+            for c, n in enumerate(cnts)
+            for k in range(n)
+        ]
+        listing.classes[split], listing.items[split] = names, items
+    write_shards(listing, str(root), samples_per_shard=samples_per_shard, num_workers=1, progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """47 training samples in 5 shards (10+10+10+10+7), 10 classes of 3..7 images."""
+    counts = [3, 4, 5, 6, 4, 5, 7, 4, 5, 4]
+    assert sum(counts) == 47
+    return make_shards(tmp_path_factory.mktemp("uneven"), counts), counts
+
+
+@pytest.fixture(scope="module")
+def even(tmp_path_factory):
+    """16 classes x 4 images: with m=2 or 4 and 8 classes per step, each image exactly once."""
+    return make_shards(tmp_path_factory.mktemp("even"), [4] * 16, samples_per_shard=7, test_counts=(5,) * 5)
+
+
+def _epoch(root, world_size, num_workers, classes_per_rank=2, m=2, seed=0, **kw):
+    """All ranks' batches of one epoch: list over ranks of [(images, labels)]."""
+    out = []
+    for rank in range(world_size):
+        loader = build_train_loader(
+            root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=m,
+            image_size=SIZE, num_workers=num_workers, seed=seed, **kw,
+        )
+        batches = [(x, y, loader.batch_indices(0, s)) for s, (x, y) in enumerate(loader)]
+        assert len(batches) == loader.steps_per_epoch == len(loader)
+        assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 0
+        loader.close()
+        out.append(batches)
+    return out
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_plan_m_per_class_and_disjoint_ranks(world_size, m):
+    rng = np.random.default_rng(world_size * 10 + m)
+    labels = rng.integers(0, 40, 600)
+    for remainder in ("topup", "drop"):
+        plan = ClassBalancedPlan(labels, m=m, classes_per_rank=3, world_size=world_size, seed=1, remainder=remainder)
+        for epoch in (0, 1):
+            grid = plan.epoch_plan(epoch)  # [S, W, cpr, m]
+            assert grid.shape == (plan.steps_per_epoch, world_size, 3, m)
+            lab = labels[grid]
+            assert (lab == lab[..., :1]).all()  # m images of one class per block
+            for step_labels in lab[..., 0]:
+                assert len(np.unique(step_labels)) == world_size * 3  # a class on one rank, once
+            # No image twice in a block, unless its class has fewer than m images.
+            small = np.bincount(labels)[lab[..., 0]] < m
+            for block, is_small in zip(grid.reshape(-1, m), small.reshape(-1)):
+                assert is_small or len(set(block)) == m
+
+
+def test_plan_every_image_once_when_counts_fit():
+    labels = np.repeat(np.arange(12), 8)  # 12 classes x 8, m=4 -> 24 groups, 6 per step
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=3, world_size=2, seed=3)
+    assert plan.steps_per_epoch == 4
+    for epoch in range(3):
+        assert sorted(plan.epoch_plan(epoch).reshape(-1).tolist()) == list(range(96))
+
+
+def test_plan_duplicates_only_from_topups():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 25, 300)
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=2, world_size=2, seed=0)
+    counts = np.bincount(labels)
+    topup_slots = int(((4 - counts % 4) % 4).sum())
+    seen = Counter(plan.epoch_plan(0).reshape(-1).tolist())
+    assert sum(c - 1 for c in seen.values()) <= topup_slots
+    # Nearly every image is seen (only the few groups beyond S*K are held over).
+    assert len(seen) >= len(labels) - plan.slots * 4
+
+
+def test_plan_large_classes_capped_at_one_slot_per_step():
+    counts = np.array([400] + [4] * 30)  # one class far larger than an epoch can show
+    labels = np.repeat(np.arange(len(counts)), counts)
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=4, world_size=2, seed=0)
+    grid = plan.epoch_plan(0)
+    lab = labels[grid][..., 0].reshape(plan.steps_per_epoch, -1)
+    assert all(len(set(row)) == row.size for row in lab)
+    assert (lab == 0).sum() == plan.steps_per_epoch  # class 0 in every step, once
+
+
+def test_plan_deterministic_and_epoch_dependent():
+    labels = np.repeat(np.arange(20), 6)
+    a = ClassBalancedPlan(labels, m=2, classes_per_rank=2, world_size=2, seed=5)
+    b = ClassBalancedPlan(labels, m=2, classes_per_rank=2, world_size=2, seed=5)
+    c = ClassBalancedPlan(labels, m=2, classes_per_rank=2, world_size=2, seed=6)
+    np.testing.assert_array_equal(a.epoch_plan(3), b.epoch_plan(3))
+    assert not np.array_equal(a.epoch_plan(3), a.epoch_plan(4))
+    assert not np.array_equal(a.epoch_plan(3), c.epoch_plan(3))
+
+
+def test_plan_rejects_too_many_classes_per_step():
+    with pytest.raises(ValueError, match="distinct classes"):
+        ClassBalancedPlan(np.arange(10) % 5, m=2, classes_per_rank=3, world_size=2)
+
+
+def test_plan_scales_to_inaturalist_size():
+    rng = np.random.default_rng(0)
+    counts = np.clip(rng.lognormal(3.5, 1.0, 5690).astype(int), 2, 1000)
+    labels = np.repeat(np.arange(5690), counts)
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=125, world_size=8)  # global batch 4000
+    grid = plan.epoch_plan(0)
+    assert grid.shape[1:] == (8, 125, 4)
+    assert len(np.unique(grid)) > 0.9 * len(labels)
+
+
+# ---------------------------------------------------------------------------- the stream
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_stream_m_per_class_and_disjoint(uneven, world_size, num_workers):
+    root, counts = uneven
+    ranks = _epoch(root, world_size, num_workers, classes_per_rank=1 if world_size == 4 else 2)
+    num_steps = len(ranks[0])
+    table = S.load_split(root, "train")
+    for step in range(num_steps):
+        step_classes = []
+        for batches in ranks:
+            x, y, idx = batches[step]
+            assert x.dtype == torch.float32 and x.shape[1:] == (3, SIZE, SIZE)
+            assert y.dtype == torch.int64 and len(y) == len(x)
+            assert (y.view(-1, 2) == y.view(-1, 2)[:, :1]).all()  # blocks of m=2
+            np.testing.assert_array_equal(y.numpy(), table.labels[idx])
+            step_classes += y.view(-1, 2)[:, 0].tolist()
+        assert len(step_classes) == len(set(step_classes))  # each class on one rank only
+
+
+def test_equal_steps_with_uneven_shards(uneven):
+    """47 samples in 5 shards on 2 ranks: both ranks run the same number of steps."""
+    root, _ = uneven
+    index = S.load_index(root)
+    assert [s["num_samples"] for s in index["splits"]["train"]["shards"]] == [10, 10, 10, 10, 7]
+    ranks = _epoch(root, 2, 2, classes_per_rank=2, m=2)
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    for cpr, m in [(1, 2), (3, 2), (2, 4), (1, 3)]:
+        steps = {
+            build_train_loader(root, rank=r, world_size=2, classes_per_rank=cpr, m=m, image_size=SIZE,
+                               num_workers=0).steps_per_epoch
+            for r in range(2)
+        }
+        assert len(steps) == 1
+
+
+def test_every_image_once_per_epoch(even):
+    ranks = _epoch(even, 2, 2, classes_per_rank=4, m=4)
+    seen = [i for batches in ranks for _, _, idx in batches for i in idx.tolist()]
+    assert sorted(seen) == list(range(64))
+
+
+def test_batches_independent_of_workers_and_match_direct_decode(uneven):
+    root, _ = uneven
+    a = _epoch(root, 2, 0)
+    b = _epoch(root, 2, 2)
+    for ra, rb in zip(a, b):
+        for (xa, ya, _), (xb, yb, _) in zip(ra, rb):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # The first image of rank 1, step 0 is the documented function of its position.
+    table = S.load_split(root, "train")
+    idx = a[1][0][2][0]
+    row = table.samples[idx]
+    data = S.ShardReader(table.shard_paths).read(int(row["shard"]), int(row["offset"]), int(row["size"]))
+    ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 1, 0, 0]))  # (seed, epoch, step, rank, chunk, i)
+    expected = normalize(torch.from_numpy(ref[None].copy()), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.equal(a[1][0][0][:1], expected)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
+    root, _ = uneven
+    kw = dict(rank=1, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, seed=7, chunk_size=3)
+    loader = build_train_loader(root, num_workers=num_workers, **kw)
+    loader.set_epoch(2)
+    it = iter(loader)
+    for _ in range(2):
+        next(it)
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (2, 2)
+    x_next, y_next = next(it)
+    del it
+    loader.close()
+
+    resumed = build_train_loader(root, num_workers=2 - num_workers, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a trainer calling set_epoch(current) must not rewind
+    x, y = next(iter(resumed))
+    assert torch.equal(x, x_next) and torch.equal(y, y_next)
+    resumed.close()
+
+
+def test_epoch_rollover_and_set_epoch(uneven):
+    root, _ = uneven
+    loader = build_train_loader(root, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
+    first = [y for _, y in loader]
+    assert loader.state_dict()["epoch"] == 1
+    second = [y for _, y in loader]
+    assert len(first) == len(second) and any(not torch.equal(a, b) for a, b in zip(first, second))
+    loader.set_epoch(0)
+    again = [y for _, y in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_resume_rejects_changed_plan(uneven):
+    root, _ = uneven
+    a = build_train_loader(root, rank=0, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
+    b = build_train_loader(root, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
+    with pytest.raises(ValueError, match="world_size"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_bad_arguments(uneven, tmp_path):
+    root, _ = uneven
+    with pytest.raises(ValueError, match="rank"):
+        build_train_loader(root, rank=2, world_size=2, classes_per_rank=1, image_size=SIZE, num_workers=0)
+    with pytest.raises(ValueError, match="distinct classes"):
+        build_train_loader(root, rank=0, world_size=4, classes_per_rank=3, image_size=SIZE, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="make_shards"):
+        build_train_loader(str(tmp_path), rank=0, world_size=1, classes_per_rank=1, num_workers=0)
+
+
+def test_shards_without_sample_table(uneven, tmp_path):
+    """Shards from elsewhere (no samples.npy): offsets are rebuilt from the tar headers."""
+    root, _ = uneven
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    os.remove(os.path.join(copy, "train", S.SAMPLES_FILE))
+    a = build_train_loader(root, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
+    b = build_train_loader(copy, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
+    (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2), (3, 0), (4, 1)])
+def test_eval_every_image_once_stable_order(even, world_size, num_workers):
+    table = S.load_split(even, "test")
+    n = len(table)  # 25
+    steps, all_index, images = set(), [], {}
+    for rank in range(world_size):
+        loader = build_eval_loader(even, rank=rank, world_size=world_size, batch_size=4, image_size=SIZE,
+                                   num_workers=num_workers)
+        count = 0
+        for x, y, idx in loader:
+            assert x.shape == (4, 3, SIZE, SIZE) and y.shape == idx.shape == (4,)
+            keep = idx >= 0
+            assert (y[~keep] == -1).all()
+            np.testing.assert_array_equal(y[keep].numpy(), table.labels[idx[keep].numpy()])
+            all_index += idx[keep].tolist()
+            for i, img in zip(idx[keep].tolist(), x[keep]):
+                images[i] = img
+            count += 1
+        steps.add(count)
+        loader.close()
+    assert len(steps) == 1  # equal step counts on every rank
+    assert sorted(all_index) == list(range(n))  # every image exactly once
+    # Deterministic: same image tensor whatever the rank layout.
+    single = build_eval_loader(even, rank=0, world_size=1, batch_size=25, image_size=SIZE, num_workers=0)
+    x, _, idx = next(iter(single))
+    for i in range(n):
+        assert torch.equal(images[i], x[i])
+
+
+def test_eval_more_ranks_than_images(even):
+    loaders = [build_eval_loader(even, rank=r, world_size=30, batch_size=2, image_size=SIZE, num_workers=0)
+               for r in range(30)]
+    assert {len(loader) for loader in loaders} == {1}
+    got = sorted(i for loader in loaders for _, _, idx in loader for i in idx.tolist() if i >= 0)
+    assert got == list(range(25))
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def test_random_resized_crop_params_in_bounds():
+    rng = np.random.default_rng(0)
+    for w, h in [(100, 60), (20, 200), (7, 7), (500, 375)]:
+        for _ in range(50):
+            left, top, cw, ch = random_resized_crop_params(w, h, rng)
+            assert 0 <= left and 0 <= top and left + cw <= w and top + ch <= h and cw > 0 and ch > 0
+
+
+def test_decode_eval_resize_center_crop():
+    import io
+
+    from PIL import Image
+
+    arr = np.zeros((60, 120, 3), np.uint8)
+    arr[:, 50:70] = 255  # a white vertical band in the centre
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = decode_eval(buf.getvalue(), 32)  # resize short side to 37, crop 32 from the middle
+    assert out.shape == (3, 32, 32)
+    assert out[:, :, 16].min() > 200 and out[:, :, 0].max() < 50
+
+
+def test_decode_train_large_jpeg_uses_draft():
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (800, 600, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    out = decode_train(buf.getvalue(), 32, np.random.default_rng(1), scale=(1.0, 1.0))
+    assert out.shape == (3, 32, 32) and out.dtype == np.uint8

@@ -344,3 +344,42 @@ def test_count_params_and_describe():
     assert text.startswith("RetrievalModel(backbone=test_vit")
     assert "grad_checkpointing=True" in text and "image_size=32" in text
     assert isinstance(model, RetrievalModel)
+
+
+def test_fetch_weights_file_loads_back(tmp_path, monkeypatch):
+    """fetch_weights' output (backbone state + metadata) restores weights and mean/std."""
+    from rskdist.models import fetch_weights
+
+    torch.manual_seed(4)
+    src = create_model(**VIT)
+    src.mean, src.std = (0.1, 0.1, 0.1), (0.2, 0.2, 0.2)
+    monkeypatch.setattr(fetch_weights, "create_model", lambda backbone, pretrained: src)  # no download
+    out = tmp_path / "w" / "test_vit.safetensors"
+    fetch_weights.main(["test_vit", "--out", str(out)])
+    model = create_model(**VIT, pretrained=str(out)).eval()
+    torch.testing.assert_close(model.backbone.pos_embed, src.backbone.pos_embed, rtol=0, atol=0)
+    assert model.mean == (0.1, 0.1, 0.1) and model.std == (0.2, 0.2, 0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone, feat_dim, size",
+    [
+        ("vit_base_patch32_224", 768, 224),
+        ("vit_base_patch16_224", 768, 224),
+        ("vit_large_patch16_224", 1024, 224),
+        ("resnet50", 2048, 224),
+        ("open_clip:ViT-B-32", 512, 224),
+        ("open_clip:ViT-L-14", 768, 224),
+    ],
+)
+def test_paper_backbones_build_and_run(backbone, feat_dim, size, request):
+    # Full-size models (up to 300M params): only when slow tests are asked for (`make test-slow`).
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("full-size backbone; run with -m slow")
+    model = create_model(backbone, grad_checkpointing=not backbone.startswith("resnet")).eval()
+    assert model.feat_dim == feat_dim and model.image_size == size
+    with torch.no_grad():
+        emb = model(_images(1, size))
+    assert emb.shape == (1, 512)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(1))

@@ -463,6 +463,11 @@ def _offline_message_open_clip(name: str, tag: str, tag_cfg: dict, cause: str) -
         f"m = open_clip.create_model('{name}', pretrained='{tag}'); "
         "st.save_file({k: v.contiguous() for k, v in m.visual.state_dict().items()}, "
         f"'{out}')\"",
+    ]
+    if repo:
+        lines.append(f"     or (the whole CLIP model; its visual.* part is used): "
+                     f"hf download {repo} open_clip_model.safetensors --local-dir .")
+    lines += [
         "  2. copy the file to this machine and pass it as a path:",
         f"       model.backbone=open_clip:{name} model.pretrained=/path/to/{out}",
     ]

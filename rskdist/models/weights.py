@@ -33,6 +33,8 @@ class WeightsMismatchError(ValueError):
 
 def looks_like_path(pretrained: str) -> bool:
     """A path (rather than a hub tag): has a separator, a weights suffix, or exists."""
+    if pretrained == "hub":
+        return False
     return (
         os.sep in pretrained
         or "/" in pretrained
@@ -55,6 +57,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             " for random init."
         )
     metadata: dict = {}
+    if path.suffix == ".npz":
+        raise ValueError(
+            f"{str(path)!r}: .npz (JAX/big_vision) checkpoints are not supported; fetch the timm or "
+            "open_clip conversion instead (python -m rskdist.models.fetch_weights, see docs/models.md)"
+        )
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file

@@ -1,0 +1,94 @@
+"""An in-memory synthetic stream for tests and debug runs: no files, no workers.
+
+Each class is a random low-resolution colour pattern; an image is its class pattern,
+upsampled, plus instance noise. Train and test classes are disjoint. Batches follow
+the same contract as the shard loaders: each rank gets `classes_per_rank * m` images,
+exactly m per class, classes disjoint across ranks, deterministic in (seed, step).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def _patterns(first_class: int, num: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    table = torch.rand(first_class + num, 3, 4, 4, generator=gen)
+    return table[first_class:]
+
+
+def _render(patterns: torch.Tensor, size: int, noise: float, gen: torch.Generator) -> torch.Tensor:
+    base = F.interpolate(patterns, size=(size, size), mode="bilinear", align_corners=False)
+    shift = torch.randn(base.shape[0], 3, 1, 1, generator=gen) * 0.1 * noise
+    pixel = torch.randn(base.shape, generator=gen) * 0.3 * noise
+    return (base + shift + pixel - 0.5) / 0.25
+
+
+class SyntheticTrainStream:
+    """Infinite class-balanced batches; `steps_per_epoch` counts 16 images per class."""
+
+    images_per_class = 16
+
+    def __init__(self, *, num_classes: int, rank: int, world_size: int, classes_per_rank: int, m: int,
+                 image_size: int, seed: int, noise: float = 0.5):
+        if classes_per_rank * world_size > num_classes:
+            raise ValueError(
+                f"data: a global batch of {classes_per_rank * world_size} classes needs data.synthetic_classes >= "
+                f"{classes_per_rank * world_size}, got {num_classes}"
+            )
+        self.num_classes, self.rank, self.world_size = num_classes, rank, world_size
+        self.classes_per_rank, self.m, self.image_size = classes_per_rank, m, image_size
+        self.seed, self.noise = seed, noise
+        self.patterns = _patterns(0, num_classes, seed)
+        global_batch = classes_per_rank * world_size * m
+        self.steps_per_epoch = max(1, num_classes * self.images_per_class // global_batch)
+        self.step = 0
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        classes = torch.randperm(self.num_classes, generator=gen)[: self.classes_per_rank * self.world_size]
+        mine = classes[self.rank * self.classes_per_rank : (self.rank + 1) * self.classes_per_rank]
+        labels = mine.repeat_interleave(self.m)
+        # Rank-specific generator for the pixels, so ranks draw different instances.
+        pix = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank)
+        return _render(self.patterns[labels], self.image_size, self.noise, pix), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            out = self.batch(self.step)
+            self.step += 1
+            yield out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class SyntheticEvalStream:
+    """Held-out classes (after the training ones); yields (images, labels, index) with
+    every image once across ranks, padding marked index = -1."""
+
+    def __init__(self, *, num_train_classes: int, size: int, rank: int, world_size: int, batch_size: int,
+                 image_size: int, seed: int, noise: float = 0.5, images_per_class: int = 8):
+        num_classes = max(2, size // images_per_class)
+        self.patterns = _patterns(num_train_classes, num_classes, seed)
+        self.labels = torch.arange(num_classes).repeat_interleave(images_per_class)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.image_size, self.seed, self.noise = image_size, seed, noise
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        total = self.labels.numel()
+        per_rank = -(-total // self.world_size)
+        steps = -(-per_rank // self.batch_size)
+        for s in range(steps):
+            index = torch.arange(self.batch_size) + self.rank * per_rank + s * self.batch_size
+            index[(index >= total) | (index >= (self.rank + 1) * per_rank)] = -1
+            valid = index.clamp(min=0)
+            gen = torch.Generator().manual_seed(self.seed * 7 + s * 1009 + self.rank)
+            images = _render(self.patterns[self.labels[valid]], self.image_size, self.noise, gen)
+            yield images, self.labels[valid], index

@@ -1,0 +1,105 @@
+"""The two-pass (gradient-cache) training step over a gathered global batch.
+
+1. forward the local batch in chunks without keeping activations -> local embeddings;
+2. loss of the global batch (rsk_loss with the process group gathers the embeddings);
+   keep d loss / d local embedding;
+3. recompute each chunk with grad, under the same RNG state as in pass 1, and
+   backpropagate the cached embedding gradient; one optimizer step for all chunks.
+Gradient flow and scaling are explained in rskdist/parallel/gradients.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from rskdist.parallel.gradients import loss_scale_for_averaging
+
+
+class Engine(Protocol):
+    """What the step needs from a training engine (DeepSpeed's engine satisfies it)."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = ...) -> None: ...
+
+    def step(self) -> None: ...
+
+
+def chunk_seed(base_seed: int, step: int, rank: int, chunk: int) -> int:
+    """Seed of a chunk's stochastic layers (dropout, drop path): same in pass 1 and 3,
+    different across steps, ranks and chunks, and reproducible after a resume."""
+    return (base_seed * 1_000_003 + step * 10_007 + rank * 101 + chunk) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block under a fixed RNG state without disturbing the caller's RNG."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class StepResult:
+    loss: float
+    pass1_seconds: float
+    loss_seconds: float
+    pass3_seconds: float
+
+
+def two_pass_step(
+    engine: Engine,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunk_size: int,
+    world_size: int,
+    rank: int,
+    step: int,
+    seed: int,
+    input_dtype: torch.dtype = torch.float32,
+) -> StepResult:
+    """One optimizer step on the local batch (images, labels) of every rank.
+
+    `loss_fn(local_embeddings, local_labels)` must return the loss of the *global*
+    batch with exact gradients for the local rows (rsk_loss with group=...).
+    The engine must be configured with gradient_accumulation_steps equal to the number
+    of chunks; `engine.step()` after the last chunk applies the optimizer.
+    """
+    device = images.device
+    chunks = images.split(chunk_size)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pieces = []
+        for c, x in enumerate(chunks):
+            with seeded_rng(chunk_seed(seed, step, rank, c), device):
+                pieces.append(engine(x.to(input_dtype)))
+    emb = torch.cat(pieces)
+    t1 = time.perf_counter()
+
+    emb = emb.detach().requires_grad_(True)
+    loss = loss_fn(emb, labels)
+    (grad_emb,) = torch.autograd.grad(loss, emb)
+    # DeepSpeed averages parameter gradients over ranks; we need their sum (gradients.py, 3).
+    grad_emb = grad_emb.float() * loss_scale_for_averaging(world_size)
+    t2 = time.perf_counter()
+
+    offset = 0
+    for c, x in enumerate(chunks):
+        with seeded_rng(chunk_seed(seed, step, rank, c), device):
+            out = engine(x.to(input_dtype))
+        target = grad_emb[offset : offset + out.shape[0]]
+        offset += out.shape[0]
+        # d surrogate / d out = target, so backward pushes exactly the cached gradient.
+        surrogate = (out.float() * target).sum()
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
+    t3 = time.perf_counter()
+    return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2)

@@ -70,6 +70,8 @@ def test_vit_uses_cls_token_and_resnet_uses_gem():
     vit = create_model(**VIT)
     assert isinstance(vit.pool, nn.Identity) and vit.backbone.global_pool == "token"
     assert "CLS" in vit.info["pool"]
+    assert create_model(**VIT, pool="cls").backbone.global_pool == "token"
+    assert create_model(**VIT, pool="avg").backbone.global_pool == "avg"
     cnn = create_model("resnet18", embed_dim=16, gem_p=3.0)
     assert isinstance(cnn.pool, GeM) and cnn.pool.p == 3.0
     assert cnn.feat_dim == 512

@@ -59,8 +59,9 @@ def create_model(
         pretrained: None (random init), a weights file, "hub", or a hub tag (module doc).
         pool: "auto" = GeM for CNNs whose timm head is a plain global pool (ResNet,
             EfficientNet, ...), otherwise the backbone's own pooling (CLS token for ViT,
-            the projected image embedding for open_clip). "gem" forces GeM; any other
-            value is passed to timm as `global_pool` ("token", "avg", "max", "avgmax", ...).
+            the projected image embedding for open_clip). "gem" forces GeM; "cls" is an
+            alias of timm's "token"; any other value is passed to timm as `global_pool`
+            ("token", "avg", "max", "avgmax", ...).
         gem_p: GeM exponent (3 in the paper).
         image_size: input size the model is built for; None = the weights' native size.
             ViTs resample their position embeddings (timm `set_input_size`, open_clip
@@ -145,6 +146,8 @@ def _build_timm(
                 )
     timm_name = f"{arch}.{hub_tag or tag}" if (hub_tag or tag) else arch
 
+    if pool == "cls":
+        pool = "token"  # timm's name for CLS-token pooling
     kwargs: dict[str, Any] = dict(num_classes=0)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate

@@ -121,7 +121,8 @@ class _ChunkedLoader:
         chunks: list[torch.Tensor] = []
         step = start
         for chunk in self._loader:
-            chunks.append(chunk)
+            # With a device, copy each (pinned) chunk as it arrives and concatenate there.
+            chunks.append(chunk if self.device is None else chunk.to(self.device, non_blocking=True))
             if len(chunks) == num_chunks:
                 images = chunks[0] if num_chunks == 1 else torch.cat(chunks)
                 chunks = []

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Throughput of the class-balanced training stream on CPU (images/s), one JSON line per setting.
+
+    python tools/bench_data.py --workers 0,1,2 --image-size 224
+    python tools/bench_data.py --root DST            # measure on existing shards
+
+Without --root it builds a temporary dataset of photo-sized JPEGs (default 500x375,
+like CUB/iNaturalist; demo renders upscaled with pixel noise so they compress like
+photos, ~60-100 KB each) through tools/make_shards' writer, then times
+`steps` batches after `warmup` batches (worker start-up excluded) for each worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rskdist.data.loader import build_train_loader  # noqa: E402
+from rskdist.data.sources import list_source  # noqa: E402
+from rskdist.data.synthetic import render  # noqa: E402
+from rskdist.data.writer import write_shards  # noqa: E402
+
+
+def make_photo_like_shards(out: str, num_classes: int, per_class: int, width: int, height: int) -> None:
+    src = os.path.join(out, "src")
+    for c in range(num_classes):
+        os.makedirs(os.path.join(src, f"{c:03d}"), exist_ok=True)
+        for k in range(per_class):
+            rng = np.random.default_rng([c, k])
+            small = Image.fromarray(render(0, c, k, 64))
+            arr = np.asarray(small.resize((width, height), Image.BICUBIC), np.float32)
+            arr = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+            with open(os.path.join(src, f"{c:03d}", f"{k:03d}.jpg"), "wb") as f:
+                f.write(buf.getvalue())
+    # All classes in train: the benchmark only reads the train split.
+    listing = list_source("folder", src, train_fraction=0.99)
+    write_shards(listing, os.path.join(out, "shards"), samples_per_shard=200, progress=False)
+
+
+def measure(root: str, workers: int, args) -> dict:
+    loader = build_train_loader(
+        root,
+        rank=0,
+        world_size=1,
+        classes_per_rank=args.classes_per_rank,
+        m=args.m,
+        image_size=args.image_size,
+        num_workers=workers,
+        seed=0,
+        chunk_size=args.chunk_size,
+    )
+    done, t0, images = 0, None, 0
+    while done < args.warmup + args.steps:
+        for x, _ in loader:
+            done += 1
+            if done == args.warmup:
+                t0 = time.perf_counter()
+            elif done > args.warmup:
+                images += len(x)
+            if done == args.warmup + args.steps:
+                break
+    elapsed = time.perf_counter() - t0
+    loader.close()
+    return {
+        "bench": "train_stream",
+        "workers": workers,
+        "image_size": args.image_size,
+        "batch_size": args.classes_per_rank * args.m,
+        "steps": args.steps,
+        "images_per_s": round(images / elapsed, 1),
+        "seconds": round(elapsed, 2),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", help="existing shard folder (default: build a temporary photo-like dataset)")
+    p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--classes-per-rank", type=int, default=16)
+    p.add_argument("--m", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--source-size", default="500x375", help="WxH of the generated JPEGs")
+    p.add_argument("--num-classes", type=int, default=40)
+    p.add_argument("--per-class", type=int, default=12)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            w, h = (int(v) for v in args.source_size.split("x"))
+            t = time.perf_counter()
+            make_photo_like_shards(tmp, args.num_classes, args.per_class, w, h)
+            root = os.path.join(tmp, "shards")
+            mean_kb = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(tmp, "src"))
+                          for f in fs) / (args.num_classes * args.per_class) / 1024
+            print(f"built {args.num_classes * args.per_class} {w}x{h} JPEGs (mean {mean_kb:.0f} KB) "
+                  f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        for workers in (int(v) for v in args.workers.split(",")):
+            print(json.dumps(measure(root, workers, args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

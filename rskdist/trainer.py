@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from rskdist.config import Config
 from rskdist.loss import rsk_loss, simix_plan
+from rskdist.parallel.gradients import gather_rows
 from rskdist.parallel.step import two_pass_step
 from rskdist.utils import memory_stats, run_metadata
 
@@ -50,6 +51,29 @@ def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epoch
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     drops = sum(1 for e in decay_epochs if step >= e * steps_per_epoch)
     return warm * decay_factor**drops
+
+
+def make_loss_fn(loss_cfg, *, seed: int, step: int, group):
+    """loss_fn(local_emb, local_labels) -> RS@k (+ SiMix) loss of the global batch.
+
+    The SiMix plan is drawn from the gathered labels with a generator seeded by
+    (seed, step), so every rank builds the same plan without communicating it, and a
+    resumed run draws the same plans as an uninterrupted one.
+    """
+
+    def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mix = None
+        if loss_cfg.simix:
+            all_labels, _ = gather_rows(labels, group)
+            gen = torch.Generator().manual_seed(seed * 7_919 + step)
+            pairs, alphas = simix_plan(all_labels.cpu(), per_class=loss_cfg.simix_per_class or None, generator=gen)
+            mix = (pairs.to(labels.device), alphas.to(labels.device))
+        return rsk_loss(
+            emb, labels, ks=loss_cfg.ks, tau1=loss_cfg.tau1, tau2=loss_cfg.tau2, count_self=loss_cfg.count_self,
+            mix=mix, block_size=loss_cfg.block_size or None, virtual_queries=loss_cfg.simix_queries, group=group,
+        )
+
+    return loss_fn
 
 
 def deepspeed_config(cfg: Config, *, chunk_size: int, num_chunks: int, world_size: int) -> dict:
@@ -120,6 +144,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
         )
+        self._group = dist.group.WORLD if ctx.world_size > 1 else None
         self.step = 0
         self.best = None
         self._metrics_file = None
@@ -160,28 +185,6 @@ class Trainer:
             d.root, split="test", rank=ctx.rank, world_size=ctx.world_size, batch_size=e.batch_size,
             image_size=self.cfg.model.image_size, num_workers=d.num_workers, mean=self.mean, std=self.std,
         )
-
-    # ----------------------------------------------------------------- loss
-    def _loss_fn(self, step: int):
-        lc = self.cfg.loss
-        group = dist.group.WORLD if self.ctx.world_size > 1 else None
-
-        def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            mix = None
-            if lc.simix:
-                # Same plan on every rank: gather the labels, seed by (seed, step).
-                from rskdist.parallel.gradients import gather_rows
-
-                all_labels, _ = gather_rows(labels, group)
-                gen = torch.Generator().manual_seed(self.cfg.run.seed * 7_919 + step)
-                pairs, alphas = simix_plan(all_labels.cpu(), per_class=lc.simix_per_class or None, generator=gen)
-                mix = (pairs.to(labels.device), alphas.to(labels.device))
-            return rsk_loss(
-                emb, labels, ks=lc.ks, tau1=lc.tau1, tau2=lc.tau2, count_self=lc.count_self, mix=mix,
-                block_size=lc.block_size or None, virtual_queries=lc.simix_queries, group=group,
-            )
-
-        return loss_fn
 
     # ----------------------------------------------------------------- run folder
     def _open_run_dir(self) -> None:
@@ -311,7 +314,7 @@ class Trainer:
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device)
             t_data = time.perf_counter() - t0
             result = two_pass_step(
-                self.engine, images, labels, loss_fn=self._loss_fn(self.step), chunk_size=cfg.data.chunk_size,
+                self.engine, images, labels, loss_fn=make_loss_fn(cfg.loss, seed=cfg.run.seed, step=self.step, group=self._group), chunk_size=cfg.data.chunk_size,
                 world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
                 input_dtype=self.input_dtype,
             )

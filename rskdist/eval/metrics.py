@@ -151,8 +151,15 @@ def retrieval_metrics(
     if lab.numel() != emb.shape[0]:
         raise ValueError(f"{emb.shape[0]} embeddings but {lab.numel()} labels")
     num_relevant = torch.bincount(lab)[lab] - 1  # other samples of the same class
+    lab_dev = lab.to(dev)
     search = ExactSearch(
-        emb, emb, backend=backend, self_index=torch.arange(emb.shape[0], device=dev), max_candidates=max_candidates
+        emb,
+        emb,
+        backend=backend,
+        self_index=torch.arange(emb.shape[0], device=dev),
+        max_candidates=max_candidates,
+        query_labels=lab_dev,
+        gallery_labels=lab_dev,
     )
     return _metrics_from_search(search, lab, lab, num_relevant, ks, metrics)
 
@@ -188,7 +195,9 @@ def retrieval_metrics_qg(
     num_codes = int(torch.cat([q_lab, g_lab]).max()) + 1 if q_lab.numel() + g_lab.numel() else 0
     counts = torch.bincount(g_lab, minlength=num_codes)
     num_relevant = counts[q_lab]
-    search = ExactSearch(q, g, backend=backend, max_candidates=max_candidates)
+    search = ExactSearch(
+        q, g, backend=backend, max_candidates=max_candidates, query_labels=q_lab.to(dev), gallery_labels=g_lab.to(dev)
+    )
     return _metrics_from_search(search, q_lab, g_lab, num_relevant, ks, metrics)
 
 

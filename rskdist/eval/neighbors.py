@@ -188,11 +188,11 @@ def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _bound_coeff(d: int) -> float:
-    """Relative error bound of a float32 dot product of length d (any order) plus the
-    float64 tree's own bound, doubled for safety."""
+    """Relative error bound of a float32 dot product of length d (any summation order,
+    FMA or not) plus the float64 tree's own bound, with 1% slack."""
     gamma32 = d * _U32 / (1.0 - d * _U32)
-    tree64 = max(1, math.ceil(math.log2(max(d, 2)))) * _U64 * 1.01
-    return 2.0 * (gamma32 + tree64)
+    tree64 = max(1, math.ceil(math.log2(max(d, 2)))) * _U64
+    return 1.01 * (gamma32 + tree64)
 
 
 @dataclass
@@ -207,6 +207,11 @@ class ExactSearch:
 
     ``queries`` and ``gallery`` are (N, d) float32 on the work device. With
     ``self_index`` (LOO), query b's own gallery row ``self_index[b]`` is never returned.
+
+    With ``query_labels``/``gallery_labels`` (int64, work device) only the *relevance
+    sequence* is made exact: near-tied candidates that are all relevant or all
+    irrelevant are not re-scored, since their order cannot change any metric. That
+    saves most of the re-scoring for metrics; ``knn`` leaves the labels out.
     """
 
     def __init__(
@@ -219,8 +224,11 @@ class ExactSearch:
         max_candidates: int = 1 << 22,
         torch_block_elems: int = 1 << 25,
         rescore_block_elems: int = 1 << 23,
+        query_labels: torch.Tensor | None = None,
+        gallery_labels: torch.Tensor | None = None,
     ):
         self.queries, self.gallery = queries, gallery
+        self.query_labels, self.gallery_labels = query_labels, gallery_labels
         self.self_index = self_index
         self.num_gallery, self.dim = gallery.shape
         self.max_candidates = max_candidates
@@ -301,35 +309,50 @@ class ExactSearch:
         # Clusters: maximal runs whose consecutive float32 scores are within tol.
         brk = (s64[:, :-1] - s64[:, 1:]) > tol  # (B, K-1)
         cid = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=dev), brk.cumsum(1)], dim=1)
+        c_k = torch.gather(cid, 1, (k_need - 1).unsqueeze(1))  # (B, 1) cluster of the k-th item
         # Is the candidate list complete for the first k_need items?
         if complete:
             ok = torch.ones(B, dtype=torch.bool, device=dev)
         else:
-            c_k = torch.gather(cid, 1, (k_need - 1).unsqueeze(1))  # cluster of the k-th item
-            in_c = cid == c_k
-            c_min = torch.where(in_c, s64, torch.full_like(s64, math.inf)).min(dim=1).values
+            c_min = torch.where(cid == c_k, s64, torch.full_like(s64, math.inf)).min(dim=1).values
             ok = (c_min - thr) > tol.squeeze(1)
-        # Exact scores for members of clusters of size >= 2 (ties and near-ties).
-        r = torch.zeros(B, K, dtype=torch.float64, device=dev)
+        # Exact scores for members of near-tie clusters (size >= 2) that reach into the
+        # first k_need positions; later clusters cannot move into them.
         if K > 1:
             tied = torch.zeros(B, K, dtype=torch.bool, device=dev)
-            near = ~brk
-            tied[:, :-1] |= near
-            tied[:, 1:] |= near
-            rows, cols = tied.nonzero(as_tuple=True)
-            self.num_rescored += rows.numel()
-            q_rows = idx[rows]
-            g_rows = ids[rows, cols]
-            vals = torch.empty(rows.numel(), dtype=torch.float64, device=dev)
-            for a in range(0, rows.numel(), self.rescore_rows):
-                b = a + self.rescore_rows
-                vals[a:b] = fixed_order_dot(self.queries[q_rows[a:b]], self.gallery[g_rows[a:b]])
-            r[rows, cols] = vals
+            tied[:, :-1] |= ~brk
+            tied[:, 1:] |= ~brk
+            tied &= cid <= c_k
+            if self.query_labels is not None:
+                # Only clusters that mix relevant and irrelevant items matter for metrics.
+                rel = (self.gallery_labels[ids] == self.query_labels[idx].unsqueeze(1)).to(torch.int64)
+                pos_c = torch.zeros_like(rel).scatter_add_(1, cid, rel)  # relevant per cluster
+                size_c = torch.zeros_like(rel).scatter_add_(1, cid, torch.ones_like(rel))
+                mixed_c = (pos_c > 0) & (pos_c < size_c)
+                tied &= torch.gather(mixed_c, 1, cid)
+            r = self._rescore(idx, ids, tied)
+        else:
+            r = torch.zeros(B, K, dtype=torch.float64, device=dev)
         # Final order: cluster, then exact score (desc), then gallery index (asc).
         perm = torch.argsort(ids, dim=1, stable=True)
         perm = torch.gather(perm, 1, torch.argsort(-torch.gather(r, 1, perm), dim=1, stable=True))
         perm = torch.gather(perm, 1, torch.argsort(torch.gather(cid, 1, perm), dim=1, stable=True))
         return _Ranked(idx, torch.gather(ids, 1, perm), torch.gather(s, 1, perm)), ok
+
+    def _rescore(self, idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) float64: exact scores where ``mask``, 0 elsewhere."""
+        r = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+        rows, cols = mask.nonzero(as_tuple=True)
+        self.num_rescored += rows.numel()
+        if rows.numel() == 0:
+            return r
+        q_rows, g_rows = idx[rows], ids[rows, cols]
+        vals = torch.empty(rows.numel(), dtype=torch.float64, device=ids.device)
+        for a in range(0, rows.numel(), self.rescore_rows):
+            b = a + self.rescore_rows
+            vals[a:b] = fixed_order_dot(self.queries[q_rows[a:b]], self.gallery[g_rows[a:b]])
+        r[rows, cols] = vals
+        return r
 
 
 # ------------------------------------------------------------------------------ public API

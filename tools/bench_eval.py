@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Benchmark all-vs-all retrieval evaluation (Recall@k + MAP@R + R-precision) on CPU.
+
+Random N x 512 unit embeddings in classes of ~55 images (iNaturalist-like: class
+centre + noise). Each size runs in a fresh subprocess so its peak RSS is its own.
+One JSON line per size: seconds (search + metrics, data generation excluded), peak
+RSS, thread counts, backend, metric values.
+
+    python tools/bench_eval.py                      # N = 10k, 50k, 136k
+    python tools/bench_eval.py --sizes 20000 --backend torch --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 136_093])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--class-size", type=int, default=55, help="mean images per class")
+    p.add_argument("--noise", type=float, default=0.05, help="per-coordinate noise around class centres")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_embeddings(n: int, dim: int, class_size: int, noise: float, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    num_classes = max(1, round(n / class_size))
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=g), dim=1)
+    emb = torch.empty(n, dim)
+    for s in range(0, n, 16384):  # bounded temporaries
+        e = centres[labels[s : s + 16384]] + noise * torch.randn(min(16384, n - s), dim, generator=g)
+        emb[s : s + 16384] = torch.nn.functional.normalize(e, dim=1)
+    return emb, labels
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_one(args) -> dict:
+    import torch
+
+    from rskdist.eval import neighbors, retrieval_metrics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if neighbors.faiss is not None:
+            neighbors.faiss.omp_set_num_threads(args.threads)
+    n = args.sizes[0]
+    emb, labels = make_embeddings(n, args.dim, args.class_size, args.noise, args.seed)
+    rss_data = peak_rss_mb()
+    t0 = time.perf_counter()
+    metrics = retrieval_metrics(emb, labels, ks=args.ks, backend=args.backend)
+    seconds = time.perf_counter() - t0
+    return {
+        "n": n,
+        "dim": args.dim,
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_after_data_mb": round(rss_data, 1),
+        "backend": neighbors.resolve_backend(args.backend),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": neighbors.faiss.omp_get_max_threads() if neighbors.faiss is not None else None,
+        "cpu_count": os.cpu_count(),
+        "metrics": {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for n in args.sizes:
+        # Drop the parent's --sizes list; the child runs exactly one size.
+        child_argv, skip = [], False
+        for a in base:
+            if a == "--sizes":
+                skip = True
+                continue
+            if skip and not a.startswith("--"):
+                continue
+            skip = False
+            child_argv.append(a)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sizes", str(n), *child_argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(json.dumps({"n": n, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
+            continue
+        print(proc.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

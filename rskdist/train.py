@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     try:
         Trainer(cfg, ctx).train()
     except ValueError as exc:  # user-facing problems (weights offline, bad data folder, ...)
-        print(f"error (rank {ctx.rank}): {exc}", file=sys.stderr, flush=True)
+        # Every rank meets the same problem; one message is enough.
+        if ctx.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 2
     finally:
         if dist.is_initialized():

@@ -137,6 +137,13 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"config: optim.betas must have two values, got {optim.betas}")
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
+    weights = cfg.model.pretrained
+    if weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(weights).is_file():
+            raise ValueError(
+                f"config: model.pretrained={weights!r}: no such file; pass a local weights file "
+                f"(see docs/models.md: python -m rskdist.models.fetch_weights) or leave it empty for random init"
+            )
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ValueError(f"config: run.resume={cfg.run.resume!r} does not exist; use 'auto', 'never' or a checkpoint folder")
 

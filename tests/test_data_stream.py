@@ -344,3 +344,20 @@ def test_decode_train_large_jpeg_uses_draft():
     Image.fromarray(rng.integers(0, 255, (800, 600, 3), dtype=np.uint8)).save(buf, format="JPEG")
     out = decode_train(buf.getvalue(), 32, np.random.default_rng(1), scale=(1.0, 1.0))
     assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+
+
+def test_break_and_continue_with_persistent_workers(uneven):
+    """Leaving the loop early (prefetched chunks in flight) and iterating again continues in place."""
+    root, _ = uneven
+    kw = dict(rank=0, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, chunk_size=1)
+    ref = list(build_train_loader(root, num_workers=0, **kw))
+    loader = build_train_loader(root, num_workers=2, **kw)
+    got = []
+    for batch in loader:
+        got.append(batch)
+        break
+    got += list(loader)
+    assert len(got) == len(ref)
+    for (xa, ya), (xb, yb) in zip(got, ref):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader.close()

@@ -305,7 +305,9 @@ class Trainer:
                   f"in {self.num_chunks} chunks | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
                   f"{self.total_steps} steps ({self.steps_per_epoch}/epoch) | run {ctx.run_dir}", flush=True)
         eval_every = self._eval_every_steps()
-        batches = iter(self.train_stream)
+        if cfg.eval.at_start and self.step == 0 and cfg.eval.every_epochs >= 0:
+            self._eval_and_track()  # the untrained model's numbers, the baseline of every plot
+        batches = _endless(self.train_stream)
         t_start, done_at_start = time.perf_counter(), self.step
         last = {}
         while self.step < self.total_steps:
@@ -387,6 +389,12 @@ class Trainer:
                   f" | {record['images_per_s']:.1f} img/s | lr {record['lr']:.2e} | "
                   f"mem {record['rss_peak_mb_max']:.0f} MB/rank | eta {_fmt_seconds(eta)}", flush=True)
         return record
+
+
+def _endless(stream):
+    """Shard loaders iterate one epoch at a time (resuming mid-epoch); chain epochs."""
+    while True:
+        yield from stream
 
 
 class _CastInputs(torch.nn.Module):

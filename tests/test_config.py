@@ -105,3 +105,8 @@ def test_entry_point_reports_an_impossible_batch_split():
     proc = _train("--config", "configs/debug.yaml", env=env)
     assert proc.returncode == 2
     assert "cannot be split over 3 ranks" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_configuration_doc_is_current():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc.strip() == markdown_reference().strip(), "regenerate: python -m rskdist.config --markdown > docs/configuration.md"

@@ -87,6 +87,7 @@ class DeepSpeedConfig:
 @dataclass
 class EvalConfig:
     every_epochs: float = 1.0  # evaluate every this many epochs (0: only at the end; -1: never)
+    at_start: bool = False  # also evaluate the untrained model before the first step
     ks: list = field(default_factory=list)  # Recall@k values (empty: the dataset's default)
     batch_size: int = 64  # images per evaluation forward on one rank
     best_metric: str = "recall@1"  # metric that picks the best checkpoint

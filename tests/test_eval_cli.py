@@ -57,3 +57,11 @@ def test_cli_subprocess(tmp_path, data):
                            "--ks", "1", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recall@2" in proc.stdout and "num_excluded_queries" in proc.stdout
+
+
+def test_bench_eval_runs_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_eval.py"), "--sizes", "300", "--dim", "16",
+                           "--class-size", "5", "--backend", "torch"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["n"] == 300 and rec["peak_rss_mb"] > 0 and 0 <= rec["metrics"]["recall@1"] <= 1

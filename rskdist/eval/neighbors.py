@@ -274,17 +274,22 @@ class ExactSearch:
         return min(self.num_gallery, k + max(8, k // 8) + extra)
 
     def _rank_chunk(self, idx: torch.Tensor, k_need: torch.Tensor) -> Iterator[_Ranked]:
-        k_fetch = self._fetch_k(int(k_need.max()))
-        while idx.numel():
+        pending = [(idx, k_need, self._fetch_k(int(k_need.max())))]
+        while pending:
+            idx, k_need, k_fetch = pending.pop()
+            rows = max(1, self.max_candidates // k_fetch)  # the budget holds on retries too
+            if idx.numel() > rows:
+                pending.append((idx[rows:], k_need[rows:], k_fetch))
+                idx, k_need = idx[:rows], k_need[:rows]
             ranked, ok = self._try_rank(idx, k_need, k_fetch)
             if bool(ok.all()):
                 yield ranked
-                return
+                continue
             yield _Ranked(ranked.query_idx[ok], ranked.ids[ok], ranked.scores[ok])
-            # Retry the unresolved queries with twice as many candidates.
+            # Unresolved queries (ties or near-ties across the last fetched score) go
+            # again with twice as many candidates; at the whole gallery they resolve.
             self.num_retries += int((~ok).sum())
-            idx, k_need = idx[~ok], k_need[~ok]
-            k_fetch = min(self.num_gallery, 2 * k_fetch)
+            pending.append((idx[~ok], k_need[~ok], min(self.num_gallery, 2 * k_fetch)))
 
     def _try_rank(self, idx: torch.Tensor, k_need: torch.Tensor, k_fetch: int):
         dev = idx.device

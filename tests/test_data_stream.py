@@ -118,6 +118,31 @@ def test_plan_large_classes_capped_at_one_slot_per_step():
     assert (lab == 0).sum() == plan.steps_per_epoch  # class 0 in every step, once
 
 
+@pytest.mark.parametrize("steps", [1, 5, 40, "dataset"])
+def test_plan_fixed_steps_per_epoch(steps):
+    """Cars196/CUB regime: every class in every step (K = all classes), epoch = N / batch."""
+    rng = np.random.default_rng(1)
+    counts = rng.integers(6, 30, 12)  # 12 classes of 6..29 images
+    labels = np.repeat(np.arange(12), counts)
+    for world_size, cpr in ((2, 6), (4, 2)):
+        plan = ClassBalancedPlan(labels, m=4, classes_per_rank=cpr, world_size=world_size, seed=2,
+                                 steps_per_epoch=steps)
+        expected = round(len(labels) / (world_size * cpr * 4)) if steps == "dataset" else steps
+        assert plan.steps_per_epoch == expected
+        grid = plan.epoch_plan(0)
+        assert grid.shape == (expected, world_size, cpr, 4)
+        lab = labels[grid]
+        assert (lab == lab[..., :1]).all()
+        for step_labels in lab[..., 0]:
+            assert len(np.unique(step_labels)) == world_size * cpr
+        for block in grid.reshape(-1, 4):
+            assert len(set(block)) == 4  # every class has >= m images: no repeat inside a group
+        if world_size * cpr == 12:
+            assert all(set(row.reshape(-1)) == set(range(12)) for row in lab[..., 0])
+        if plan.groups.max() <= expected and plan.groups.sum() <= expected * plan.slots:
+            assert len(np.unique(grid)) == len(labels)  # room for every group: every image seen
+
+
 def test_plan_deterministic_and_epoch_dependent():
     labels = np.repeat(np.arange(20), 6)
     a = ClassBalancedPlan(labels, m=2, classes_per_rank=2, world_size=2, seed=5)

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             max_size=args.max_size,
             overwrite=args.overwrite,
             progress=not args.quiet,
-            options={k: v for k, v in options.items() if v is not None} | {"root": args.root},
+            options={k: v for k, v in options.items() if v is not None}
+            | ({"root": os.path.abspath(args.root)} if args.root and args.source != "demo" else {}),
         )
     except (DataSourceError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -158,6 +158,7 @@ class TrainLoader(_ChunkedLoader):
         std: Sequence[float] = IMAGENET_STD,
         split: str = "train",
         remainder: str = "topup",
+        steps_per_epoch: int | str | None = None,
         scale: tuple[float, float] = (0.08, 1.0),
         chunk_size: int = 32,
         prefetch_factor: int = 2,
@@ -168,7 +169,13 @@ class TrainLoader(_ChunkedLoader):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         table = load_split(root, split)
         self.plan = ClassBalancedPlan(
-            table.labels, m=m, classes_per_rank=classes_per_rank, world_size=world_size, seed=seed, remainder=remainder
+            table.labels,
+            m=m,
+            classes_per_rank=classes_per_rank,
+            world_size=world_size,
+            seed=seed,
+            remainder=remainder,
+            steps_per_epoch=steps_per_epoch,
         )
         if self.plan.steps_per_epoch == 0:
             raise ValueError(
@@ -232,10 +239,11 @@ class TrainLoader(_ChunkedLoader):
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; the next batch is the one that followed when `state` was saved.
 
-        The plan is a function of (labels, seed, m, classes_per_rank, world_size): resuming
-        with any of them changed would silently give other batches, so that is an error.
+        The plan is a function of (labels, seed, m, classes_per_rank, world_size,
+        steps_per_epoch): resuming with any of them changed would silently give other
+        batches, so that is an error.
         """
-        for key in ("seed", "world_size", "classes_per_rank", "m", "num_samples"):
+        for key in ("seed", "world_size", "classes_per_rank", "m", "num_samples", "steps_per_epoch"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(
                     f"cannot resume the data stream: {key}={state[key]} in the checkpoint but "
@@ -335,7 +343,7 @@ def build_train_loader(
     **kwargs,
 ) -> TrainLoader:
     """The class-balanced training stream of `rank` (see TrainLoader for extra options:
-    split, remainder, scale, chunk_size, prefetch_factor, pin_memory, device)."""
+    split, remainder, steps_per_epoch, scale, chunk_size, prefetch_factor, pin_memory, device)."""
     return TrainLoader(
         root,
         rank=rank,

@@ -21,6 +21,14 @@ Construction, per epoch:
 
 So an epoch shows S * K * m images; with class sizes <= m * S every image appears
 at least once and the only repeats are top-ups of partial groups.
+
+`steps_per_epoch` may also be fixed (an int, or "dataset" = round(num_images / (K * m)),
+the usual "dataset size / batch size" epoch). Fewer steps than the automatic S: classes
+are capped at S groups and random groups dropped, as above. More steps: the missing
+groups are extra groups of classes with spare steps (chosen at random, in proportion to
+their spare steps), drawn from a fresh shuffle of the class. This is the regime of
+Cars196/CUB in the paper, where a batch holds every training class (K = all classes):
+every step then shows every class, and the epoch length matches the paper's.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class ClassBalancedPlan:
         world_size: int,
         seed: int = 0,
         remainder: str = "topup",
+        steps_per_epoch: int | str | None = None,
     ):
         if m < 1 or classes_per_rank < 1 or world_size < 1:
             raise ValueError(f"m, classes_per_rank, world_size must be >= 1 (got {m}, {classes_per_rank}, {world_size})")
@@ -63,7 +72,15 @@ class ClassBalancedPlan:
             self.groups = -(-counts // m)
         else:
             self.groups = np.maximum(counts // m, 1)
-        self.steps_per_epoch = self._solve_steps()
+        self.auto_steps = self._solve_steps()  # most steps without repeating a class's images
+        if steps_per_epoch is None:
+            self.steps_per_epoch = self.auto_steps
+        elif steps_per_epoch == "dataset":
+            self.steps_per_epoch = max(1, round(len(labels) / (self.slots * m)))
+        elif isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1:
+            self.steps_per_epoch = int(steps_per_epoch)
+        else:
+            raise ValueError(f"steps_per_epoch must be None, 'dataset' or an int >= 1, got {steps_per_epoch!r}")
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _solve_steps(self) -> int:
@@ -104,8 +121,15 @@ class ClassBalancedPlan:
     def _build(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, 0x5EED])
         m, num_steps, slots = self.m, self.steps_per_epoch, self.slots
+        num_classes = len(self.class_ids)
+        capped = np.minimum(self.groups, num_steps)
+        extra = np.zeros(num_classes, np.int64)  # repeat groups, when more steps than auto_steps
+        deficit = num_steps * slots - int(capped.sum())
+        if deficit > 0:  # spare capacity sum(S - capped) >= deficit because num_classes >= slots
+            spare_slots = np.repeat(np.arange(num_classes), num_steps - capped)
+            extra = np.bincount(rng.choice(spare_slots, size=deficit, replace=False), minlength=num_classes)
         blocks = []  # per class (in random order): [groups, m] sample indices
-        for c in rng.permutation(len(self.class_ids)):
+        for c in rng.permutation(num_classes):
             idx = self.members[self.starts[c] : self.starts[c + 1]]
             idx = idx[rng.permutation(len(idx))]
             n, g = len(idx), int(self.groups[c])
@@ -117,7 +141,10 @@ class ClassBalancedPlan:
                 idx = np.concatenate([idx, fill])
             else:
                 idx = idx[: g * m]  # drop mode: leftover images wait for another epoch
-            blocks.append(idx.reshape(g, m)[: min(g, num_steps)])
+            blocks.append(idx.reshape(g, m)[: capped[c]])
+            if extra[c]:  # a fresh shuffle, cycled: groups of distinct images when n >= m
+                members = self.members[self.starts[c] : self.starts[c + 1]]
+                blocks.append(np.resize(members[rng.permutation(n)], extra[c] * m).reshape(-1, m))
         groups_seq = np.concatenate(blocks)  # class-contiguous, [total_groups, m]
         excess = len(groups_seq) - num_steps * slots
         assert excess >= 0, "steps_per_epoch solved wrongly"

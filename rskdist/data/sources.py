@@ -44,7 +44,7 @@ class Listing:
     source: str
     classes: dict[str, list[str]] = field(default_factory=dict)  # split -> class names by label
     items: dict[str, list[Item]] = field(default_factory=dict)  # split -> items sorted by (label, id)
-    notes: list[str] = field(default_factory=list)  # facts worth printing (e.g. ignored rows)
+    options: dict = field(default_factory=dict)  # effective generator settings (demo), recorded in index.json
 
 
 def natural_key(name: str) -> tuple:
@@ -286,6 +286,7 @@ def list_demo(num_classes: int = 200, images_per_class: int = 24, image_size: in
     names = class_names(num_classes, seed)
     train, test = split_classes([str(i) for i in range(num_classes)])
     listing = Listing("demo")
+    listing.options = dict(num_classes=num_classes, images_per_class=images_per_class, image_size=image_size, seed=seed)
     for split, ids in (("train", train), ("test", test)):
         items = []
         for label, cid in enumerate(ids):
@@ -321,4 +322,6 @@ def list_source(source: str, root: str | None = None, **options) -> Listing:
         if root is None:
             raise DataSourceError(f"source {source!r} needs --root SRC")
         options["root"] = root
+    elif root is not None:
+        print(f"note: --root {root} is not used by the demo source", file=sys.stderr)
     return funcs[source](**options)

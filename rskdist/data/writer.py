@@ -132,7 +132,7 @@ def write_shards(
         "format": S.FORMAT_NAME,
         "version": S.FORMAT_VERSION,
         "source": listing.source,
-        "options": options or {},
+        "options": {**(options or {}), **listing.options},
         "samples_per_shard": samples_per_shard,
         "splits": {},
     }

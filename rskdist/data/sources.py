@@ -135,7 +135,7 @@ def list_inat(root: str, train_list: str | None = None, test_list: str | None = 
                 rel = line.strip().split()[0] if line.strip() else ""
                 if not rel:
                     continue
-                rel = rel.lstrip("./") if rel.startswith("./") else rel
+                rel = rel[2:] if rel.startswith("./") else rel
                 rows[split].append((os.path.dirname(rel), rel, os.path.join(root, rel)))
     return _build("inat", rows, class_sort=lambda c: c)
 
@@ -198,12 +198,10 @@ def list_cub(root: str) -> Listing:
     fix = "pass --root pointing at CUB_200_2011/ (the folder holding images.txt and images/)"
     images_txt = _need_file(os.path.join(root, "images.txt"), "CUB images.txt", fix)
     labels_txt = _need_file(os.path.join(root, "image_class_labels.txt"), "CUB image_class_labels.txt", fix)
-    paths = dict(line.split(maxsplit=1) for line in open(images_txt) if line.strip())
-    labels = dict(line.split() for line in open(labels_txt) if line.strip())
-    names: dict[str, str] = {}
+    paths = _read_pairs(images_txt)
+    labels = _read_pairs(labels_txt)
     classes_txt = os.path.join(root, "classes.txt")
-    if os.path.isfile(classes_txt):
-        names = dict(line.split(maxsplit=1) for line in open(classes_txt) if line.strip())
+    names = _read_pairs(classes_txt) if os.path.isfile(classes_txt) else {}
     ids = sorted(set(labels.values()), key=natural_key)
     train_ids, _ = split_classes(ids)
     train_ids = set(train_ids)
@@ -211,11 +209,25 @@ def list_cub(root: str) -> Listing:
     for image_id, cid in labels.items():
         if image_id not in paths:
             raise DataSourceError(f"{labels_txt}: image {image_id} is not in {images_txt}")
-        rel = paths[image_id].strip()
-        name = names.get(cid, cid).strip()
+        rel = paths[image_id]
+        name = names.get(cid, cid)
         rows["train" if cid in train_ids else "test"].append((name, rel, os.path.join(root, "images", rel)))
-    order = {names.get(c, c).strip(): i for i, c in enumerate(ids)}
+    order = {names.get(c, c): i for i, c in enumerate(ids)}
     return _build("cub", rows, class_sort=lambda c: order[c])
+
+
+def _read_pairs(path: str) -> dict[str, str]:
+    """'key value' lines (value may contain spaces) -> {key: value}."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f):
+            parts = line.strip().split(maxsplit=1)
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise DataSourceError(f"{path}:{n + 1}: expected 'id value', got {line.strip()!r}")
+            out[parts[0]] = parts[1]
+    return out
 
 
 def list_folder(root: str, train_fraction: float = 0.5, train_classes_file: str | None = None) -> Listing:

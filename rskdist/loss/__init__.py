@@ -106,13 +106,15 @@ def rsk_loss(
         Scalar float32 loss (float64 for float64 inputs); 0 if no sample has a positive.
     """
     _, world = group_rank_and_size(group)
+    if isinstance(labels, torch.Tensor) and isinstance(mix, (tuple, list)) and len(mix) == 2:
+        mix = (mix[0].to(labels.device), mix[1].to(labels.device))  # the plan may have been drawn on the CPU
     # Across ranks the plan indexes the gathered batch: it is checked after the gather.
     validate_inputs(embeddings, labels, mix if world == 1 else None)
+    pairs, alphas = (None, None) if mix is None else mix
     opts = RSkOptions(
         ks=(int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks),
         tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
     )
-    pairs, alphas = (None, None) if mix is None else mix
     labels = labels.long()
     return _RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
 

@@ -224,7 +224,7 @@ def test_batches_independent_of_workers_and_match_direct_decode(uneven):
     idx = a[1][0][2][0]
     row = table.samples[idx]
     data = S.ShardReader(table.shard_paths).read(int(row["shard"]), int(row["offset"]), int(row["size"]))
-    ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 1, 0, 0]))  # (seed, epoch, step, rank, chunk, i)
+    ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 1, 0]))  # (seed, epoch, step, rank, position)
     expected = normalize(torch.from_numpy(ref[None].copy()), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert torch.equal(a[1][0][0][:1], expected)
 
@@ -244,7 +244,7 @@ def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
     del it
     loader.close()
 
-    resumed = build_train_loader(root, num_workers=2 - num_workers, **kw)
+    resumed = build_train_loader(root, num_workers=2 - num_workers, **{**kw, "chunk_size": 2})
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # a trainer calling set_epoch(current) must not rewind
     x, y = next(iter(resumed))

@@ -29,7 +29,9 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train, 
 class _ChunkDataset(Dataset):
     """dataset[request] -> uint8 images [n, 3, size, size] for one chunk request.
 
-    request = (indices int64 [n] (-1 = padding), aug_key tuple or None for eval).
+    request = (indices int64 [n] (-1 = padding), aug_key or None for eval, position of
+    indices[0] in the batch). Image i is augmented with rng([*aug_key, position + i]):
+    independent of chunk_size and num_workers.
     """
 
     def __init__(self, table: SplitTable, image_size: int, scale: tuple[float, float]):
@@ -41,7 +43,7 @@ class _ChunkDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, request) -> torch.Tensor:
-        indices, aug_key = request
+        indices, aug_key, position = request
         size = self.image_size
         out = np.zeros((len(indices), 3, size, size), np.uint8)
         for i, idx in enumerate(indices):
@@ -52,7 +54,7 @@ class _ChunkDataset(Dataset):
             if aug_key is None:
                 out[i] = decode_eval(data, size)
             else:
-                rng = np.random.default_rng([*aug_key, i])
+                rng = np.random.default_rng([*aug_key, position + i])
                 out[i] = decode_train(data, size, rng, scale=self.scale)
         return torch.from_numpy(out)
 
@@ -69,8 +71,7 @@ class _RequestSampler(Sampler):
         for step in range(self.start, o.steps_per_epoch):
             indices, aug_key = o._step_request(self.epoch, step)
             for c in range(0, len(indices), o.chunk_size):
-                key = None if aug_key is None else (*aug_key, c)
-                yield indices[c : c + o.chunk_size], key
+                yield indices[c : c + o.chunk_size], aug_key, c
 
     def __len__(self) -> int:
         o = self.owner

@@ -329,7 +329,8 @@ def list_source(source: str, root: str | None = None, **options) -> Listing:
     options = {k: v for k, v in options.items() if v is not None}
     unused = sorted(set(options) - set(params))
     if unused:
-        raise DataSourceError(f"source {source!r} does not take option(s) {unused}")
+        flags = ["--train-classes" if k == "train_classes_file" else "--" + k.replace("_", "-") for k in unused]
+        raise DataSourceError(f"source {source!r} does not take option(s) {', '.join(flags)}")
     if source != "demo":
         if root is None:
             raise DataSourceError(f"source {source!r} needs --root SRC")

@@ -386,3 +386,13 @@ def test_break_and_continue_with_persistent_workers(uneven):
     for (xa, ya), (xb, yb) in zip(got, ref):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     loader.close()
+
+
+def test_device_option_matches_host_normalisation(uneven):
+    root, _ = uneven
+    kw = dict(rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0, chunk_size=3)
+    (xa, ya), (xb, yb) = next(iter(build_train_loader(root, **kw))), next(iter(build_train_loader(root, device="cpu", **kw)))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, y, i = next(iter(build_eval_loader(root, rank=0, world_size=1, batch_size=5, image_size=SIZE, num_workers=0,
+                                          device="cpu")))
+    assert x.shape == (5, 3, SIZE, SIZE) and i.tolist() == [0, 1, 2, 3, 4]

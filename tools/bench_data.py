@@ -84,6 +84,7 @@ def measure(root: str, workers: int, args) -> dict:
         "seconds": round(elapsed, 2),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine skew the number
     }
 
 

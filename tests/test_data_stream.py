@@ -73,7 +73,7 @@ def _epoch(root, world_size, num_workers, classes_per_rank=2, m=2, seed=0, **kw)
 def test_plan_m_per_class_and_disjoint_ranks(world_size, m):
     rng = np.random.default_rng(world_size * 10 + m)
     labels = rng.integers(0, 40, 600)
-    for remainder in ("topup", "drop"):
+    for remainder in ("topup", "drop", "stochastic"):
         plan = ClassBalancedPlan(labels, m=m, classes_per_rank=3, world_size=world_size, seed=1, remainder=remainder)
         for epoch in (0, 1):
             grid = plan.epoch_plan(epoch)  # [S, W, cpr, m]
@@ -106,6 +106,24 @@ def test_plan_duplicates_only_from_topups():
     assert sum(c - 1 for c in seen.values()) <= topup_slots
     # Nearly every image is seen (only the few groups beyond S*K are held over).
     assert len(seen) >= len(labels) - plan.slots * 4
+
+
+def test_plan_stochastic_remainder_unbiased():
+    """remainder='stochastic': each image shown once per epoch on average, no class favoured."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(30), rng.integers(1, 12, 30))  # sizes 1..11, m=4: most not multiples
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=5, world_size=2, seed=0, remainder="stochastic")
+    shown = np.zeros(len(labels))
+    epochs = 300
+    for epoch in range(epochs):
+        grid = plan.epoch_plan(epoch)
+        assert grid.shape[0] == plan.steps_per_epoch
+        shown += np.bincount(grid.reshape(-1), minlength=len(labels))
+    per_image = shown / epochs
+    assert abs(per_image.mean() - plan.images_per_epoch / len(labels)) < 1e-9
+    assert abs(per_image.mean() - 1.0) < 0.15  # the epoch is about the dataset
+    per_class = np.bincount(labels, weights=per_image) / np.bincount(labels)
+    assert per_class.min() > 0.6 and per_class.max() < 1.4, per_class
 
 
 def test_plan_large_classes_capped_at_one_slot_per_step():

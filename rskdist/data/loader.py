@@ -183,7 +183,7 @@ class TrainLoader(_ChunkedLoader):
                 f"{root}/{split}: not enough images for one step of {classes_per_rank * world_size} classes x m={m}"
             )
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.classes_per_rank, self.m = classes_per_rank, m
+        self.classes_per_rank, self.m, self.remainder = classes_per_rank, m, remainder
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.batch_size = classes_per_rank * m
         super().__init__(
@@ -233,6 +233,7 @@ class TrainLoader(_ChunkedLoader):
             "world_size": self.world_size,
             "classes_per_rank": self.classes_per_rank,
             "m": self.m,
+            "remainder": self.remainder,
             "num_samples": len(self.table),
             "steps_per_epoch": self.steps_per_epoch,
         }
@@ -241,10 +242,10 @@ class TrainLoader(_ChunkedLoader):
         """Restore the position; the next batch is the one that followed when `state` was saved.
 
         The plan is a function of (labels, seed, m, classes_per_rank, world_size,
-        steps_per_epoch): resuming with any of them changed would silently give other
+        remainder, steps_per_epoch): resuming with any of them changed would silently give other
         batches, so that is an error.
         """
-        for key in ("seed", "world_size", "classes_per_rank", "m", "num_samples", "steps_per_epoch"):
+        for key in ("seed", "world_size", "classes_per_rank", "m", "remainder", "num_samples", "steps_per_epoch"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(
                     f"cannot resume the data stream: {key}={state[key]} in the checkpoint but "

@@ -8,7 +8,10 @@ Construction, per epoch:
 1. each class's images are shuffled and cut into groups of m ("remainder=topup": a last
    partial group is filled with other images of the class, chosen at random; a class
    with fewer than m images repeats them; "remainder=drop": partial groups dropped,
-   except that a class always keeps one group);
+   except that a class always keeps one group; "remainder=stochastic": a class of n
+   images gets floor(n/m) groups plus one more (topped up) with probability
+   (n mod m)/m, drawn each epoch, so every image is shown once per epoch in
+   expectation, with neither systematic repeats nor systematically dropped images);
 2. a step holds K = classes_per_rank * world_size groups of K distinct classes.
    steps_per_epoch S is the largest S with sum_c min(groups_c, S) >= S * K: a class
    cannot fill more than one slot per step, so classes with more than S groups
@@ -52,8 +55,8 @@ class ClassBalancedPlan:
     ):
         if m < 1 or classes_per_rank < 1 or world_size < 1:
             raise ValueError(f"m, classes_per_rank, world_size must be >= 1 (got {m}, {classes_per_rank}, {world_size})")
-        if remainder not in ("topup", "drop"):
-            raise ValueError(f"remainder must be 'topup' or 'drop', got {remainder!r}")
+        if remainder not in ("topup", "drop", "stochastic"):
+            raise ValueError(f"remainder must be 'topup', 'drop' or 'stochastic', got {remainder!r}")
         labels = np.asarray(labels, dtype=np.int64)
         self.m, self.classes_per_rank, self.world_size = m, classes_per_rank, world_size
         self.seed, self.remainder = seed, remainder
@@ -70,8 +73,10 @@ class ClassBalancedPlan:
             )
         if remainder == "topup":
             self.groups = -(-counts // m)
-        else:
+        elif remainder == "drop":
             self.groups = np.maximum(counts // m, 1)
+        else:  # stochastic: expected groups per epoch (S is solved on expectations)
+            self.groups = counts / m
         self.auto_steps = self._solve_steps()  # most steps without repeating a class's images
         if steps_per_epoch is None:
             self.steps_per_epoch = self.auto_steps
@@ -122,7 +127,11 @@ class ClassBalancedPlan:
         rng = np.random.default_rng([self.seed, epoch, 0x5EED])
         m, num_steps, slots = self.m, self.steps_per_epoch, self.slots
         num_classes = len(self.class_ids)
-        capped = np.minimum(self.groups, num_steps)
+        groups = self.groups
+        if self.remainder == "stochastic":
+            frac = self.groups - np.floor(self.groups)
+            groups = np.floor(self.groups).astype(np.int64) + (rng.random(len(frac)) < frac)
+        capped = np.minimum(groups, num_steps)
         extra = np.zeros(num_classes, np.int64)  # repeat groups, when more steps than auto_steps
         deficit = num_steps * slots - int(capped.sum())
         if deficit > 0:  # spare capacity sum(S - capped) >= deficit because num_classes >= slots
@@ -132,7 +141,7 @@ class ClassBalancedPlan:
         for c in rng.permutation(num_classes):
             idx = self.members[self.starts[c] : self.starts[c + 1]]
             idx = idx[rng.permutation(len(idx))]
-            n, g = len(idx), int(self.groups[c])
+            n, g = len(idx), int(groups[c])
             if n < m:  # fewer images than m: repeat them (a random cyclic order)
                 idx = np.resize(idx, g * m)
             elif g * m > n:  # partial last group: top up with other images of the class

@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -50,6 +51,18 @@ def make_photo_like_shards(out: str, num_classes: int, per_class: int, width: in
     write_shards(listing, os.path.join(out, "shards"), samples_per_shard=200, progress=False)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the loader's workers)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def measure(root: str, workers: int, args) -> dict:
     loader = build_train_loader(
         root,
@@ -62,17 +75,18 @@ def measure(root: str, workers: int, args) -> dict:
         seed=0,
         chunk_size=args.chunk_size,
     )
-    done, t0, images = 0, None, 0
+    done, t0, cpu0, images = 0, None, None, 0
     while done < args.warmup + args.steps:
         for x, _ in loader:
             done += 1
             if done == args.warmup:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), _cpu_seconds()
             elif done > args.warmup:
                 images += len(x)
             if done == args.warmup + args.steps:
                 break
     elapsed = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0  # main process + its DataLoader workers, while measuring
     loader.close()
     return {
         "bench": "train_stream",
@@ -82,6 +96,9 @@ def measure(root: str, workers: int, args) -> dict:
         "steps": args.steps,
         "images_per_s": round(images / elapsed, 1),
         "seconds": round(elapsed, 2),
+        # CPU time per image (all processes): independent of other jobs' load;
+        # 1000 / cpu_ms_per_image ~ images/s per fully available core.
+        "cpu_ms_per_image": round(1000 * cpu / images, 2),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine skew the number

@@ -243,34 +243,3 @@ def test_best_tracker(tmp_path):
     replay = BestTracker.from_history(path, metric="map@r")
     assert replay.best_step == 10 and len(replay.history) == 2
 
-
-@pytest.mark.parametrize("block", [47, 1000])  # many odd blocks / one block
-def test_symmetric_self_search_matches_plain_search(block):
-    emb, labels = quantised_data(300, 5, 40, seed=12)
-    labels[:3] = [900, 900, 900]
-    labels[3:140] = 7  # one large class: its queries fall outside the prefetch
-    x = torch.from_numpy(emb)
-    # Prefetch budget 4 * 3000 / 300 = 40 per row: the k=20 queries (fetch 29) are
-    # prefetched, the large class's k=136 queries take the per-chunk path.
-    sym = ExactSearch(x, x, backend="torch", self_index=torch.arange(300), torch_block_elems=block * block,
-                      max_candidates=3000)
-    assert sym.symmetric
-    s_self, i_self = sym.searcher.search_self(30)
-    s_plain, _ = sym.searcher.search(x, 30)
-    assert torch.equal(s_self, s_plain)  # same top-30 score multiset per row (ties may differ in ids)
-    assert ((x[i_self] * x.unsqueeze(1)).sum(-1) == s_self).all()
-    got = retrieval_metrics(emb, labels, ks=(1, 4, 16), backend="torch")
-    want = brute_force_metrics(emb, labels, emb, labels, (1, 4, 16), loo=True)
-    assert_metrics_equal(got, want)
-    k_need = torch.full((300,), 20)
-    k_need[3:140] = 136
-    ids = torch.empty(300, 136, dtype=torch.int64)
-    calls = []
-    search_self = sym.searcher.search_self
-    sym.searcher.search_self = lambda k: calls.append(k) or search_self(k)
-    for p in sym.ranked(k_need):
-        ids[p.query_idx, : int(k_need[p.query_idx].min())] = p.ids[:, : int(k_need[p.query_idx].min())]
-    ref = reference_knn(emb, emb, 136, loo=True)
-    assert calls == [40]
-    assert (ids[:3, :20].numpy() == ref[:3, :20]).all() and (ids[140:, :20].numpy() == ref[140:, :20]).all()
-    assert (ids[3:140].numpy() == ref[3:140]).all()

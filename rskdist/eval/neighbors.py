@@ -94,40 +94,7 @@ class _TorchSearcher:
 
     def __init__(self, gallery: torch.Tensor, block_elems: int):
         self.gallery = gallery  # (N_g, d) float32 on the work device
-        self.block_elems = block_elems
         self.block_rows = max(1, block_elems // max(1, gallery.shape[0]))
-
-    def search_self(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of every gallery row against the whole gallery (itself included).
-
-        The score matrix is symmetric, so only blocks on and above the diagonal are
-        computed (half the matmul FLOPs); each block's top-k feeds both its rows and,
-        transposed, its columns. Holds (N, k) running results plus one b x b block.
-        """
-        g = self.gallery
-        n = g.shape[0]
-        b = max(1, math.isqrt(self.block_elems))
-        best_s = torch.full((n, k), -math.inf, dtype=torch.float32, device=g.device)
-        best_i = torch.full((n, k), -1, dtype=torch.int64, device=g.device)
-
-        def merge(rows: slice, s_new: torch.Tensor, i_new: torch.Tensor) -> None:
-            s_cat = torch.cat([best_s[rows], s_new], dim=1)
-            i_cat = torch.cat([best_i[rows], i_new], dim=1)
-            s_top, pos = torch.topk(s_cat, k, dim=1)
-            best_s[rows], best_i[rows] = s_top, torch.gather(i_cat, 1, pos)
-
-        with _no_tf32():
-            for r0 in range(0, n, b):
-                rows = slice(r0, min(n, r0 + b))
-                for c0 in range(r0, n, b):
-                    cols = slice(c0, min(n, c0 + b))
-                    sim_rc = g[rows] @ g[cols].T  # (b_r, b_c)
-                    s, i = torch.topk(sim_rc, min(k, sim_rc.shape[1]), dim=1)
-                    merge(rows, s, i + c0)
-                    if c0 != r0:
-                        s, i = torch.topk(sim_rc.T, min(k, sim_rc.shape[0]), dim=1)
-                        merge(cols, s, i + r0)
-        return best_s, best_i
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         out_s, out_i = [], []
@@ -273,13 +240,6 @@ class ExactSearch:
         self.radius = _bound_coeff(self.dim) * q_norm * g_norm_max + 1e-30  # (N_q,) float64
         self.num_retries = 0
         self.num_rescored = 0
-        # Leave-one-out with the torch backend: candidates of all queries at once via
-        # the symmetric search (half the FLOPs), for queries whose fetch fits a
-        # common k within a memory budget; the rest use per-chunk searches.
-        self.symmetric = (
-            isinstance(self.searcher, _TorchSearcher) and self_index is not None and queries is gallery
-        )
-        self.max_prefetch = 4 * max_candidates
 
     # The most neighbours a query can have (the gallery minus itself under LOO).
     @property
@@ -296,20 +256,6 @@ class ExactSearch:
         order = torch.argsort(k_need, stable=True)
         order = order[k_need[order] > 0]
         fetch = self._fetch_k(k_need[order])  # (n,) non-decreasing
-        dev = self.queries.device
-        if self.symmetric and order.numel():
-            # Prefetch for the queries whose fetch fits a common k: the one at the 99th
-            # percentile, within the prefetch budget for all N rows.
-            k_common = int(fetch[min(order.numel() - 1, (order.numel() * 99) // 100)])
-            k_common = min(k_common, self.max_prefetch // max(1, self.num_gallery))
-            n_pre = int((fetch <= k_common).sum()) if k_common > 0 else 0
-            if n_pre:
-                pre_s, pre_i = self.searcher.search_self(k_common)
-                for start in range(0, n_pre, max(1, self.max_candidates // k_common)):
-                    idx = order[start : min(n_pre, start + self.max_candidates // k_common)].to(dev)
-                    yield from self._rank_chunk(idx, k_need[idx.cpu()].to(dev), (pre_s[idx], pre_i[idx]))
-                del pre_s, pre_i
-                order, fetch = order[n_pre:], fetch[n_pre:]
         start = 0
         while start < order.numel():
             # Largest chunk whose rows x fetched candidates (set by its last, largest
@@ -318,7 +264,7 @@ class ExactSearch:
             rows = max(1, int((cost <= self.max_candidates).sum()))
             idx = order[start : start + rows]
             start += rows
-            yield from self._rank_chunk(idx.to(dev), k_need[idx].to(dev))
+            yield from self._rank_chunk(idx.to(self.queries.device), k_need[idx].to(self.queries.device))
 
     def _fetch_k(self, k):
         """Neighbours to request for k exact ones: a margin, plus one for the query itself."""
@@ -327,18 +273,15 @@ class ExactSearch:
             return torch.clamp(k + torch.clamp(k // 8, min=8) + extra, max=self.num_gallery)
         return min(self.num_gallery, k + max(8, k // 8) + extra)
 
-    def _rank_chunk(self, idx: torch.Tensor, k_need: torch.Tensor, prefetched=None) -> Iterator[_Ranked]:
-        k_first = prefetched[0].shape[1] if prefetched is not None else self._fetch_k(int(k_need.max()))
-        pending = [(idx, k_need, k_first, prefetched)]
+    def _rank_chunk(self, idx: torch.Tensor, k_need: torch.Tensor) -> Iterator[_Ranked]:
+        pending = [(idx, k_need, self._fetch_k(int(k_need.max())))]
         while pending:
-            idx, k_need, k_fetch, pre = pending.pop()
+            idx, k_need, k_fetch = pending.pop()
             rows = max(1, self.max_candidates // k_fetch)  # the budget holds on retries too
             if idx.numel() > rows:
-                rest = None if pre is None else (pre[0][rows:], pre[1][rows:])
-                pending.append((idx[rows:], k_need[rows:], k_fetch, rest))
+                pending.append((idx[rows:], k_need[rows:], k_fetch))
                 idx, k_need = idx[:rows], k_need[:rows]
-                pre = None if pre is None else (pre[0][:rows], pre[1][:rows])
-            ranked, ok = self._try_rank(idx, k_need, k_fetch, pre)
+            ranked, ok = self._try_rank(idx, k_need, k_fetch)
             if bool(ok.all()):
                 yield ranked
                 continue
@@ -346,14 +289,11 @@ class ExactSearch:
             # Unresolved queries (ties or near-ties across the last fetched score) go
             # again with twice as many candidates; at the whole gallery they resolve.
             self.num_retries += int((~ok).sum())
-            pending.append((idx[~ok], k_need[~ok], min(self.num_gallery, 2 * k_fetch), None))
+            pending.append((idx[~ok], k_need[~ok], min(self.num_gallery, 2 * k_fetch)))
 
-    def _try_rank(self, idx: torch.Tensor, k_need: torch.Tensor, k_fetch: int, prefetched=None):
+    def _try_rank(self, idx: torch.Tensor, k_need: torch.Tensor, k_fetch: int):
         dev = idx.device
-        if prefetched is not None:
-            s, ids = prefetched  # (B, k_fetch) rows of idx from search_self
-        else:
-            s, ids = self.searcher.search(self.queries[idx], k_fetch)  # (B, k_fetch) float32 / int64
+        s, ids = self.searcher.search(self.queries[idx], k_fetch)  # (B, k_fetch) float32 / int64
         s, ids = s.to(dev), ids.to(dev)
         if bool((ids < 0).any()):
             raise RuntimeError("search returned missing neighbours (non-finite embeddings?)")

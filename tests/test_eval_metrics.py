@@ -243,3 +243,16 @@ def test_best_tracker(tmp_path):
     replay = BestTracker.from_history(path, metric="map@r")
     assert replay.best_step == 10 and len(replay.history) == 2
 
+
+
+@pytest.mark.slow
+def test_larger_random_data_all_backends_match_reference():
+    rng = np.random.default_rng(13)
+    labels = rng.integers(0, 150, 3000)
+    centres = rng.standard_normal((150, 48))
+    emb = (centres[labels] + 1.5 * rng.standard_normal((3000, 48))).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ks = (1, 4, 16, 32)
+    want = brute_force_metrics(emb, labels, emb, labels, ks, loo=True)
+    for backend in BACKENDS:
+        assert_metrics_equal(retrieval_metrics(emb, labels, ks=ks, backend=backend, max_candidates=50_000), want)

@@ -166,7 +166,10 @@ class Trainer:
         return build_train_loader(
             d.root, rank=ctx.rank, world_size=ctx.world_size, classes_per_rank=self.classes_per_rank, m=d.m,
             image_size=self.cfg.model.image_size, num_workers=d.num_workers, seed=self.cfg.run.seed,
-            mean=self.mean, std=self.std,
+            mean=self.mean, std=self.std, scale=tuple(d.crop_scale), remainder=d.remainder,
+            steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length,
+            # On GPUs images travel as uint8 and are normalised on the device.
+            **({"device": ctx.device, "pin_memory": True} if ctx.device.type == "cuda" else {}),
         )
 
     def _build_eval_stream(self):
@@ -312,13 +315,12 @@ class Trainer:
         last = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            images, labels = next(batches)
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device)
+            images, labels = next(batches)  # stay in host memory; the step moves one chunk at a time
             t_data = time.perf_counter() - t0
             result = two_pass_step(
                 self.engine, images, labels, loss_fn=make_loss_fn(cfg.loss, seed=cfg.run.seed, step=self.step, group=self._group), chunk_size=cfg.data.chunk_size,
                 world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
-                input_dtype=self.input_dtype,
+                input_dtype=self.input_dtype, device=ctx.device,
             )
             self.step += 1
             step_seconds = time.perf_counter() - t0

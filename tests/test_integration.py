@@ -113,3 +113,12 @@ def test_unusable_weights_give_one_clear_message(tmp_path):
                           env=_env())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.pretrained=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_memory_estimate_within_25_percent_of_measured(uninterrupted):
+    measured = max(json.loads(l)["rss_peak_mb_max"] for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(l).get("kind") == "train")
+    proc = _run([sys.executable, "tools/estimate_memory.py", "--config", "configs/debug.yaml", "--world-size", "2",
+                 "--device", "cpu"])
+    estimate = json.loads(proc.stdout.strip().splitlines()[-1])["total_mb"]
+    assert abs(estimate - measured) / measured < 0.25, (estimate, measured)

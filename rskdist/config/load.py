@@ -123,6 +123,8 @@ def validate(cfg: Config, world_size: int) -> None:
             f"data.m={d.m} images per class (local batch {local:g} must be a whole multiple of m); "
             f"use a global batch that is a multiple of {world_size * d.m}"
         )
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ValueError(f"config: data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {d.crop_scale}")
     if d.source == "shards" and not d.root:
         raise ValueError("config: data.source=shards needs data.root (a folder written by tools/make_shards.py)")
     if cfg.run.epochs <= 0 and cfg.run.max_steps <= 0:

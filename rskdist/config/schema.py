@@ -48,6 +48,9 @@ class DataConfig:
     m: int = 4  # images per class in a batch
     chunk_size: int = 32  # images per forward chunk on one rank (two-pass step)
     num_workers: int = 2  # DataLoader workers per rank
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
+    remainder: str = "topup"  # class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
+    epoch_length: str = "auto"  # "auto": most steps without repeating an image; "dataset": images / global batch
     synthetic_classes: int = 64  # source=synthetic: number of classes
     synthetic_noise: float = 0.5  # source=synthetic: instance noise around the class pattern
 
@@ -107,6 +110,8 @@ class Config:
 
 CHOICES = {
     "data.source": ("synthetic", "shards"),
+    "data.remainder": ("topup", "drop", "stochastic"),
+    "data.epoch_length": ("auto", "dataset"),
     "optim.name": ("adamw", "adam", "sgd"),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),

@@ -65,22 +65,26 @@ def two_pass_step(
     step: int,
     seed: int,
     input_dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> StepResult:
     """One optimizer step on the local batch (images, labels) of every rank.
 
     `loss_fn(local_embeddings, local_labels)` must return the loss of the *global*
     batch with exact gradients for the local rows (rsk_loss with group=...).
     The engine must be configured with gradient_accumulation_steps equal to the number
-    of chunks; `engine.step()` after the last chunk applies the optimizer.
+    of chunks; `engine.step()` after the last chunk applies the optimizer. `images` may
+    stay in host memory: each chunk is moved to `device` when it is forwarded, so the
+    device holds one chunk of images, not the local batch.
     """
-    device = images.device
+    device = images.device if device is None else device
+    labels = labels.to(device)
     chunks = images.split(chunk_size)
     t0 = time.perf_counter()
     with torch.no_grad():
         pieces = []
         for c, x in enumerate(chunks):
             with seeded_rng(chunk_seed(seed, step, rank, c), device):
-                pieces.append(engine(x.to(input_dtype)))
+                pieces.append(engine(x.to(device, input_dtype, non_blocking=True)))
     emb = torch.cat(pieces)
     t1 = time.perf_counter()
 
@@ -94,7 +98,7 @@ def two_pass_step(
     offset = 0
     for c, x in enumerate(chunks):
         with seeded_rng(chunk_seed(seed, step, rank, c), device):
-            out = engine(x.to(input_dtype))
+            out = engine(x.to(device, input_dtype, non_blocking=True))
         target = grad_emb[offset : offset + out.shape[0]]
         offset += out.shape[0]
         # d surrogate / d out = target, so backward pushes exactly the cached gradient.

@@ -67,6 +67,11 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # Several CPU ranks on one machine: split the cores instead of letting every rank's
+        # thread pool spin on all of them (oversubscription slows every rank down).
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        if "OMP_NUM_THREADS" not in os.environ and local_procs > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)

@@ -37,13 +37,20 @@ class Context:
     run_dir: Path
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """A torch.optim optimizer (passing an object keeps DeepSpeed from compiling fused_adam)."""
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """A torch.optim optimizer (passing an object keeps DeepSpeed from compiling fused_adam).
+
+    Weight decay applies to every parameter as in the published code, unless
+    `optim.decay_norm_and_bias` is off (then biases, norms and token embeddings are exempt).
+    """
+    from rskdist.models import param_groups
+
+    groups = param_groups(model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epochs, decay_factor: float) -> float:
@@ -133,7 +140,7 @@ class Trainer:
         self.steps_per_epoch = self.train_stream.steps_per_epoch
         self.total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * self.steps_per_epoch))
 
-        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: lr_factor(s, steps_per_epoch=self.steps_per_epoch, warmup_steps=cfg.optim.warmup_steps,

@@ -96,7 +96,7 @@ def test_config_builds_everything_but_weights(path):
     _check_pretrained_source(cfg.model.backbone, cfg.model.pretrained)
 
     # Optimizer: built on the meta parameters exactly as the Trainer builds it.
-    opt = build_optimizer(model.parameters(), cfg.optim)
+    opt = build_optimizer(model, cfg.optim)
     assert type(opt).__name__.lower() == cfg.optim.name
     assert opt.param_groups[0]["lr"] == cfg.optim.lr
     assert opt.param_groups[0]["weight_decay"] == cfg.optim.weight_decay

@@ -72,6 +72,7 @@ class OptimConfig:
     name: str = "adamw"  # "adamw", "adam" or "sgd"
     lr: float = 5e-5  # peak learning rate
     weight_decay: float = 4e-4  # decoupled (AdamW) or L2 (Adam, SGD) weight decay
+    decay_norm_and_bias: bool = True  # decay biases and norm weights too (as the published code); false exempts them
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
     momentum: float = 0.0  # SGD momentum
     decay_epochs: list = field(default_factory=list)  # epochs at which the LR is multiplied by decay_factor

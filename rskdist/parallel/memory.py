@@ -42,15 +42,18 @@ class MemoryEstimate:
 
 
 def _saved_bytes_per_image(model: torch.nn.Module, image_size: int, dtype: torch.dtype) -> float:
-    """Bytes autograd keeps for one image (distinct storages counted once)."""
+    """Bytes autograd keeps for one image (distinct storages counted once; the
+    parameters that layers save for their backward are model states, not activations)."""
     seen: dict[int, int] = {}
+    model = model.to(dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    model = model.to(dtype)
     x = torch.zeros(1, 3, image_size, image_size, dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)

@@ -139,13 +139,13 @@ def retrieval_metrics(
     ``embeddings`` (N, d) and ``labels`` (N,) are torch tensors or numpy arrays (normalise
     the embeddings first for cosine similarity). Returns ``recall@k`` for each k,
     ``map@r``, ``r_precision`` (those requested in ``metrics``), ``num_queries`` (queries
-    that count) and ``num_excluded_queries`` (singleton classes). ``backend``: auto,
-    faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the number of
+    that count) and ``num_excluded_queries`` (singleton classes). ``backend``: auto
+    (faiss_gpu if possible, else torch), faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the number of
     (query, neighbour) pairs held at once.
     """
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
-    backend = resolve_backend(backend)
-    dev = _work_device(backend, device, embeddings)
+    requested, backend = backend, resolve_backend(backend)
+    dev = _work_device(requested, backend, device, embeddings)
     emb = as_float32_matrix(embeddings, "embeddings").to(dev)
     (lab,) = _encode_labels(labels)
     if lab.numel() != emb.shape[0]:
@@ -183,8 +183,8 @@ def retrieval_metrics_qg(
     gallery, so a query that also sits in the gallery will find itself.
     """
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
-    backend = resolve_backend(backend)
-    dev = _work_device(backend, device, query_embeddings, gallery_embeddings)
+    requested, backend = backend, resolve_backend(backend)
+    dev = _work_device(requested, backend, device, query_embeddings, gallery_embeddings)
     q = as_float32_matrix(query_embeddings, "query_embeddings").to(dev)
     g = as_float32_matrix(gallery_embeddings, "gallery_embeddings").to(dev)
     if q.shape[1] != g.shape[1]:

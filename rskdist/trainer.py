@@ -60,6 +60,36 @@ def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epoch
     return warm * decay_factor**drops
 
 
+def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
+    """The retrieval model of a config (random init when `pretrained` is False)."""
+    from rskdist.models import create_model
+
+    m = cfg.model
+    return create_model(
+        m.backbone, embed_dim=m.embed_dim, pretrained=(m.pretrained or None) if pretrained else None, pool=m.pool,
+        gem_p=m.gem_p, image_size=m.image_size, grad_checkpointing=m.grad_checkpointing, freeze_bn=m.freeze_bn,
+        drop_path_rate=m.drop_path_rate, backbone_kwargs=m.backbone_kwargs,
+    )
+
+
+def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
+    """The held-out split of the config's data, every image once over the ranks."""
+    d, e = cfg.data, cfg.eval
+    if d.source == "synthetic":
+        from rskdist.data.inmemory import SyntheticEvalStream
+
+        return SyntheticEvalStream(
+            num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=rank, world_size=world_size,
+            batch_size=e.batch_size, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
+        )
+    from rskdist.data import build_eval_loader
+
+    return build_eval_loader(
+        d.root, split="test", rank=rank, world_size=world_size, batch_size=e.batch_size,
+        image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
+    )
+
+
 def make_loss_fn(loss_cfg, *, seed: int, step: int, group):
     """loss_fn(local_emb, local_labels) -> RS@k (+ SiMix) loss of the global batch.
 
@@ -118,7 +148,7 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: Context):
         import deepspeed
 
-        from rskdist.models import create_model, describe
+        from rskdist.models import describe
 
         self.cfg, self.ctx = cfg, ctx
         d = cfg.data
@@ -128,12 +158,7 @@ class Trainer:
         self.input_dtype = PRECISION_DTYPE[cfg.deepspeed.precision]
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-        model = create_model(
-            cfg.model.backbone, embed_dim=cfg.model.embed_dim, pretrained=cfg.model.pretrained or None,
-            pool=cfg.model.pool, gem_p=cfg.model.gem_p, image_size=cfg.model.image_size,
-            grad_checkpointing=cfg.model.grad_checkpointing, freeze_bn=cfg.model.freeze_bn,
-            drop_path_rate=cfg.model.drop_path_rate, backbone_kwargs=cfg.model.backbone_kwargs,
-        )
+        model = build_model(cfg)
         self.model_info = describe(model)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.train_stream = self._build_train_stream()
@@ -180,21 +205,8 @@ class Trainer:
         )
 
     def _build_eval_stream(self):
-        d, ctx, e = self.cfg.data, self.ctx, self.cfg.eval
-        if d.source == "synthetic":
-            from rskdist.data.inmemory import SyntheticEvalStream
-
-            return SyntheticEvalStream(
-                num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=ctx.rank,
-                world_size=ctx.world_size, batch_size=e.batch_size, image_size=self.cfg.model.image_size,
-                seed=self.cfg.run.seed, noise=d.synthetic_noise,
-            )
-        from rskdist.data import build_eval_loader
-
-        return build_eval_loader(
-            d.root, split="test", rank=ctx.rank, world_size=ctx.world_size, batch_size=e.batch_size,
-            image_size=self.cfg.model.image_size, num_workers=d.num_workers, mean=self.mean, std=self.std,
-        )
+        return build_eval_stream(self.cfg, rank=self.ctx.rank, world_size=self.ctx.world_size, mean=self.mean,
+                                 std=self.std)
 
     # ----------------------------------------------------------------- run folder
     def _open_run_dir(self) -> None:

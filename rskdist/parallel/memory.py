@@ -122,7 +122,12 @@ def estimate_memory(
     from rskdist.models import create_model
 
     if runtime_mb is None:
-        runtime_mb = cpu_runtime_mb(zero_stage) if device == "cpu" else CUDA_RUNTIME_MB
+        if device == "cpu":
+            import os
+
+            runtime_mb = cpu_runtime_mb(zero_stage, threads=max(1, (os.cpu_count() or 1) // world_size))
+        else:
+            runtime_mb = CUDA_RUNTIME_MB
 
     local_batch = global_batch // world_size
     chunk = min(chunk_size, local_batch)
@@ -165,6 +170,7 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 import torch, deepspeed
+torch.set_num_threads(int(sys.argv[2]))
 import rskdist.trainer, rskdist.eval, rskdist.data
 from torch.utils.tensorboard import SummaryWriter
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -176,12 +182,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 """
 
 
-def cpu_runtime_mb(zero_stage: int = 2) -> float:
+def cpu_runtime_mb(zero_stage: int = 2, threads: int = 1) -> float:
     """Peak resident size of a CPU training process before its model and data exist:
-    the imports, a one-process group and a DeepSpeed engine around a tiny model."""
+    the imports, a one-process group and a DeepSpeed engine around a tiny model, with
+    the thread count a rank gets (rskdist/train.py splits the cores between local ranks)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, str(zero_stage)], capture_output=True, text=True,
-                         timeout=600, check=True)
+    out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, str(zero_stage), str(threads)],
+                         capture_output=True, text=True, timeout=600, check=True)
     return float(out.stdout.strip().splitlines()[-1])

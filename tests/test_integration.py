@@ -46,7 +46,7 @@ def _train_2proc(out_dir, *overrides):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    _train_2proc(out, "run.max_steps=4", "run.save_every=2")
+    _train_2proc(out, "run.max_steps=4", "run.save_every=2", "eval.every_epochs=0")  # evaluate at the end
     return out / "debug"
 
 
@@ -131,3 +131,15 @@ def test_bf16_zero3_checkpointing_drop_path(tmp_path):
                  "model.grad_checkpointing=true", "model.drop_path_rate=0.1")
     losses = _losses(tmp_path / "debug")
     assert sorted(losses) == [1, 2] and all(0.0 < v < 1.0 for v in losses.values())
+
+
+def test_standalone_evaluation_of_a_checkpoint_matches_training(uninterrupted, tmp_path):
+    trained = json.loads((uninterrupted / "summary.json").read_text())["final_eval"]
+    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(uninterrupted), "--out", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    for key in ("recall@1", "recall@2", "recall@4", "map@r"):
+        assert results[key] == pytest.approx(trained[key], abs=1e-9), key
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode != 0 and "error: checkpoint: no checkpoint at" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Evaluate retrieval: Recall@k, MAP@R, R-precision.
 
-Now: from a saved embeddings file (``.pt`` or ``.npz`` with ``embeddings`` and
-``labels``; optionally a separate ``--gallery`` file for query-vs-gallery).
+From a trained run (the model of a checkpoint embeds the config's test split), or from
+a saved embeddings file (``.pt`` or ``.npz`` with ``embeddings`` and ``labels``;
+optionally a separate ``--gallery`` file for query-vs-gallery).
 
+    python tools/evaluate.py --checkpoint runs/demo                      # config from the run folder
+    python tools/evaluate.py --config configs/demo.yaml --checkpoint runs/demo/checkpoints/step00000050
     python tools/evaluate.py --embeddings test_emb.npz --dataset inat --out results.json
     python tools/evaluate.py --embeddings q.pt --gallery g.pt --ks 1 10 100
     python tools/evaluate.py --embeddings e.pt --history runs/x/eval.jsonl --step 1200
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("inputs")
     src.add_argument("--embeddings", help="embeddings file (.pt or .npz with 'embeddings' and 'labels')")
     src.add_argument("--gallery", help="separate gallery file: query-vs-gallery instead of leave-one-out")
+    src.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or one checkpoints/<tag> folder")
+    src.add_argument("--config", help="experiment YAML (default: the run folder's config.yaml)")
+    src.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override, e.g. --override data.root=/data/shards/cub (repeatable)")
+    src.add_argument("--save-embeddings", help="with --checkpoint: also write the test embeddings here (.pt/.npz)")
     m = p.add_argument_group("metrics")
     m.add_argument("--dataset", choices=sorted(DEFAULT_KS), help="use this dataset's default k list")
     m.add_argument("--ks", type=int, nargs="+", help="Recall@k values (default: --dataset's list, else 1 2 4 8)")
@@ -58,16 +66,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_ks(args) -> tuple[int, ...]:
+def resolve_ks(args, cfg=None) -> tuple[int, ...]:
     if args.ks:
         return tuple(args.ks)
-    return default_ks(args.dataset) if args.dataset else (1, 2, 4, 8)
+    if args.dataset:
+        return default_ks(args.dataset)
+    if cfg is not None:
+        return tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)
+    return (1, 2, 4, 8)
+
+
+def checkpoint_config(args):
+    """The experiment config of --checkpoint: --config, else the run folder's config.yaml."""
+    from pathlib import Path
+
+    from rskdist.checkpoint import resolve_checkpoint
+    from rskdist.config import load_config
+
+    path = args.config
+    if path is None:
+        folder, _ = resolve_checkpoint(args.checkpoint)
+        path = folder.parent / "config.yaml"
+        if not Path(path).is_file():
+            raise ValueError(f"no config.yaml beside {folder}; pass --config configs/<experiment>.yaml")
+    return load_config(path, args.override)
+
+
+def embed_checkpoint(args, cfg) -> tuple:
+    """Embed the config's test split with the checkpoint's model, in this process."""
+    from rskdist.checkpoint import load_model_state
+    from rskdist.eval import embed_dataset, save_embeddings
+    from rskdist.trainer import build_eval_stream, build_model
+
+    model = build_model(cfg, pretrained=False)
+    model.load_state_dict(load_model_state(args.checkpoint))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    stream = build_eval_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std)
+    emb, labels = embed_dataset(model, stream, device=device)
+    if args.save_embeddings:
+        save_embeddings(args.save_embeddings, emb, labels)
+    return emb, labels
 
 
 def load_inputs(args) -> dict:
     """Embeddings from files: ``{"embeddings", "labels"}`` plus gallery ones if given."""
     if not args.embeddings:
-        raise SystemExit("error: give --embeddings FILE")
+        raise SystemExit("error: give --checkpoint RUN (a trained run) or --embeddings FILE")
     emb, lab = load_embeddings(args.embeddings)
     inputs = {"embeddings": emb, "labels": lab}
     if args.gallery:
@@ -88,12 +133,19 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
     """CLI entry. ``embed_fn(args) -> (embeddings, labels)`` replaces file loading
     (how ``--config/--checkpoint`` evaluation plugs in)."""
     args = build_parser().parse_args(argv)
-    ks = resolve_ks(args)
-    if embed_fn is not None:
-        emb, lab = embed_fn(args)
-        inputs = {"embeddings": emb, "labels": lab}
-    else:
-        inputs = load_inputs(args)
+    cfg = None
+    try:
+        if args.checkpoint and embed_fn is None:
+            cfg = checkpoint_config(args)
+            embed_fn = lambda a: embed_checkpoint(a, cfg)  # noqa: E731
+        ks = resolve_ks(args, cfg)
+        if embed_fn is not None:
+            emb, lab = embed_fn(args)
+            inputs = {"embeddings": emb, "labels": lab}
+        else:
+            inputs = load_inputs(args)
+    except ValueError as exc:  # a missing checkpoint, config or data folder
+        raise SystemExit(f"error: {exc}") from None
 
     t0 = time.perf_counter()
     results = compute(inputs, ks=ks, metrics=args.metrics, backend=args.backend, device=args.device)
@@ -102,7 +154,7 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
     print(format_metrics_table(results, title=f"{n} x {d} embeddings, {seconds:.1f} s"))
 
     record = {"results": results, "ks": list(ks), "backend": args.backend, "seconds": seconds,
-              "embeddings": args.embeddings, "gallery": args.gallery}
+              "embeddings": args.embeddings, "gallery": args.gallery, "checkpoint": args.checkpoint}
     if args.history:
         tracker = BestTracker.from_history(args.history, metric=args.best_metric, mode=args.mode)
         step = args.step if args.step is not None else len(tracker.history)

@@ -13,7 +13,7 @@ How it is computed
   real embeddings only; virtual items cost scalar work.
 - Queries are processed in blocks of `block_size` rows. For a block we form its
   similarity rows against all N = B + V items, the (block x P x N) sigmoid tensor, the
-  ranks, and (by a tiny autograd over the ranks alone) d loss / d rank. The gradient
+  ranks, and d loss / d rank in closed form. The gradient
   needs sigmoid' = sigma (1 - sigma), which is derived from the same tensor, so the
   sigmoid is evaluated once per (q, p, z) and nothing of size B x B x P is ever stored.
 - The gradient with respect to the embeddings is computed during the forward call
@@ -153,17 +153,17 @@ def _block_loss_and_grad(
         sig.scatter_(2, q[:, None, None].expand(-1, sig.shape[1], 1), 0.0)
     rank = sig.sum(-1).add_(1.0)
 
+    # R_k(q) = min(hits_qk, k) / min(k, |P(q)|), hits_qk = sum_p sigmoid((k - rank_qp) / tau1).
     ks = torch.tensor(opts.ks, dtype=sim_qx.dtype, device=sim_qx.device)
-    with torch.enable_grad():
-        rank = rank.detach().requires_grad_(need_grad)
-        hits_qk = (torch.sigmoid((ks - rank[:, :, None]) / opts.tau1) * valid[:, :, None]).sum(1)
-        denom_qk = torch.minimum(num_pos[:, None].to(ks.dtype), ks)
-        recall_qk = torch.minimum(hits_qk, ks) / denom_qk
-        loss = (1.0 - recall_qk.mean(1)).sum() * scale
-        if not need_grad:
-            return loss.detach(), None
-        (g_qp,) = torch.autograd.grad(loss, rank)
-    loss = loss.detach()
+    sk_qpk = torch.sigmoid((ks - rank[:, :, None]) / opts.tau1) * valid[:, :, None]
+    hits_qk = sk_qpk.sum(1)
+    denom_qk = torch.minimum(num_pos[:, None].to(ks.dtype), ks)
+    loss = (1.0 - (torch.clamp(hits_qk, max=ks) / denom_qk).mean(1)).sum() * scale
+    if not need_grad:
+        return loss, None
+    # d loss / d hits (clamp passes the gradient while hits <= k), then through the sigmoid.
+    dhits_qk = (hits_qk <= ks).to(ks.dtype) * (-scale / len(opts.ks)) / denom_qk
+    g_qp = (dhits_qk[:, None, :] * sk_qpk * (1.0 - sk_qpk)).sum(-1) * (-1.0 / opts.tau1)
 
     # d rank_qp / d s_qz = sig'_qpz / tau2 (z != p), d rank_qp / d s_qp = -sum_z sig'_qpz / tau2.
     sig.addcmul_(sig, sig, value=-1.0)  # sig' = sig (1 - sig); masked entries stay 0

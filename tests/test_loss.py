@@ -186,3 +186,18 @@ def test_bad_options_and_mix_are_clear_errors():
         rsk_loss(emb, labels, block_size=0)
     with pytest.raises(ValueError, match="ks must be"):
         RSkLoss(ks=())
+
+
+@pytest.mark.parametrize("panel_elems", [1, 90])
+def test_stream_panels_of_several_blocks(monkeypatch, panel_elems):
+    """Panels (one similarity product per group of blocks) split at any block boundary."""
+    import rskdist.loss.rsk as rsk
+
+    monkeypatch.setattr(rsk, "DEFAULT_PANEL_ELEMS", panel_elems)
+    emb, labels = _batch(30, 6, 6, seed=14)
+    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
+    mix = (pairs, alphas.double())
+    ref_loss, ref_grad = _value_and_grad(rsk_loss, emb, labels, mix=mix, block_size=30, sim_cache_mb=256.0)
+    loss, grad = _value_and_grad(rsk_loss, emb, labels, mix=mix, block_size=2, sim_cache_mb=0.0)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)

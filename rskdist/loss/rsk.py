@@ -37,6 +37,8 @@ import torch
 # 2M float32 = 8 MB, small enough to stay near the cache on CPU, large enough for GPUs.
 DEFAULT_BLOCK_ELEMS = 1 << 21
 DEFAULT_SIM_CACHE_MB = 256.0
+# Similarity rows per panel in the stream path: 8M float32 = 32 MB (and as much for their gradient).
+DEFAULT_PANEL_ELEMS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -237,44 +239,56 @@ def rsk_forward_backward(
             if bool(not_real_query.any()):
                 dsim_rr[not_real_query] = 0
     total = emb.new_zeros(())
-    # Real queries first, then virtual ones; a block never mixes the two.
+    # Real queries first, then virtual ones; a block never mixes the two. In the stream
+    # path, blocks are grouped into panels whose similarity rows come from one product
+    # and whose gradient leaves in two: few large products instead of many thin ones.
     real = mine[mine < num_real]
     virtual = mine[mine >= num_real]
+    panel_rows = max(block_size, DEFAULT_PANEL_ELEMS // max(num_real, 1))
     for part, is_virtual in ((real, False), (virtual, True)):
-        for start in range(0, part.numel(), block_size):
-            q = part[start : start + block_size]
+        step = part.numel() if dense else panel_rows
+        for p0 in range(0, part.numel(), max(step, 1)):
+            qp = part[p0 : p0 + step]
             if is_virtual:
-                first, second, a, b = items.parents(q)
-            if dense:
-                if is_virtual:
-                    sim_qr = sim_rr[first] * a[:, None] + sim_rr[second] * b[:, None]
+                first_p, second_p, a_p, b_p = items.parents(qp)
+            if not dense:
+                emb_p = emb[first_p] * a_p[:, None] + emb[second_p] * b_p[:, None] if is_virtual else emb[qp]
+                sim_pr = emb_p @ emb.T
+                dsim_pr = torch.empty_like(sim_pr) if need_grad else None
+            for b0 in range(0, qp.numel(), block_size):
+                q = qp[b0 : b0 + block_size]
+                rows = slice(b0, b0 + q.numel())
+                if not dense:
+                    sim_qr = sim_pr[rows]
+                elif is_virtual:
+                    sim_qr = sim_rr[first_p[rows]] * a_p[rows, None] + sim_rr[second_p[rows]] * b_p[rows, None]
                 else:
                     sim_qr = sim_rr[q]
-            else:
-                emb_q = emb[first] * a[:, None] + emb[second] * b[:, None] if is_virtual else emb[q]
-                sim_qr = emb_q @ emb.T
-            pos, valid, num_pos = items.positives(q)
-            loss_b, dsim_qx = _block_loss_and_grad(
-                items.extend_columns(sim_qr), q, pos, valid, num_pos, opts, scale, need_grad
-            )
-            total += loss_b
-            if not need_grad:
+                pos, valid, num_pos = items.positives(q)
+                loss_b, dsim_qx = _block_loss_and_grad(
+                    items.extend_columns(sim_qr), q, pos, valid, num_pos, opts, scale, need_grad
+                )
+                total += loss_b
+                if not need_grad:
+                    continue
+                dsim_qr = items.fold_columns(dsim_qx)
+                if not dense:
+                    dsim_pr[rows] = dsim_qr
+                elif is_virtual:
+                    dsim_rr.index_add_(0, first_p[rows], dsim_qr * a_p[rows, None])
+                    dsim_rr.index_add_(0, second_p[rows], dsim_qr * b_p[rows, None])
+                else:
+                    dsim_rr.index_copy_(0, q, dsim_qr)  # real rows come before any virtual fold
+            if dense or not need_grad:
                 continue
-            dsim_qr = items.fold_columns(dsim_qx)
-            if dense:
-                target = dsim_rr
-            else:
-                # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q.
-                grad.addmm_(dsim_qr.T, emb_q)
-                dsim_qr = dsim_qr @ emb  # now d loss / d emb_q, (bq, d)
-                target = grad
+            # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q; then the queries' side.
+            grad.addmm_(dsim_pr.T, emb_p)
+            demb_p = dsim_pr @ emb
             if is_virtual:
-                target.index_add_(0, first, dsim_qr * a[:, None])
-                target.index_add_(0, second, dsim_qr * b[:, None])
-            elif dense:
-                target.index_copy_(0, q, dsim_qr)  # real rows come before any virtual fold
+                grad.index_add_(0, first_p, demb_p * a_p[:, None])
+                grad.index_add_(0, second_p, demb_p * b_p[:, None])
             else:
-                target.index_add_(0, q, dsim_qr)
+                grad.index_add_(0, qp, demb_p)
     if dense and need_grad:
         # S is symmetric: d emb = (dS + dS^T) emb, one product instead of two.
         grad = _symmetrise_(dsim_rr, out=sim_rr) @ emb

@@ -143,3 +143,14 @@ def test_standalone_evaluation_of_a_checkpoint_matches_training(uninterrupted, t
                           capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode != 0 and "error: checkpoint: no checkpoint at" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+          "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2",
+          *COMMON])
+    losses = _losses(tmp_path / "debug")
+    full = _losses(uninterrupted)
+    for step in (1, 2):
+        assert losses[step] == pytest.approx(full[step], abs=1e-6)

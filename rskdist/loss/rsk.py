@@ -111,10 +111,14 @@ class _ExtendedItems:
         """(bq, B) similarities to real items -> (bq, B + V) with virtual items appended."""
         if self.num_virtual == 0:
             return sim_qr
-        sim_qx = torch.empty(sim_qr.shape[0], self.num, dtype=sim_qr.dtype, device=sim_qr.device)
+        bq = sim_qr.shape[0]
+        sim_qx = torch.empty(bq, self.num, dtype=sim_qr.dtype, device=sim_qr.device)
         sim_qx[:, : self.num_real] = sim_qr
-        torch.mul(sim_qr[:, self.first], self.alpha, out=sim_qx[:, self.num_real :])
-        sim_qx[:, self.num_real :].addcmul_(sim_qr[:, self.second], self.beta)
+        # gather with an expanded index is ~4x faster than sim_qr[:, idx] on CPU.
+        first = torch.gather(sim_qr, 1, self.first[None, :].expand(bq, -1))
+        second = torch.gather(sim_qr, 1, self.second[None, :].expand(bq, -1))
+        torch.mul(first, self.alpha, out=sim_qx[:, self.num_real :])
+        sim_qx[:, self.num_real :].addcmul_(second, self.beta)
         return sim_qx
 
     def fold_columns(self, dsim_qx: torch.Tensor) -> torch.Tensor:
@@ -123,8 +127,9 @@ class _ExtendedItems:
             return dsim_qx
         dsim_qr = dsim_qx[:, : self.num_real]
         dsim_qv = dsim_qx[:, self.num_real :]
-        dsim_qr.index_add_(1, self.first, dsim_qv * self.alpha)
-        dsim_qr.index_add_(1, self.second, dsim_qv * self.beta)
+        bq = dsim_qx.shape[0]
+        dsim_qr.scatter_add_(1, self.first[None, :].expand(bq, -1), dsim_qv * self.alpha)
+        dsim_qr.scatter_add_(1, self.second[None, :].expand(bq, -1), dsim_qv * self.beta)
         return dsim_qr
 
     def parents(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

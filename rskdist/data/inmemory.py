@@ -89,6 +89,10 @@ class SyntheticEvalStream:
             index = torch.arange(self.batch_size) + self.rank * per_rank + s * self.batch_size
             index[(index >= total) | (index >= (self.rank + 1) * per_rank)] = -1
             valid = index.clamp(min=0)
-            gen = torch.Generator().manual_seed(self.seed * 7 + s * 1009 + self.rank)
-            images = _render(self.patterns[self.labels[valid]], self.image_size, self.noise, gen)
+            # Each image is a function of its index alone: the set is the same for any world size.
+            images = torch.cat([
+                _render(self.patterns[self.labels[i : i + 1]], self.image_size, self.noise,
+                        torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * i))
+                for i in valid.tolist()
+            ])
             yield images, self.labels[valid], index

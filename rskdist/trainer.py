@@ -221,7 +221,11 @@ class Trainer:
             meta["steps_per_epoch"] = self.steps_per_epoch
             meta["total_steps"] = self.total_steps
             (run_dir / "env.json").write_text(json.dumps(meta, indent=2))
-            self._metrics_file = open(run_dir / "metrics.jsonl", "a")
+            metrics = run_dir / "metrics.jsonl"
+            if self.step == 0 and metrics.exists():
+                # A fresh start in a used run folder: keep the old records, out of the way.
+                metrics.rename(run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            self._metrics_file = open(metrics, "a")  # a resumed run continues the same file
             if self.cfg.run.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -277,12 +281,14 @@ class Trainer:
         resume = self.cfg.run.resume
         if resume == "never":
             return False
-        ckpt_dir, tag = self.ckpt_dir, None
-        if resume != "auto":
-            path = Path(resume)
-            ckpt_dir, tag = (path.parent, path.name) if (path / "..").exists() and not (path / "latest").exists() else (path, None)
-        if not (ckpt_dir / "latest").exists() and tag is None:
-            return False
+        if resume == "auto":
+            if not (self.ckpt_dir / "latest").exists():
+                return False
+            ckpt_dir, tag = self.ckpt_dir, None
+        else:  # a run folder, its checkpoints/ folder or one tag folder
+            from rskdist.checkpoint import resolve_checkpoint
+
+            ckpt_dir, tag = resolve_checkpoint(resume)
         load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if load_path is None:
             raise ValueError(f"resume: no loadable checkpoint in {ckpt_dir}; use run.resume=never to start fresh")
@@ -318,8 +324,8 @@ class Trainer:
 
         cfg, ctx = self.cfg, self.ctx
         self.best = BestTracker(metric=cfg.eval.best_metric)
-        self._open_run_dir()
         self.maybe_resume()
+        self._open_run_dir()
         if self.ctx.rank == 0:
             print(f"rskdist: {self.model_info}", flush=True)
             print(f"rskdist: world {ctx.world_size} | global batch {cfg.data.global_batch} "

@@ -60,6 +60,8 @@ def main(argv=None) -> int:
         optimizer=pick(args.optimizer, cfg.optim.name),
         grad_checkpointing=pick(args.grad_checkpointing, cfg.model.grad_checkpointing),
         embed_dim=pick(args.embed_dim, cfg.model.embed_dim),
+        m=cfg.data.m,
+        simix=cfg.loss.simix,
         device=args.device,
         backbone_kwargs=cfg.model.backbone_kwargs if args.backbone is None else {},
     )

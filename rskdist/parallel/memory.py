@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rskdist.loss.rsk import DEFAULT_BLOCK_ELEMS, DEFAULT_SIM_CACHE_MB
+from rskdist.loss.rsk import DEFAULT_BLOCK_ELEMS, DEFAULT_PANEL_ELEMS, DEFAULT_SIM_CACHE_MB
 
 MB = 2**20
 CUDA_RUNTIME_MB = 700.0  # CUDA context + cuBLAS/cuDNN workspaces + allocator slack, typical on H100
@@ -87,19 +87,21 @@ def model_state_bytes(num_params: int, *, precision: str, optimizer: str, zero_s
     }
 
 
-def loss_bytes(*, global_batch: int, embed_dim: int, world_size: int, block_elems: int = DEFAULT_BLOCK_ELEMS,
+def loss_bytes(*, global_batch: int, embed_dim: int, world_size: int, m: int = 4, simix: bool = True,
+               block_elems: int = DEFAULT_BLOCK_ELEMS, panel_elems: int = DEFAULT_PANEL_ELEMS,
                sim_cache_mb: float = DEFAULT_SIM_CACHE_MB) -> float:
-    """Gathered keys + key gradients + kernel temporaries (+ dense S, dS in one process).
-
-    SiMix adds no bytes here: virtual items are scalar combinations and the blocks are
-    sized to `block_elems` whatever the number of items.
+    """Gathered keys + key gradients + kernel temporaries: the (block x P x N) tensor, and
+    either the whole S and dS (one process, small batch) or one panel of similarity rows
+    and their gradient (rskdist/loss/rsk.py). Neither grows with the batch beyond its cap.
     """
     keys = 2 * global_batch * embed_dim * 4  # gathered fp32 embeddings and their gradient
     temps = 3 * block_elems * 4  # the (block x P x N) tensor and its row-sized companions
     dense = 2 * global_batch * global_batch * 4
     if world_size == 1 and dense <= sim_cache_mb * MB:
-        temps += dense
-    return float(keys + temps)
+        return float(keys + temps + dense)
+    rows = global_batch // world_size * (1 + ((m - 1) / 2 if simix else 0))  # this rank's queries
+    panel = 2 * min(panel_elems, rows * global_batch) * 4
+    return float(keys + temps + panel)
 
 
 def estimate_memory(
@@ -114,6 +116,8 @@ def estimate_memory(
     optimizer: str = "adamw",
     grad_checkpointing: bool = False,
     embed_dim: int = 512,
+    m: int = 4,
+    simix: bool = True,
     device: str = "cuda",
     backbone_kwargs: dict | None = None,
     runtime_mb: float | None = None,
@@ -157,7 +161,8 @@ def estimate_memory(
         "optimizer": states["optimizer"] / MB,
         "activations": per_image * chunk / MB,
         "images": held_images * image_bytes / MB,
-        "loss": loss_bytes(global_batch=global_batch, embed_dim=embed_dim, world_size=world_size) / MB,
+        "loss": loss_bytes(global_batch=global_batch, embed_dim=embed_dim, world_size=world_size, m=m,
+                           simix=simix) / MB,
     }
     facts = {"num_params": num_params, "activation_mb_per_image": round(per_image / MB, 3),
              "local_batch": local_batch, "chunk": chunk, "chunks": math.ceil(local_batch / chunk)}

@@ -4,6 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: demo test test-fast test-slow install bench clean
 
@@ -20,7 +21,7 @@ install: $(STAMP)
 
 # The main job.
 demo: $(STAMP)
-	bash launchers/demo.sh
+	bash launchers/demo.sh $(ARGS)
 
 # Default tier: unit + distributed + integration (slow tests excluded).
 test: $(STAMP)

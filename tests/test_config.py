@@ -65,6 +65,17 @@ def test_batch_split_checked_against_world_size():
         validate(load_config(None, ["data.source=shards"]), world_size=1)
 
 
+def test_missing_files_are_reported_before_start(tmp_path):
+    cfg = load_config(None, ["data.source=shards", f"data.root={tmp_path}", "data.dataset=cub"])
+    with pytest.raises(ValueError, match=r"holds no index.json.*make_shards.py cub"):
+        validate(cfg, world_size=1)
+    validate(cfg, world_size=1, check_paths=False)
+    (tmp_path / "index.json").write_text("{}")
+    validate(cfg, world_size=1)
+    with pytest.raises(ValueError, match="no such file"):
+        validate(load_config(None, [f"model.pretrained={tmp_path}/w.safetensors"]), world_size=1)
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(None, ["loss.ks=[1, 4]", "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
     save_config(cfg, tmp_path / "resolved.yaml")
@@ -83,7 +94,7 @@ def test_every_shipped_config_loads_and_validates():
     paths = sorted((ROOT / "configs").glob("*.yaml"))
     assert paths
     for path in paths:
-        validate(load_config(path), world_size=1)
+        validate(load_config(path), world_size=1, check_paths=False)  # no shards or weights here
 
 
 def _train(*args, env=None):

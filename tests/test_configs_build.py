@@ -71,8 +71,8 @@ def test_paper_config_header_names_its_world_size_and_launch(name):
 def test_config_builds_everything_but_weights(path):
     world_size = intended_world_size(path)
     cfg = load_config(path)
-    validate(cfg, world_size=world_size)
-    validate(cfg, world_size=1)  # a one-process run must stay possible (tests/test_config.py)
+    validate(cfg, world_size=world_size, check_paths=False)  # no shards or weights on this machine
+    validate(cfg, world_size=1, check_paths=False)  # a one-process run must stay possible (tests/test_config.py)
     d = cfg.data
 
     if d.source == "shards":

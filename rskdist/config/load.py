@@ -102,8 +102,12 @@ def _check_choices(cfg: Config) -> None:
             raise ValueError(f"config: {dotted}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Cross-field checks that need the world size; call once at start-up on every rank."""
+def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
+    """Cross-field checks that need the world size; call once at start-up on every rank.
+
+    With `check_paths`, files the run will read (shards, weights, resume checkpoint) must
+    exist; config-only checks (tests of the shipped configs) turn it off.
+    """
     d, loss, optim = cfg.data, cfg.loss, cfg.optim
     _check_choices(cfg)
     positive = {
@@ -127,6 +131,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"config: data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {d.crop_scale}")
     if d.source == "shards" and not d.root:
         raise ValueError("config: data.source=shards needs data.root (a folder written by tools/make_shards.py)")
+    if check_paths and d.source == "shards" and not (Path(d.root) / "index.json").is_file():
+        raise ValueError(
+            f"config: data.root={d.root!r} holds no index.json; write the shards first "
+            f"(python tools/make_shards.py {d.dataset} --root SRC --out {d.root}) or point data.root at them"
+        )
     if cfg.run.epochs <= 0 and cfg.run.max_steps <= 0:
         raise ValueError("config: set run.epochs > 0 or run.max_steps > 0")
     if not loss.ks or any(not isinstance(k, int) or k < 1 for k in loss.ks):
@@ -140,13 +149,13 @@ def validate(cfg: Config, world_size: int) -> None:
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
     weights = cfg.model.pretrained
-    if weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
+    if check_paths and weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
         if not Path(weights).is_file():
             raise ValueError(
                 f"config: model.pretrained={weights!r}: no such file; pass a local weights file "
                 f"(see docs/models.md: python -m rskdist.models.fetch_weights) or leave it empty for random init"
             )
-    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
+    if check_paths and cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ValueError(f"config: run.resume={cfg.run.resume!r} does not exist; use 'auto', 'never' or a checkpoint folder")
 
 

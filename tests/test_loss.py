@@ -201,3 +201,16 @@ def test_stream_panels_of_several_blocks(monkeypatch, panel_elems):
     loss, grad = _value_and_grad(rsk_loss, emb, labels, mix=mix, block_size=2, sim_cache_mb=0.0)
     torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    emb, labels = _batch(300, 32, 60, seed=15, dtype=torch.float32)
+    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(4))
+    emb = emb.to(dtype)
+    ref_loss, ref_grad = _value_and_grad(rsk_loss, emb.double(), labels, mix=(pairs, alphas.double()))
+    loss, grad = _value_and_grad(rsk_loss, emb.cuda(), labels.cuda(), mix=(pairs, alphas), block_size=37)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, atol=tol, rtol=0)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, atol=tol * 100 * float(ref_grad.abs().max()), rtol=0)

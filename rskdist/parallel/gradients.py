@@ -4,13 +4,14 @@ The global batch is the concatenation, in rank order, of every rank's local batc
 (E_r, y_r), r = 0..W-1. Write E = [E_0; ...; E_{W-1}] (B x d) and L(E) for the RS@k loss
 of the global batch (mean over all its queries).
 
-1. Forward of the loss (`global_rsk_loss`)
+1. Forward of the loss (`rsk_loss(..., group=...)`, `_RSkFunction` in rskdist/loss/__init__.py)
    - `gather_rows` all-gathers E_r and y_r WITHOUT autograd (raw all_gather; sizes may
      differ per rank). Every rank now holds E and y.
    - Rank r computes the loss terms of its own queries: its real rows, plus its share of
      the virtual (SiMix) rows (virtual rows are split evenly by rank in plan order). The
      plan (pairs, alphas) indexes the global batch and must be identical on every rank
-     (same seeded generator). Each term is divided by the number of queries of the WHOLE
+     (same seeded generator; the trainer gathers y once before the loss to draw it, a
+     B-long int64 all-gather). Each term is divided by the number of queries of the WHOLE
      batch, which every rank computes from y alone, so the terms of all ranks add up to L.
    - The kernel returns that partial loss L_r and G_r = d L_r / d E (B x d, all rows: a
      rank's queries look at every key).

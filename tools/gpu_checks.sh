@@ -23,15 +23,15 @@ for check in $CHECKS; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
       "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
       ;;
-    loss)  # issue 2: the loss table on GPU, blockwise vs dense vs floor
+    loss)  # the loss table on GPU, blockwise vs dense vs floor
       "$PY" tools/bench_loss.py --device cuda --sizes 4096 16384 65536 --out "$OUT/loss.jsonl" --dense-max-gb 60
       "$PY" tools/bench_loss.py --device cuda --sizes 4096 16384 --simix --out "$OUT/loss.jsonl" --dense-max-gb 60
       "$PY" tools/bench_loss.py --device cuda --dtype bf16 --sizes 16384 --impls blockwise --out "$OUT/loss.jsonl"
       ;;
-    eval)  # issue 5: all-vs-all 136k on GPU (target: under 10 s)
+    eval)  # all-vs-all 136k on GPU (target: under 10 s)
       "$PY" tools/bench_eval.py --sizes 136093 | tee "$OUT/eval.jsonl"
       ;;
-    step)  # issue 3: ViT-L/16, 224 px, bf16, ZeRO-2, activation checkpointing; chunk size sweep
+    step)  # ViT-L/16, 224 px, bf16, ZeRO-2, activation checkpointing; chunk size sweep
       for chunk in 128 256 512 1024; do
         "$PY" rskdist/train.py --config configs/debug.yaml run.output_dir="$OUT/step" run.name="vitl_chunk$chunk" \
           run.resume=never run.max_steps=3 eval.every_epochs=-1 run.save_every=0 \

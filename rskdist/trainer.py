@@ -309,7 +309,7 @@ class Trainer:
         t0 = time.perf_counter()
         emb, labels = embed_dataset(
             _CastInputs(self.engine, self.input_dtype), self._build_eval_stream(), device=ctx.device,
-            rank=ctx.rank, world_size=ctx.world_size, group=dist.group.WORLD if ctx.world_size > 1 else None,
+            rank=ctx.rank, world_size=ctx.world_size, group=self._group,
         )
         metrics = None
         if ctx.rank == 0:

@@ -61,15 +61,14 @@ def _saved_bytes_per_image(model: torch.nn.Module, image_size: int, dtype: torch
 
 
 def _num_blocks(model: torch.nn.Module) -> int:
-    for holder in (getattr(model, "backbone", model),):
-        for name in ("blocks", "layers"):
-            blocks = getattr(holder, name, None)
-            if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList):
-                return len(blocks)
-        trunk = getattr(holder, "trunk", None) or getattr(holder, "transformer", None)
-        if trunk is not None:
-            return _num_blocks(trunk)
-    return 0
+    """Transformer blocks of the backbone (timm `blocks`, open_clip `transformer.resblocks`...)."""
+    holder = getattr(model, "backbone", model)
+    for name in ("blocks", "layers"):
+        blocks = getattr(holder, name, None)
+        if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList):
+            return len(blocks)
+    trunk = getattr(holder, "trunk", None) or getattr(holder, "transformer", None)
+    return _num_blocks(trunk) if trunk is not None else 0
 
 
 def model_state_bytes(num_params: int, *, precision: str, optimizer: str, zero_stage: int, world_size: int) -> dict:

@@ -1,35 +1,128 @@
-"""Model weights out of a training checkpoint, for evaluation and export.
+"""Checkpoints of a run: save, `latest`, `best`, pruning, resume, and weights for evaluation.
 
-A run writes DeepSpeed checkpoints under RUN/checkpoints/<tag>/ and the name of the
-newest complete one in RUN/checkpoints/latest (rskdist/trainer.py). ZeRO-3 partitions
-the weights over the ranks' files; DeepSpeed's consolidation rebuilds them.
+A run writes DeepSpeed checkpoints under RUN/checkpoints/<tag>/ (tags `stepNNNNNNNN`).
+Two pointer files name tags: `latest`, the newest complete checkpoint (what a resumed
+run loads), and `best`, the checkpoint of the best evaluation by `eval.best_metric`.
+Each pointer is replaced atomically and only after every rank finished writing, so a
+crash during a save leaves both pointing at complete checkpoints. Pruning keeps the
+newest `keep` tags plus the one `best` names, and runs only after a good save.
+ZeRO-3 partitions the weights over the ranks' files; DeepSpeed's consolidation rebuilds
+them for evaluation.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+POINTERS = ("latest", "best")
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder."""
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def read_pointer(folder: Path, name: str) -> str | None:
+    path = Path(folder) / name
+    return path.read_text().strip() if path.is_file() else None
+
+
+def write_pointer(folder: Path, name: str, tag: str) -> None:
+    """Point `name` (latest, best) at `tag`, atomically: readers see the old or the new tag."""
+    tmp = Path(folder) / f"{name}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, Path(folder) / name)
+
+
+class CheckpointManager:
+    """Saves and resumes one run's checkpoints through a DeepSpeed-like engine.
+
+    `engine` needs `save_checkpoint(folder, tag=, client_state=, save_latest=)` and
+    `load_checkpoint(folder, tag=)`. Every rank calls `save`; rank 0 alone moves the
+    pointers and prunes, between two barriers.
+    """
+
+    def __init__(self, folder: Path, engine, *, rank: int, keep: int, barrier: Callable[[], None] = lambda: None):
+        self.folder, self.engine, self.rank, self.keep = Path(folder), engine, rank, keep
+        self.barrier = barrier
+        self.last_saved_step: int | None = None
+
+    def save(self, step: int, client_state: dict[str, Any], *, prune: bool = True) -> str:
+        tag = step_tag(step)
+        ok = self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+        self.barrier()
+        if self.rank == 0 and ok is not False:
+            write_pointer(self.folder, "latest", tag)  # last: a crash before this keeps the previous one
+            if prune:
+                self.prune()
+        self.barrier()
+        self.last_saved_step = step
+        return tag
+
+    def mark_best(self, tag: str) -> None:
+        """`best` names `tag` (an already saved checkpoint); pruning keeps it from now on."""
+        if self.rank == 0:
+            write_pointer(self.folder, "best", tag)
+        self.barrier()
+
+    def prune(self) -> None:
+        keep = {read_pointer(self.folder, name) for name in POINTERS}
+        tags = sorted(p for p in self.folder.glob("step*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, resume: str) -> tuple[str, dict] | None:
+        """Load per `run.resume` ("auto", "never" or a checkpoint path); returns
+        (loaded path, client state) or None when there is nothing to resume."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            if read_pointer(self.folder, "latest") is None:
+                return None
+            folder, tag = self.folder, None
+        else:
+            folder, tag = resolve_checkpoint(resume)
+        load_path, client = self.engine.load_checkpoint(str(folder), tag=tag)
+        if load_path is None:
+            raise ValueError(f"resume: no loadable checkpoint in {folder}; use run.resume=never to start fresh")
+        return load_path, client
+
+
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder.
+
+    `tag` picks one checkpoint of a run or checkpoints folder: a tag name, or a pointer
+    (`latest`, the default; `best`, the best evaluation).
+    """
     path = Path(path)
+    pointer = tag if tag in POINTERS else None
     for folder in (path / "checkpoints", path):
-        latest = folder / "latest"
-        if latest.is_file():
-            return folder, latest.read_text().strip()
-    if path.is_dir() and any(path.glob("*model_states.pt")):
+        if tag is not None and pointer is None:
+            if (folder / tag).is_dir():
+                return folder, tag
+            continue
+        named = read_pointer(folder, pointer or "latest")
+        if named is not None:
+            return folder, named
+        if pointer == "best" and read_pointer(folder, "latest") is not None:
+            raise ValueError(f"checkpoint: {folder} has no best checkpoint (no evaluation, or eval.save_best=false); "
+                             f"use --tag latest or a step tag")
+    if tag is None and path.is_dir() and any(path.glob("*model_states.pt")):
         return path.parent, path.name
     raise ValueError(
-        f"checkpoint: no checkpoint at {path}; pass a run folder (runs/NAME), its checkpoints/ "
-        f"folder or one checkpoints/<tag> folder written by rskdist/train.py"
+        f"checkpoint: no checkpoint{'' if tag is None else f' {tag!r}'} at {path}; pass a run folder (runs/NAME), "
+        f"its checkpoints/ folder or one checkpoints/<tag> folder written by rskdist/train.py"
     )
 
 
-def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+def load_model_state(path: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict (fp32 where the run kept fp32 master weights)."""
-    folder, tag = resolve_checkpoint(path)
+    folder, tag = resolve_checkpoint(path, tag)
     tag_dir = folder / tag
     single = tag_dir / "mp_rank_00_model_states.pt"
     if single.is_file():

@@ -44,11 +44,15 @@ def main(argv=None) -> int:
     args = _parse(argv)
     # Everything a user can get wrong in the config is checked here, before any
     # process group, model or allocation exists: every rank fails the same way.
-    from rskdist.config import load_config, validate
+    from rskdist.config import ignored_settings, load_config, validate
 
     rank, world_size, local_rank = _world_from_env()
     try:
         cfg = load_config(args.config, args.overrides)
+        if rank == 0:
+            for key in ignored_settings(cfg):
+                print(f"warning: {key} is set, but data.source=synthetic does not use it", file=sys.stderr,
+                      flush=True)
         validate(cfg, world_size=world_size)
     except ValueError as exc:
         if rank == 0:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
 from rskdist.loss import rsk_loss, simix_plan
+from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.gradients import gather_rows
 from rskdist.parallel.step import two_pass_step
 from rskdist.utils import memory_stats, run_metadata
@@ -177,6 +178,11 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
         )
         self._group = dist.group.WORLD if ctx.world_size > 1 else None
+        # Watches the first steps of a fresh run only (a resumed run is past them).
+        self.saturation = (SaturationCheck(cfg.loss.saturation_steps, d.global_batch)
+                           if cfg.loss.saturation != "off" else None)
+        self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
+                                             keep=cfg.run.keep_checkpoints, barrier=self._barrier)
         self.step = 0
         self.best = None
         self._metrics_file = None
@@ -198,7 +204,8 @@ class Trainer:
         return build_train_loader(
             d.root, rank=ctx.rank, world_size=ctx.world_size, classes_per_rank=self.classes_per_rank, m=d.m,
             image_size=self.cfg.model.image_size, num_workers=d.num_workers, seed=self.cfg.run.seed,
-            mean=self.mean, std=self.std, scale=tuple(d.crop_scale), remainder=d.remainder,
+            mean=self.mean, std=self.std, scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip,
+            remainder=d.remainder,
             steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length,
             # On GPUs images travel as uint8 and are normalised on the device.
             **({"device": ctx.device, "pin_memory": True} if ctx.device.type == "cuda" else {}),
@@ -245,55 +252,36 @@ class Trainer:
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, record["step"])
 
+    def _rank0_flag(self, flag: bool) -> bool:
+        """Rank 0's decision, on every rank (a one-element broadcast)."""
+        if self.ctx.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.ctx.device)  # NCCL needs a GPU tensor
+        dist.broadcast(t, src=0, group=self._group)
+        return bool(t.item())
+
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
             dist.barrier()
 
     # ----------------------------------------------------------------- checkpoints
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.ctx.run_dir / "checkpoints"
-
-    def save(self, tag: str | None = None, *, prune: bool = True) -> None:
-        """All ranks save; `latest` moves only after every rank has written its part."""
-        tag = tag or f"step{self.step:08d}"
+    def save(self) -> None:
+        """Every rank saves the current step (once per step); see rskdist/checkpoint.py."""
+        if self.checkpoints.last_saved_step == self.step:
+            return
         state = {"step": self.step, "data": self.train_stream.state_dict(),
                  "best": None if self.best is None else self.best.state_dict()}
-        ok = self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": state},
-                                         save_latest=False)
-        self._barrier()
-        if self.ctx.rank == 0 and ok is not False:
-            # Write `latest` last and atomically: a crash before this keeps the previous checkpoint.
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / "latest")
-            if prune:
-                self._prune(keep=tag)
-        self._barrier()
-
-    def _prune(self, keep: str) -> None:
-        tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.cfg.run.keep_checkpoints)]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints.save(self.step, {"trainer": state})
 
     def maybe_resume(self) -> bool:
-        resume = self.cfg.run.resume
-        if resume == "never":
+        loaded = self.checkpoints.resume(self.cfg.run.resume)
+        if loaded is None:
             return False
-        if resume == "auto":
-            if not (self.ckpt_dir / "latest").exists():
-                return False
-            ckpt_dir, tag = self.ckpt_dir, None
-        else:  # a run folder, its checkpoints/ folder or one tag folder
-            from rskdist.checkpoint import resolve_checkpoint
-
-            ckpt_dir, tag = resolve_checkpoint(resume)
-        load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        if load_path is None:
-            raise ValueError(f"resume: no loadable checkpoint in {ckpt_dir}; use run.resume=never to start fresh")
+        load_path, client = loaded
         state = client["trainer"]
         self.step = int(state["step"])
+        if self.step > 0:
+            self.saturation = None  # the check watches a run's first steps
         self.train_stream.load_state_dict(state["data"])
         if state.get("best") and self.best is not None:
             self.best.load_state_dict(state["best"])
@@ -349,6 +337,7 @@ class Trainer:
             )
             self.step += 1
             step_seconds = time.perf_counter() - t0
+            self._check_saturation(result)
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 last = self._log_step(result, step_seconds, t_data, t_start, done_at_start)
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
@@ -367,14 +356,31 @@ class Trainer:
                 self._tb.close()
         return summary
 
+    def _check_saturation(self, result) -> None:
+        """Warn about (or stop) a run whose loss cannot learn (rskdist/loss/saturation.py)."""
+        if self.saturation is None:
+            return
+        verdict = self.saturation.update(result.loss, result.emb_grad_norm)
+        if verdict is None:
+            return
+        self._record({"step": self.step, "kind": "warning", "saturated": True, "message": verdict})
+        if self.cfg.loss.saturation == "stop":
+            # Every rank holds the same all-reduced loss and norm, hence the same verdict.
+            raise ValueError(f"{verdict}. Stopped (loss.saturation=stop; loss.saturation=warn trains on)")
+        if self.ctx.rank == 0:
+            print(f"warning: {verdict}", file=sys.stderr, flush=True)
+
     def _eval_every_steps(self) -> int:
         every = self.cfg.eval.every_epochs
         return 0 if every <= 0 else max(1, round(every * self.steps_per_epoch))
 
     def _eval_and_track(self) -> dict | None:
         metrics = self.evaluate()
+        is_best = self._rank0_flag(self.ctx.rank == 0 and metrics is not None and self.best.update(self.step, metrics))
+        if is_best and self.cfg.eval.save_best and self.step > 0:  # step 0 is the seed's untrained model
+            self.save()
+            self.checkpoints.mark_best(step_tag(self.step))
         if self.ctx.rank == 0 and metrics is not None:
-            is_best = self.best.update(self.step, metrics)
             record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "kind": "eval",
                       **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
             self._record(record)
@@ -399,7 +405,7 @@ class Trainer:
         eta = elapsed / max(steps_done, 1) * (self.total_steps - self.step)
         record = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "kind": "train",
-            "loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
+            "loss": result.loss, "emb_grad_norm": result.emb_grad_norm, "lr": self.scheduler.get_last_lr()[0],
             "images_per_s": round(self.cfg.data.global_batch / step_seconds, 2),
             "step_seconds": round(step_seconds, 3), "data_seconds": round(data_seconds, 3),
             "pass1_seconds": round(result.pass1_seconds, 3), "loss_seconds": round(result.loss_seconds, 3),
@@ -413,7 +419,7 @@ class Trainer:
         if ctx.rank == 0:
             width = len(str(self.total_steps))
             print(f"step {self.step:>{width}}/{self.total_steps} | epoch {record['epoch']:.2f} | loss {result.loss:.4f}"
-                  f" | {record['images_per_s']:.1f} img/s | lr {record['lr']:.2e} | "
+                  f" | |dL/dE| {result.emb_grad_norm:.2e} | {record['images_per_s']:.1f} img/s | lr {record['lr']:.2e} | "
                   f"mem {record['rss_peak_mb_max']:.0f} MB/rank | eta {_fmt_seconds(eta)}", flush=True)
         return record
 

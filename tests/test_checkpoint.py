@@ -1,23 +1,23 @@
 """Checkpoint bookkeeping: `latest` moves only after a complete save, old tags are pruned
-only after a good one, and weights come back out of a run folder."""
+only after a good one (never the best), and weights come back out of a run folder."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rskdist.checkpoint import load_model_state, resolve_checkpoint
-from rskdist.config import Config
-from rskdist.trainer import Trainer
+from rskdist.checkpoint import CheckpointManager, load_model_state, resolve_checkpoint
 
 
 class FakeEngine:
+    """Writes a tag folder as DeepSpeed would; fails on request (a full disk)."""
+
     def __init__(self, fail_on=None):
         self.fail_on = fail_on
+        self.loaded = []
 
     def save_checkpoint(self, folder, tag, client_state, save_latest):
-        assert save_latest is False  # the trainer writes `latest` itself, after every rank is done
+        assert save_latest is False  # the manager writes `latest` itself, after every rank is done
         out = Path(folder) / tag
         out.mkdir(parents=True)
         (out / "mp_rank_00_model_states.pt").write_bytes(b"partial" if tag == self.fail_on else b"ok")
@@ -25,40 +25,75 @@ class FakeEngine:
             raise OSError("disk full")
         return True
 
+    def load_checkpoint(self, folder, tag=None):
+        tag = tag or (Path(folder) / "latest").read_text()
+        self.loaded.append(tag)
+        return str(Path(folder) / tag), {"trainer": {"step": int(tag[4:])}}
 
-def _trainer(tmp_path, engine, keep=2):
-    trainer = object.__new__(Trainer)
-    cfg = Config()
-    cfg.run.keep_checkpoints = keep
-    trainer.cfg = cfg
-    trainer.ctx = SimpleNamespace(rank=0, world_size=1, run_dir=tmp_path)
-    trainer.engine = engine
-    trainer.train_stream = SimpleNamespace(state_dict=lambda: {"step": 0})
-    trainer.best = None
-    return trainer
+
+def _manager(tmp_path, engine, keep=2):
+    return CheckpointManager(tmp_path / "checkpoints", engine, rank=0, keep=keep)
+
+
+def _tags(tmp_path):
+    return sorted(p.name for p in (tmp_path / "checkpoints").glob("step*"))
 
 
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = _trainer(tmp_path, FakeEngine(fail_on="step00000003"))
+    ckpt = _manager(tmp_path, FakeEngine(fail_on="step00000003"))
     for step in (1, 2):
-        trainer.step = step
-        trainer.save()
+        ckpt.save(step, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
-    trainer.step = 3
     with pytest.raises(OSError, match="disk full"):
-        trainer.save()
+        ckpt.save(3, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
     assert (tmp_path / "checkpoints" / "step00000001").is_dir()  # nothing pruned after a failed save
     assert resolve_checkpoint(tmp_path) == (tmp_path / "checkpoints", "step00000002")
 
 
 def test_good_saves_prune_to_keep_checkpoints(tmp_path):
-    trainer = _trainer(tmp_path, FakeEngine(), keep=2)
+    ckpt = _manager(tmp_path, FakeEngine(), keep=2)
     for step in (1, 2, 3, 4):
-        trainer.step = step
-        trainer.save()
-    tags = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*"))
-    assert tags == ["step00000003", "step00000004"]
+        ckpt.save(step, {})
+    assert _tags(tmp_path) == ["step00000003", "step00000004"]
+
+
+def test_pruning_keeps_the_best_checkpoint(tmp_path):
+    ckpt = _manager(tmp_path, FakeEngine(), keep=2)
+    ckpt.save(1, {})
+    ckpt.mark_best("step00000001")
+    for step in (2, 3, 4, 5):
+        ckpt.save(step, {})
+    assert _tags(tmp_path) == ["step00000001", "step00000004", "step00000005"]
+    assert resolve_checkpoint(tmp_path, "best") == (tmp_path / "checkpoints", "step00000001")
+    ckpt.mark_best("step00000005")
+    ckpt.save(6, {})
+    assert _tags(tmp_path) == ["step00000005", "step00000006"]  # the old best is ordinary again
+
+
+def test_resolve_tags_and_pointers(tmp_path):
+    ckpt = _manager(tmp_path, FakeEngine(), keep=5)
+    for step in (1, 2):
+        ckpt.save(step, {})
+    folder = tmp_path / "checkpoints"
+    assert resolve_checkpoint(tmp_path, "latest") == (folder, "step00000002")
+    assert resolve_checkpoint(folder, "step00000001") == (folder, "step00000001")
+    assert resolve_checkpoint(folder / "step00000001") == (folder, "step00000001")
+    with pytest.raises(ValueError, match="no best checkpoint"):
+        resolve_checkpoint(tmp_path, "best")
+    with pytest.raises(ValueError, match="no checkpoint 'step00000009'"):
+        resolve_checkpoint(tmp_path, "step00000009")
+
+
+def test_resume_modes(tmp_path):
+    engine = FakeEngine()
+    ckpt = _manager(tmp_path, engine)
+    assert ckpt.resume("auto") is None  # a fresh run folder
+    ckpt.save(3, {})
+    ckpt.save(4, {})
+    assert ckpt.resume("never") is None
+    assert ckpt.resume("auto")[1] == {"trainer": {"step": 4}}
+    assert ckpt.resume(str(tmp_path / "checkpoints" / "step00000003"))[1] == {"trainer": {"step": 3}}
 
 
 def test_resolve_and_load_errors(tmp_path):

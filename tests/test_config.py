@@ -29,7 +29,7 @@ def test_int_accepted_for_float():
     [
         ("loss.tua2=0.1", r"unknown key 'loss.tua2'; valid keys here: .*tau2"),
         ("losss.tau2=0.1", r"unknown key 'losss'; valid keys here: .*loss"),
-        ("data.global_batch=big", r"data.global_batch must be int"),
+        ("data.global_batch=big", r"data.global_batch must be an integer"),
         ("loss.simix=3", r"loss.simix must be bool"),
         ("deepspeed.zero_stage=4", r"deepspeed.zero_stage=4 is not one of 0, 1, 2, 3"),
         ("optim.name=lamb", r"optim.name='lamb' is not one of"),
@@ -39,6 +39,90 @@ def test_int_accepted_for_float():
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("optim.lr=1e-4", "lr", 1e-4),  # YAML 1.1 reads this as a string
+        ("optim.lr=3E-5", "lr", 3e-5),
+        ("optim.weight_decay=4e-4", "weight_decay", 4e-4),
+        ("optim.warmup_steps=5e2", "warmup_steps", 500),  # an int written as an exact float
+        ("optim.betas=[0.9, 9.99e-1]", "betas", [0.9, 0.999]),
+        ("optim.decay_epochs=[1e1, 2e1]", "decay_epochs", [10.0, 20.0]),
+    ],
+)
+def test_numbers_written_as_people_write_them(override, key, value):
+    assert getattr(load_config(None, [override]).optim, key) == pytest.approx(value)
+
+
+def test_numbers_in_a_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 1e-4, warmup_steps: 1e3}\ndata: {global_batch: 4e3}\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 1000 and cfg.data.global_batch == 4000
+    assert isinstance(cfg.data.global_batch, int)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.warmup_steps=2.5", r"optim.warmup_steps must be an integer, got float 2.5"),
+        ("optim.warmup_steps=1e-1", r"optim.warmup_steps must be an integer"),
+        ("optim.betas=[a, b]", r"optim.betas\[0\] must be float, got str 'a'"),
+        ("eval.ks=[1, x]", r"eval.ks\[1\] must be an integer"),
+        ("loss.ks=3", r"loss.ks must be a list"),
+        ("data.crop_ratio=[1, no]", r"data.crop_ratio\[1\] must be float"),
+        ("deepspeed.zero_stage=2.5", r"deepspeed.zero_stage must be an integer"),
+    ],
+)
+def test_typed_fields_name_the_element(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ("{gradient_accumulation_steps: 4}", r"may not set gradient_accumulation_steps.*data.chunk_size"),
+        ("{train_micro_batch_size_per_gpu: 8}", r"may not set train_micro_batch_size_per_gpu.*data.chunk_size"),
+        ("{train_batch_size: 64}", r"may not set train_batch_size.*data.global_batch"),
+        ("{fp16: {enabled: true}}", r"may not set fp16.*deepspeed.precision"),
+        ("{zero_optimization: {stage: 3}}", r"deepspeed.zero_stage"),
+    ],
+)
+def test_deepspeed_extra_cannot_override_what_the_step_owns(extra, match):
+    with pytest.raises(ValueError, match=match):
+        validate(load_config(None, [f"deepspeed.extra={extra}"]), world_size=1)
+    validate(load_config(None, ["deepspeed.extra={zero_optimization: {overlap_comm: true}}"]), world_size=1)
+
+
+def test_best_metric_must_be_evaluated():
+    validate(load_config(None, ["eval.best_metric=map@r"]), world_size=1)
+    validate(load_config(None, ["eval.ks=[1, 3]", "eval.best_metric=recall@3"]), world_size=1)
+    with pytest.raises(ValueError, match=r"eval.best_metric='recall@3' is not evaluated; choose one of recall@1, "
+                                         r"recall@2, recall@4, recall@8, map@r, r_precision"):
+        validate(load_config(None, ["eval.best_metric=recall@3"]), world_size=1)
+    with pytest.raises(ValueError, match="is not evaluated"):
+        validate(load_config(None, ["eval.best_metric=recall"]), world_size=1)
+
+
+def test_augmentation_settings_checked():
+    validate(load_config(None, ["data.crop_ratio=[1, 1]", "data.hflip=false"]), world_size=1)
+    with pytest.raises(ValueError, match="data.crop_ratio must be"):
+        validate(load_config(None, ["data.crop_ratio=[1.5, 1]"]), world_size=1)
+
+
+def test_settings_the_synthetic_source_ignores_are_named():
+    from rskdist.config import ignored_settings
+
+    assert ignored_settings(load_config(None)) == []
+    cfg = load_config(None, ["data.num_workers=8", "data.hflip=false", "data.epoch_length=dataset"])
+    assert ignored_settings(cfg) == ["data.num_workers", "data.hflip", "data.epoch_length"]
+    assert ignored_settings(load_config(None, ["data.source=shards", "data.num_workers=8"])) == []
+    proc = _train("--config", "configs/debug.yaml", "data.num_workers=7", "run.max_steps=0", "run.epochs=0")
+    assert proc.returncode == 2  # stopped by the bad run length, after the warning
+    assert "warning: data.num_workers is set, but data.source=synthetic does not use it" in proc.stderr
 
 
 def test_yaml_errors(tmp_path):

@@ -414,3 +414,27 @@ def test_device_option_matches_host_normalisation(uneven):
     x, y, i = next(iter(build_eval_loader(root, rank=0, world_size=1, batch_size=5, image_size=SIZE, num_workers=0,
                                           device="cpu")))
     assert x.shape == (5, 3, SIZE, SIZE) and i.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_flip_and_aspect_settings_reach_the_decoder(uneven):
+    root, _ = uneven
+    on = _epoch(root, 1, 0)[0]
+    off = _epoch(root, 1, 0, hflip=False)[0]
+    flipped = 0
+    for (x_on, _, _), (x_off, _, _) in zip(on, off):
+        for a, b in zip(x_on, x_off):
+            if torch.equal(a, b):
+                continue
+            assert torch.equal(a, b.flip(-1))  # the same crop; only the flip was left out
+            flipped += 1
+    assert flipped > 0  # with the flip on, some images were mirrored
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        _, _, w, h = random_resized_crop_params(300, 200, rng, scale=(0.1, 1.0), ratio=(1.0, 1.0))
+        assert w == h  # crop_ratio [1, 1] keeps the aspect
+    jpeg = S.ShardReader(S.load_split(root, "train").shard_paths)
+    row = S.load_split(root, "train").samples[0]
+    data = jpeg.read(int(row["shard"]), int(row["offset"]), int(row["size"]))
+    wide = [decode_train(data, SIZE, np.random.default_rng(s), ratio=(2.0, 2.0), hflip=False) for s in range(3)]
+    narrow = [decode_train(data, SIZE, np.random.default_rng(s), ratio=(0.5, 0.5), hflip=False) for s in range(3)]
+    assert not all(np.array_equal(a, b) for a, b in zip(wide, narrow))

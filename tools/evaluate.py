@@ -6,6 +6,7 @@ a saved embeddings file (``.pt`` or ``.npz`` with ``embeddings`` and ``labels``;
 optionally a separate ``--gallery`` file for query-vs-gallery).
 
     python tools/evaluate.py --checkpoint runs/demo                      # config from the run folder
+    python tools/evaluate.py --checkpoint runs/demo --tag best           # the best evaluation's checkpoint
     python tools/evaluate.py --config configs/demo.yaml --checkpoint runs/demo/checkpoints/step00000050
     python tools/evaluate.py --embeddings test_emb.npz --dataset inat --out results.json
     python tools/evaluate.py --embeddings q.pt --gallery g.pt --ks 1 10 100
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--embeddings", help="embeddings file (.pt or .npz with 'embeddings' and 'labels')")
     src.add_argument("--gallery", help="separate gallery file: query-vs-gallery instead of leave-one-out")
     src.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or one checkpoints/<tag> folder")
+    src.add_argument("--tag", help="with --checkpoint: which checkpoint of the run: latest (default), best (the best "
+                                   "evaluation by eval.best_metric) or a step tag such as step00000500")
     src.add_argument("--config", help="experiment YAML (default: the run folder's config.yaml)")
     src.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. --override data.root=/data/shards/cub (repeatable)")
@@ -85,7 +88,7 @@ def checkpoint_config(args):
 
     path = args.config
     if path is None:
-        folder, _ = resolve_checkpoint(args.checkpoint)
+        folder, _ = resolve_checkpoint(args.checkpoint, args.tag)
         path = folder.parent / "config.yaml"
         if not Path(path).is_file():
             raise ValueError(f"no config.yaml beside {folder}; pass --config configs/<experiment>.yaml")
@@ -99,7 +102,7 @@ def embed_checkpoint(args, cfg) -> tuple:
     from rskdist.trainer import build_eval_stream, build_model
 
     model = build_model(cfg, pretrained=False)
-    model.load_state_dict(load_model_state(args.checkpoint))
+    model.load_state_dict(load_model_state(args.checkpoint, args.tag))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     stream = build_eval_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std)
@@ -154,7 +157,7 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
     print(format_metrics_table(results, title=f"{n} x {d} embeddings, {seconds:.1f} s"))
 
     record = {"results": results, "ks": list(ks), "backend": args.backend, "seconds": seconds,
-              "embeddings": args.embeddings, "gallery": args.gallery, "checkpoint": args.checkpoint}
+              "embeddings": args.embeddings, "gallery": args.gallery, "checkpoint": args.checkpoint, "tag": args.tag}
     if args.history:
         tracker = BestTracker.from_history(args.history, metric=args.best_metric, mode=args.mode)
         step = args.step if args.step is not None else len(tracker.history)

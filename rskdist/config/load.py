@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,22 +22,49 @@ import yaml
 from rskdist.config import schema
 from rskdist.config.schema import CHOICES, Config
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _field_type(dc_field: dataclasses.Field) -> Any:
-    hint = dc_field.type if isinstance(dc_field.type, str) else dc_field.type.__name__
-    return _TYPES.get(hint, hint)
+def _hints(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
 
 
-def _coerce(dotted: str, value: Any, kind: Any) -> Any:
-    """Check `value` against a field's type; ints are accepted where floats are expected."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+def _number(value: Any) -> Any:
+    """A number written as text (`1e-4`: YAML 1.1 reads exponents without a dot as strings)."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
         return float(value)
-    if kind is int and isinstance(value, bool):
-        raise ValueError(f"config: {dotted} must be an integer, got {value!r}")
-    if isinstance(kind, type) and not isinstance(value, kind):
-        raise ValueError(f"config: {dotted} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's annotation (int, float, str, bool, list[T], dict,
+    Literal[...]); numbers written as text and exact whole floats for ints are accepted."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if all(isinstance(a, int) for a in args):
+            value = _coerce(dotted, value, int)
+        if value not in args or isinstance(value, bool):
+            raise ValueError(f"config: {dotted}={value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config: {dotted} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{dotted}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        hint = dict
+    if hint is float:
+        value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    if hint is int:
+        value = _number(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config: {dotted} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ValueError(f"config: {dotted} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -44,6 +72,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ValueError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = _hints(obj)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
@@ -52,7 +81,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             _apply(current, value if value is not None else {}, f"{dotted}.")
         else:
-            setattr(obj, key, _coerce(dotted, value, _field_type(fields[key])))
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -129,6 +158,8 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         )
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ValueError(f"config: data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {d.crop_scale}")
+    if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        raise ValueError(f"config: data.crop_ratio must be [low, high] with 0 < low <= high, got {d.crop_ratio}")
     if d.source == "shards" and not d.root:
         raise ValueError("config: data.source=shards needs data.root (a folder written by tools/make_shards.py)")
     if check_paths and d.source == "shards" and not (Path(d.root) / "index.json").is_file():
@@ -148,6 +179,10 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: optim.betas must have two values, got {optim.betas}")
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
+    if loss.saturation_steps < 1:
+        raise ValueError(f"config: loss.saturation_steps must be >= 1, got {loss.saturation_steps}")
+    _check_deepspeed_extra(cfg.deepspeed.extra)
+    _check_best_metric(cfg)
     weights = cfg.model.pretrained
     if check_paths and weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
         if not Path(weights).is_file():
@@ -157,6 +192,56 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
             )
     if check_paths and cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ValueError(f"config: run.resume={cfg.run.resume!r} does not exist; use 'auto', 'never' or a checkpoint folder")
+
+
+# DeepSpeed keys the two-pass step and the config own: where each is set instead.
+_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.global_batch",
+    "train_micro_batch_size_per_gpu": "data.chunk_size",
+    "gradient_accumulation_steps": "data.chunk_size (one accumulation step per forward chunk)",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.*",
+    "scheduler": "optim.* (warmup_steps, decay_epochs, decay_factor)",
+    "fp16": "deepspeed.precision",
+    "bf16": "deepspeed.precision",
+}
+
+
+def _check_deepspeed_extra(extra: dict) -> None:
+    owned = [k for k in extra if k in _OWNED_DEEPSPEED_KEYS]
+    stage = extra.get("zero_optimization", {})
+    if isinstance(stage, dict) and "stage" in stage:
+        raise ValueError("config: deepspeed.extra.zero_optimization.stage is set by deepspeed.zero_stage; use that")
+    if owned:
+        where = "; ".join(f"{k} -> {_OWNED_DEEPSPEED_KEYS[k]}" for k in owned)
+        raise ValueError(f"config: deepspeed.extra may not set {', '.join(owned)}: the two-pass step derives them "
+                         f"from the config ({where})")
+
+
+def evaluated_metrics(cfg: Config) -> list[str]:
+    """Names of the metrics every evaluation of this config reports."""
+    from rskdist.eval.metrics import default_ks  # a leaf module: no cycle back into the config
+
+    ks = list(cfg.eval.ks) or list(default_ks(cfg.data.dataset))
+    return [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
+
+
+def _check_best_metric(cfg: Config) -> None:
+    if cfg.eval.every_epochs < 0:
+        return  # never evaluated: nothing to pick
+    names = evaluated_metrics(cfg)
+    if cfg.eval.best_metric not in names:
+        raise ValueError(f"config: eval.best_metric={cfg.eval.best_metric!r} is not evaluated; choose one of "
+                         f"{', '.join(names)} (or add its k to eval.ks)")
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """Settings this config sets away from their defaults that the run will not use."""
+    if cfg.data.source != "synthetic":
+        return []
+    default = Config().data
+    names = ("num_workers", "crop_scale", "crop_ratio", "hflip", "remainder", "epoch_length", "root")
+    return [f"data.{n}" for n in names if getattr(cfg.data, n) != getattr(default, n)]
 
 
 def to_dict(cfg: Config) -> dict:
@@ -178,11 +263,12 @@ def markdown_reference() -> str:
         lines += [f"## `{name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         body = source[source.index(f"class {cls.__name__}"):]
         body = body[: body.find("\n\n\n")]
-        for match in re.finditer(r"^    (\w+): (\w+) = (.+?)  # (.+)$", body, re.M):
+        for match in re.finditer(r"^    (\w+): (.+?) = (.+?)  # (.+)$", body, re.M):
             key, kind, _, comment = match.groups()
             default = getattr(getattr(Config(), name), key)
             choices = CHOICES.get(f"{name}.{key}")
             if choices:
+                kind = type(choices[0]).__name__
                 comment += f" (one of {', '.join(map(str, choices))})"
             lines.append(f"| `{name}.{key}` | {kind} | `{default!r}` | {comment} |")
         lines.append("")

@@ -9,6 +9,7 @@ documentation page docs/configuration.md is generated from this file
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 @dataclass
@@ -30,34 +31,36 @@ class ModelConfig:
     backbone: str = "vit_tiny_patch16_224"  # timm model name or "open_clip:<name>"
     embed_dim: int = 512  # size of the L2-normalised embedding
     pretrained: str = ""  # "" random init; a local .safetensors/.pt file; or "hub" (needs internet)
-    pool: str = "auto"  # "auto" (ViT: CLS token, CNN: GeM), "cls", "gem", "avg"
+    pool: Literal["auto", "cls", "gem", "avg"] = "auto"  # "auto": ViT CLS token, CNN GeM
     gem_p: float = 3.0  # GeM pooling exponent
     image_size: int = 224  # input resolution
     grad_checkpointing: bool = False  # activation checkpointing of the backbone's blocks
     freeze_bn: bool = True  # BatchNorm in eval mode, so both passes of a step agree
     drop_path_rate: float = 0.0  # stochastic depth (replayed identically in pass 3)
-    backbone_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the backbone factory
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the backbone factory
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (in-memory, for tests) or "shards" (WebDataset folder from tools/make_shards.py)
+    source: Literal["synthetic", "shards"] = "synthetic"  # "synthetic" (in-memory, for tests) or "shards" (WebDataset folder from tools/make_shards.py)
     root: str = ""  # shard folder (with train/, test/, index.json) for source=shards
     dataset: str = "demo"  # dataset name: picks default eval ks (inat, sop, cars196, cub, demo)
     global_batch: int = 64  # images per optimizer step over all ranks (classes x m)
     m: int = 4  # images per class in a batch
     chunk_size: int = 32  # images per forward chunk on one rank (two-pass step)
     num_workers: int = 2  # DataLoader workers per rank
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
-    remainder: str = "topup"  # class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
-    epoch_length: str = "auto"  # "auto": most steps without repeating an image; "dataset": images / global batch
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # RandomResizedCrop aspect-ratio range (train); [1, 1] keeps the aspect
+    hflip: bool = True  # random horizontal flip (train); turn off for text, logos, glyphs, printed products
+    remainder: Literal["topup", "drop", "stochastic"] = "topup"  # class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
+    epoch_length: Literal["auto", "dataset"] = "auto"  # "auto": most steps without repeating an image; "dataset": images / global batch
     synthetic_classes: int = 64  # source=synthetic: number of classes
     synthetic_noise: float = 0.5  # source=synthetic: instance noise around the class pattern
 
 
 @dataclass
 class LossConfig:
-    ks: list = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k values of the recall@k surrogate
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k values of the recall@k surrogate
     tau1: float = 1.0  # temperature of the recall sigmoid
     tau2: float = 0.01  # temperature of the rank sigmoid
     count_self: bool = False  # count the query in its positives' ranks (published-code behaviour)
@@ -65,17 +68,19 @@ class LossConfig:
     simix: bool = True  # similarity mixup
     simix_per_class: int = 0  # virtual samples per class (0: every same-class pair)
     simix_queries: bool = True  # virtual samples also act as queries
+    saturation: Literal["warn", "stop", "off"] = "warn"  # a loss stuck near 1 with a vanishing gradient over the first steps: warn, stop the run, or do not check
+    saturation_steps: int = 20  # steps the saturation check watches from the start of training
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw", "adam" or "sgd"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"  # optimizer
     lr: float = 5e-5  # peak learning rate
     weight_decay: float = 4e-4  # decoupled (AdamW) or L2 (Adam, SGD) weight decay
     decay_norm_and_bias: bool = True  # decay biases and norm weights too (as the published code); false exempts them
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
     momentum: float = 0.0  # SGD momentum
-    decay_epochs: list = field(default_factory=list)  # epochs at which the LR is multiplied by decay_factor
+    decay_epochs: list[float] = field(default_factory=list)  # epochs at which the LR is multiplied by decay_factor
     decay_factor: float = 0.3  # LR step-decay factor
     warmup_steps: int = 0  # linear warm-up steps
     grad_clip: float = 0.0  # gradient-norm clipping (0: off); set explicitly for DeepSpeed
@@ -83,18 +88,19 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0  # ZeRO stage 0, 1, 2 or 3
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16"
-    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config (expert use)
+    zero_stage: Literal[0, 1, 2, 3] = 0  # ZeRO stage
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training precision
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config (expert use; keys the two-pass step owns are refused)
 
 
 @dataclass
 class EvalConfig:
     every_epochs: float = 1.0  # evaluate every this many epochs (0: only at the end; -1: never)
     at_start: bool = False  # also evaluate the untrained model before the first step
-    ks: list = field(default_factory=list)  # Recall@k values (empty: the dataset's default)
+    ks: list[int] = field(default_factory=list)  # Recall@k values (empty: the dataset's default)
     batch_size: int = 64  # images per evaluation forward on one rank
-    best_metric: str = "recall@1"  # metric that picks the best checkpoint
+    best_metric: str = "recall@1"  # metric that picks the best checkpoint: recall@<k> for an evaluated k, map@r or r_precision
+    save_best: bool = True  # save a checkpoint at each new best evaluation (kept out of pruning; checkpoints/best names it)
     synthetic_size: int = 256  # source=synthetic: test images
 
 
@@ -109,12 +115,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "data.source": ("synthetic", "shards"),
-    "data.remainder": ("topup", "drop", "stochastic"),
-    "data.epoch_length": ("auto", "dataset"),
-    "optim.name": ("adamw", "adam", "sgd"),
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "deepspeed.zero_stage": (0, 1, 2, 3),
-    "model.pool": ("auto", "cls", "gem", "avg"),
-}
+def _literal_choices() -> dict[str, tuple]:
+    """{"section.key": allowed values} of every Literal-typed field (messages and docs)."""
+    import dataclasses
+    import typing
+
+    out = {}
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is Literal:
+                out[f"{section.name}.{name}"] = typing.get_args(hint)
+    return out
+
+
+CHOICES = _literal_choices()

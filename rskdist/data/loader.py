@@ -34,10 +34,10 @@ class _ChunkDataset(Dataset):
     independent of chunk_size and num_workers.
     """
 
-    def __init__(self, table: SplitTable, image_size: int, scale: tuple[float, float]):
+    def __init__(self, table: SplitTable, image_size: int, augment: dict):
         self.samples = table.samples
         self.reader = ShardReader(table.shard_paths)
-        self.image_size, self.scale = image_size, scale
+        self.image_size, self.augment = image_size, augment  # decode_train's scale, ratio, hflip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -55,7 +55,7 @@ class _ChunkDataset(Dataset):
                 out[i] = decode_eval(data, size)
             else:
                 rng = np.random.default_rng([*aug_key, position + i])
-                out[i] = decode_train(data, size, rng, scale=self.scale)
+                out[i] = decode_train(data, size, rng, **self.augment)
         return torch.from_numpy(out)
 
 
@@ -84,7 +84,7 @@ class _ChunkedLoader:
     steps_per_epoch: int
     batch_size: int
 
-    def __init__(self, table, *, image_size, num_workers, mean, std, chunk_size, prefetch_factor, pin_memory, device, scale):
+    def __init__(self, table, *, image_size, num_workers, mean, std, chunk_size, prefetch_factor, pin_memory, device, augment):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if num_workers < 0:
@@ -96,7 +96,7 @@ class _ChunkedLoader:
         self.device = device
         self.epoch, self.step = 0, 0
         self._sampler = _RequestSampler(self)
-        self._dataset = _ChunkDataset(table, image_size, scale)
+        self._dataset = _ChunkDataset(table, image_size, augment)
         self._loader_kwargs = dict(
             batch_size=None,
             num_workers=num_workers,
@@ -161,6 +161,8 @@ class TrainLoader(_ChunkedLoader):
         remainder: str = "topup",
         steps_per_epoch: int | str | None = None,
         scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
         chunk_size: int = 32,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
@@ -196,7 +198,7 @@ class TrainLoader(_ChunkedLoader):
             prefetch_factor=prefetch_factor,
             pin_memory=pin_memory,
             device=device,
-            scale=tuple(scale),
+            augment={"scale": tuple(scale), "ratio": tuple(ratio), "hflip": bool(hflip)},
         )
 
     def _step_request(self, epoch, step):
@@ -304,7 +306,7 @@ class EvalLoader(_ChunkedLoader):
             prefetch_factor=prefetch_factor,
             pin_memory=pin_memory,
             device=device,
-            scale=(1.0, 1.0),
+            augment={},  # eval requests carry no augmentation key
         )
 
     def _step_request(self, epoch, step):
@@ -345,7 +347,7 @@ def build_train_loader(
     **kwargs,
 ) -> TrainLoader:
     """The class-balanced training stream of `rank` (see TrainLoader for extra options:
-    split, remainder, steps_per_epoch, scale, chunk_size, prefetch_factor, pin_memory, device)."""
+    split, remainder, steps_per_epoch, scale, ratio, hflip, chunk_size, prefetch_factor, pin_memory, device)."""
     return TrainLoader(
         root,
         rank=rank,

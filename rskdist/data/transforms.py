@@ -1,6 +1,8 @@
 """Decoding + the paper's transforms on PIL, with explicit random state.
 
-Train: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip.
+Train: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip
+       (the paper's; scale, ratio and the flip are settings: data.crop_scale,
+       data.crop_ratio, data.hflip).
 Test:  Resize(round(size * 256 / 224)) (shorter side) + CenterCrop(size).
 
 Randomness comes from a numpy Generator passed in, so an image's augmentation is a
@@ -55,13 +57,14 @@ def _open(data: bytes) -> Image.Image:
 
 
 def decode_train(
-    data: bytes, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+    data: bytes, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True
 ) -> np.ndarray:
-    """Random resized crop + flip of an encoded image -> uint8 [3, size, size]."""
+    """Random resized crop (+ flip when `hflip`) of an encoded image -> uint8 [3, size, size]."""
     im = _open(data)
     width, height = im.size
     left, top, cw, ch = random_resized_crop_params(width, height, rng, scale, ratio)
-    flip = rng.random() < 0.5
+    # Drawn even when the flip is off, so turning it off leaves every crop unchanged.
+    flip = rng.random() < 0.5 and hflip
     if im.format == "JPEG":
         # Decode at the smallest DCT scale that keeps the crop at >= size pixels.
         im.draft("RGB", (math.ceil(width * size / cw), math.ceil(height * size / ch)))

@@ -158,6 +158,9 @@ def test_missing_files_are_reported_before_start(tmp_path):
     validate(cfg, world_size=1)
     with pytest.raises(ValueError, match="no such file"):
         validate(load_config(None, [f"model.pretrained={tmp_path}/w.safetensors"]), world_size=1)
+    with pytest.raises(ValueError, match="no such file"):  # the factory's suffix list, not a second copy
+        validate(load_config(None, ["model.pretrained=w.ckpt"]), world_size=1)
+    validate(load_config(None, ["model.pretrained=augreg_in21k"]), world_size=1)  # a hub tag is no path
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -183,8 +183,10 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: loss.saturation_steps must be >= 1, got {loss.saturation_steps}")
     _check_deepspeed_extra(cfg.deepspeed.extra)
     _check_best_metric(cfg)
+    from rskdist.models.weights import looks_like_path  # the factory's own rule for "a file, not a hub tag"
+
     weights = cfg.model.pretrained
-    if check_paths and weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
+    if check_paths and weights and weights != "hub" and looks_like_path(weights):
         if not Path(weights).is_file():
             raise ValueError(
                 f"config: model.pretrained={weights!r}: no such file; pass a local weights file "

@@ -18,7 +18,10 @@ How it is computed
   sigmoid is evaluated once per (q, p, z) and nothing of size B x B x P is ever stored.
 - The gradient with respect to the embeddings is computed during the forward call
   (the loss is always followed by its backward in training) and handed to autograd.
-- Similarity rows come from one of two sources:
+- Similarity rows come from one of two sources, behind one small interface (`begin` a
+  panel of query rows, `rows` of a block, `push` its d loss / d similarity back, `end`
+  the panel, `gradient` at the end), so the block loop reads once for both; query rows
+  are real samples (`_RealRows`) or SiMix mixtures of two real rows (`_MixedRows`):
   * "dense": S = E E^T is kept whole, d loss / d S is accumulated whole, and the
     embedding gradient is one product (dS + dS^T) E. Two B x B x d products in all;
     used when both B x B buffers fit in `sim_cache_mb` and every real row is a query.
@@ -132,10 +135,12 @@ class _ExtendedItems:
         dsim_qr.scatter_add_(1, self.second[None, :].expand(bq, -1), dsim_qv * self.beta)
         return dsim_qr
 
-    def parents(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For virtual queries (all of q >= B): real parents and their weights."""
+    def virtual_rows(self, q: torch.Tensor) -> "_MixedRows":
+        """Virtual queries (all of q >= B) as mixtures of their real parents' rows."""
+        if q.numel() == 0:
+            return _MixedRows(q, q, q, q, q)
         v = q - self.num_real
-        return self.first[v], self.second[v], self.alpha[v], self.beta[v]
+        return _MixedRows(q, self.first[v], self.second[v], self.alpha[v], self.beta[v])
 
 
 def _block_loss_and_grad(
@@ -232,72 +237,151 @@ def rsk_forward_backward(
     elif block_size < 1:
         raise ValueError(f"RS@k: block_size must be >= 1, got {block_size}")
     cache_bytes = 2 * num_real * num_real * emb.element_size()
-    dense = all_rows and cache_bytes <= sim_cache_mb * 2**20
+    if all_rows and cache_bytes <= sim_cache_mb * 2**20:
+        source = _DenseSimilarity(emb, query_mask[:num_real], need_grad)
+    else:
+        source = _StreamSimilarity(emb, need_grad)
 
     scale = 1.0 / num_queries
-    if dense:
-        sim_rr = emb @ emb.T
-        if need_grad:
-            # Rows of real queries are written whole below; only the others need zeros.
-            dsim_rr = torch.empty_like(sim_rr)
-            not_real_query = ~query_mask[:num_real]
-            if bool(not_real_query.any()):
-                dsim_rr[not_real_query] = 0
     total = emb.new_zeros(())
-    # Real queries first, then virtual ones; a block never mixes the two. In the stream
-    # path, blocks are grouped into panels whose similarity rows come from one product
-    # and whose gradient leaves in two: few large products instead of many thin ones.
-    real = mine[mine < num_real]
-    virtual = mine[mine >= num_real]
-    panel_rows = max(block_size, DEFAULT_PANEL_ELEMS // max(num_real, 1))
-    for part, is_virtual in ((real, False), (virtual, True)):
-        step = part.numel() if dense else panel_rows
-        for p0 in range(0, part.numel(), max(step, 1)):
-            qp = part[p0 : p0 + step]
-            if is_virtual:
-                first_p, second_p, a_p, b_p = items.parents(qp)
-            if not dense:
-                emb_p = emb[first_p] * a_p[:, None] + emb[second_p] * b_p[:, None] if is_virtual else emb[qp]
-                sim_pr = emb_p @ emb.T
-                dsim_pr = torch.empty_like(sim_pr) if need_grad else None
-            for b0 in range(0, qp.numel(), block_size):
-                q = qp[b0 : b0 + block_size]
+    # Real queries first, then virtual ones (a panel never mixes the two), panel by panel,
+    # block by block: the source gives each block's similarity rows and takes back its
+    # d loss / d similarity.
+    for part in (_RealRows(mine[mine < num_real]), items.virtual_rows(mine[mine >= num_real])):
+        step = source.panel_rows(len(part), block_size)
+        for p0 in range(0, len(part), step):
+            panel = part[p0 : p0 + step]
+            source.begin(panel)
+            for b0 in range(0, len(panel), block_size):
+                q = panel.ids[b0 : b0 + block_size]
                 rows = slice(b0, b0 + q.numel())
-                if not dense:
-                    sim_qr = sim_pr[rows]
-                elif is_virtual:
-                    sim_qr = sim_rr[first_p[rows]] * a_p[rows, None] + sim_rr[second_p[rows]] * b_p[rows, None]
-                else:
-                    sim_qr = sim_rr[q]
                 pos, valid, num_pos = items.positives(q)
                 loss_b, dsim_qx = _block_loss_and_grad(
-                    items.extend_columns(sim_qr), q, pos, valid, num_pos, opts, scale, need_grad
+                    items.extend_columns(source.rows(rows)), q, pos, valid, num_pos, opts, scale, need_grad
                 )
                 total += loss_b
-                if not need_grad:
-                    continue
-                dsim_qr = items.fold_columns(dsim_qx)
-                if not dense:
-                    dsim_pr[rows] = dsim_qr
-                elif is_virtual:
-                    dsim_rr.index_add_(0, first_p[rows], dsim_qr * a_p[rows, None])
-                    dsim_rr.index_add_(0, second_p[rows], dsim_qr * b_p[rows, None])
-                else:
-                    dsim_rr.index_copy_(0, q, dsim_qr)  # real rows come before any virtual fold
-            if dense or not need_grad:
-                continue
+                if need_grad:
+                    source.push(rows, items.fold_columns(dsim_qx))
+            source.end()
+    return total, source.gradient(), num_queries
+
+
+class _RealRows:
+    """A panel of real query rows: row i of any per-sample matrix is its row ids[i]."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, rows: slice) -> "_RealRows":
+        return _RealRows(self.ids[rows])
+
+    def take(self, mat: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return mat[self.ids[rows]]
+
+    def add_to(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
+        out.index_add_(0, self.ids[rows], values)
+
+    def put(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Write rows that nothing wrote before (cheaper than adding into zeros)."""
+        out.index_copy_(0, self.ids[rows], values)
+
+
+class _MixedRows:
+    """A panel of virtual (SiMix) query rows: row i is a_i row(first_i) + b_i row(second_i)
+    of any per-sample matrix, and what flows back to it splits over the parents the same way."""
+
+    def __init__(self, ids, first, second, alpha, beta):
+        self.ids, self.first, self.second, self.alpha, self.beta = ids, first, second, alpha, beta
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, rows: slice) -> "_MixedRows":
+        return _MixedRows(self.ids[rows], self.first[rows], self.second[rows], self.alpha[rows], self.beta[rows])
+
+    def take(self, mat: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return mat[self.first[rows]] * self.alpha[rows, None] + mat[self.second[rows]] * self.beta[rows, None]
+
+    def add_to(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
+        out.index_add_(0, self.first[rows], values * self.alpha[rows, None])
+        out.index_add_(0, self.second[rows], values * self.beta[rows, None])
+
+    put = add_to  # parents are real rows, already written: always add
+
+
+class _DenseSimilarity:
+    """S = E E^T and d loss / d S kept whole (one process, every real row a query).
+
+    Two B x B x d products in all: S, then (dS + dS^T) E at the end (S is symmetric).
+    """
+
+    def __init__(self, emb: torch.Tensor, real_is_query: torch.Tensor, need_grad: bool):
+        self.emb, self.need_grad = emb, need_grad
+        self.sim = emb @ emb.T
+        if need_grad:
+            # Rows of real queries are written whole by `put`; only the others need zeros.
+            self.dsim = torch.empty_like(self.sim)
+            if bool((~real_is_query).any()):
+                self.dsim[~real_is_query] = 0
+
+    def panel_rows(self, num_rows: int, block_size: int) -> int:
+        return max(num_rows, 1)  # S is whole: one panel
+
+    def begin(self, panel) -> None:
+        self.panel = panel
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        return self.panel.take(self.sim, rows)
+
+    def push(self, rows: slice, dsim_qr: torch.Tensor) -> None:
+        self.panel.put(self.dsim, dsim_qr, rows)
+
+    def end(self) -> None:
+        pass
+
+    def gradient(self) -> torch.Tensor | None:
+        if not self.need_grad:
+            return None
+        return _symmetrise_(self.dsim, out=self.sim) @ self.emb
+
+
+class _StreamSimilarity:
+    """Similarity rows recomputed per panel (Q E^T), gradients pushed out per panel
+    (dS_q^T Q to the keys, dS_q E to the queries): three products, memory O(panel x B).
+
+    Panels group many blocks so the products are few and large instead of many and thin.
+    """
+
+    def __init__(self, emb: torch.Tensor, need_grad: bool):
+        self.emb, self.need_grad = emb, need_grad
+        self.grad = torch.zeros_like(emb) if need_grad else None
+
+    def panel_rows(self, num_rows: int, block_size: int) -> int:
+        return max(block_size, DEFAULT_PANEL_ELEMS // max(self.emb.shape[0], 1))
+
+    def begin(self, panel) -> None:
+        self.panel = panel
+        self.emb_p = panel.take(self.emb)
+        self.sim_pr = self.emb_p @ self.emb.T
+        self.dsim_pr = torch.empty_like(self.sim_pr) if self.need_grad else None
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        return self.sim_pr[rows]
+
+    def push(self, rows: slice, dsim_qr: torch.Tensor) -> None:
+        self.dsim_pr[rows] = dsim_qr
+
+    def end(self) -> None:
+        if self.need_grad:
             # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q; then the queries' side.
-            grad.addmm_(dsim_pr.T, emb_p)
-            demb_p = dsim_pr @ emb
-            if is_virtual:
-                grad.index_add_(0, first_p, demb_p * a_p[:, None])
-                grad.index_add_(0, second_p, demb_p * b_p[:, None])
-            else:
-                grad.index_add_(0, qp, demb_p)
-    if dense and need_grad:
-        # S is symmetric: d emb = (dS + dS^T) emb, one product instead of two.
-        grad = _symmetrise_(dsim_rr, out=sim_rr) @ emb
-    return total, grad, num_queries
+            self.grad.addmm_(self.dsim_pr.T, self.emb_p)
+            self.panel.add_to(self.grad, self.dsim_pr @ self.emb)
+
+    def gradient(self) -> torch.Tensor | None:
+        return self.grad
 
 
 def _symmetrise_(mat: torch.Tensor, out: torch.Tensor, tile: int = 256) -> torch.Tensor:

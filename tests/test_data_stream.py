@@ -16,6 +16,7 @@ from rskdist.data.sampler import ClassBalancedPlan
 from rskdist.data.sources import Item, Listing
 from rskdist.data.transforms import decode_eval, decode_train, normalize, random_resized_crop_params
 from rskdist.data.writer import write_shards
+from rskdist.loss import simix_plan
 
 SIZE = 16  # tiny images keep decoding cheap
 
@@ -82,10 +83,87 @@ def test_plan_m_per_class_and_disjoint_ranks(world_size, m):
             assert (lab == lab[..., :1]).all()  # m images of one class per block
             for step_labels in lab[..., 0]:
                 assert len(np.unique(step_labels)) == world_size * 3  # a class on one rank, once
-            # No image twice in a block, unless its class has fewer than m images.
-            small = np.bincount(labels)[lab[..., 0]] < m
-            for block, is_small in zip(grid.reshape(-1, m), small.reshape(-1)):
-                assert is_small or len(set(block)) == m
+            for step in grid.reshape(len(grid), -1):
+                assert len(np.unique(step)) == step.size  # no image twice in a global batch
+
+
+SMALL_COUNTS = [1, 2, 3, 1, 2, 3, 1, 2, 3, 5, 6, 7, 9, 4, 8, 1, 2, 3]  # m=4: classes of 1, 2, 3 images
+
+
+def _assert_no_copies_in_a_step(grid, labels, m):
+    """Every global batch holds distinct images; no query can meet a copy of itself."""
+    for step in grid.reshape(len(grid), -1, m):  # [K, m] blocks of the gathered batch
+        idx = step.reshape(-1)
+        assert (idx >= 0).all()
+        assert len(np.unique(idx)) == idx.size, "an image twice in one global batch"
+        lab = labels[idx]
+        # As the loss sees it: the positives of query q are the other positions with q's label.
+        same = (lab[:, None] == lab[None, :]) & ~np.eye(idx.size, dtype=bool)
+        assert not (same & (idx[:, None] == idx[None, :])).any()
+        # SiMix mixes two positions of one class: never an image with itself.
+        pairs, _ = simix_plan(torch.from_numpy(lab), generator=torch.Generator().manual_seed(0))
+        assert (idx[pairs[:, 0].numpy()] != idx[pairs[:, 1].numpy()]).all()
+        # Block = one class's min(n, m) images first, then singles of classes absent from the step.
+        counts = np.bincount(labels)
+        block_class = lab.reshape(-1, m)[:, 0]
+        assert len(np.unique(block_class)) == len(block_class)  # a class in one block, on one rank
+        fillers = np.concatenate([lab.reshape(-1, m)[j, min(counts[c], m):] for j, c in enumerate(block_class)])
+        for j, c in enumerate(block_class):
+            assert (lab.reshape(-1, m)[j, : min(counts[c], m)] == c).all()
+        # Fillers: one image per class absent from the step, so a filler has no positive.
+        assert not np.isin(fillers, block_class).any() and len(np.unique(fillers)) == len(fillers)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("steps", [None, "dataset", 9])
+@pytest.mark.parametrize("remainder", ["topup", "drop", "stochastic"])
+def test_plan_small_classes_never_repeat_an_image(world_size, steps, remainder):
+    """Classes of 1, 2, 3 images with m=4: no [i, i, i, i] groups, no image twice in a step."""
+    labels = np.repeat(np.arange(len(SMALL_COUNTS)), SMALL_COUNTS)
+    cpr = {1: 4, 2: 2, 4: 1}[world_size]  # 4 classes per global batch, 18 classes in the split
+    plan = ClassBalancedPlan(labels, m=4, classes_per_rank=cpr, world_size=world_size, seed=3,
+                             remainder=remainder, steps_per_epoch=steps)
+    again = ClassBalancedPlan(labels, m=4, classes_per_rank=cpr, world_size=world_size, seed=3,
+                              remainder=remainder, steps_per_epoch=steps)
+    shown = np.zeros(len(labels), int)
+    for epoch in range(4):
+        grid = plan.epoch_plan(epoch)
+        assert grid.shape == (plan.steps_per_epoch, world_size, cpr, 4)  # equal steps on every rank
+        np.testing.assert_array_equal(grid, again.epoch_plan(epoch))  # deterministic
+        _assert_no_copies_in_a_step(grid, labels, 4)
+        shown += np.bincount(grid.reshape(-1), minlength=len(labels))
+    small = np.isin(labels, np.nonzero(np.array(SMALL_COUNTS) < 4)[0])
+    assert shown[small].min() > 0  # the small classes' images are still shown
+
+
+def test_plan_small_classes_fill_when_no_class_is_absent():
+    """A step holding every class (Cars196/CUB regime) fills holes with other images, still distinct."""
+    counts = [1, 2, 3, 8, 8, 9]
+    labels = np.repeat(np.arange(6), counts)
+    for world_size, cpr in ((1, 6), (2, 3)):
+        plan = ClassBalancedPlan(labels, m=4, classes_per_rank=cpr, world_size=world_size, steps_per_epoch=5)
+        for epoch in range(3):
+            grid = plan.epoch_plan(epoch).reshape(5, -1)
+            assert all(len(np.unique(step)) == step.size and step.min() >= 0 for step in grid)
+
+
+def test_plan_rejects_batch_larger_than_split():
+    with pytest.raises(ValueError, match="distinct images"):
+        ClassBalancedPlan(np.repeat(np.arange(4), [1, 2, 3, 5]), m=4, classes_per_rank=2, world_size=2)
+
+
+def test_stream_small_classes_distinct_images(tmp_path):
+    """The real loader on shards with classes of 1-3 images: every global batch has distinct images."""
+    root = make_shards(tmp_path / "small", SMALL_COUNTS, samples_per_shard=16)
+    table = S.load_split(root, "train")
+    for world_size, cpr in ((1, 4), (2, 2), (4, 1)):
+        ranks = _epoch(root, world_size, 0, classes_per_rank=cpr, m=4, remainder="stochastic",
+                       steps_per_epoch="dataset")
+        for step in range(len(ranks[0])):
+            idx = np.concatenate([ranks[r][step][2] for r in range(world_size)])
+            labels = torch.cat([ranks[r][step][1] for r in range(world_size)])
+            np.testing.assert_array_equal(labels.numpy(), table.labels[idx])
+            _assert_no_copies_in_a_step(idx[None], table.labels, 4)
 
 
 def test_plan_every_image_once_when_counts_fit():

@@ -20,6 +20,16 @@ def test_train_batches_are_class_balanced_and_disjoint_across_ranks():
     assert torch.equal(images, batches[0][0]) and torch.equal(labels, batches[0][1])
 
 
+def test_train_global_batch_holds_no_copies():
+    """Like the shard sampler (docs/data.md): no image twice in a global batch, so no query
+    has a copy of itself as a positive. Here every position is rendered with its own noise."""
+    images = torch.cat([SyntheticTrainStream(num_classes=12, rank=r, world_size=2, classes_per_rank=3, m=4,
+                                             image_size=8, seed=2).batch(0)[0] for r in range(2)])
+    flat = images.reshape(len(images), -1)
+    same = (flat[:, None] == flat[None, :]).all(-1)
+    assert same.sum() == len(images)  # each image equals only itself
+
+
 def test_eval_set_is_the_same_for_any_world_size():
     def gather(world):
         out = {}

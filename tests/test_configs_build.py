@@ -5,7 +5,7 @@ DeepSpeed config (parsed by DeepSpeed itself) and the LR schedule. No data loade
 timm's / open_clip's registries instead.
 
 The paper configs (configs/<dataset>_<backbone>.yaml) are also compared with the
-training settings of METHOD.md section 5, so a typo in an LR or a drop epoch fails here;
+training settings of docs/method.md section 5, so a typo in an LR or a drop epoch fails here;
 and their epoch (the class-balanced plan on a label set with the split's class-size
 histogram, tests/label_sets.py) is checked against the dataset size, so the LR drops
 land where the paper's do.
@@ -41,7 +41,7 @@ BACKBONES = {  # config suffix -> backbone
 }
 FEAT_DIM = {"r50": 2048, "vit_b32": 768, "vit_b16": 768, "vit_l16": 1024, "clip_vit_l14": 768}
 
-# METHOD.md section 5: batch, (R50, ViT) epochs, (R50, ViT) LR drops, LR for R50 / ViT-B/32 / ViT-B/16.
+# docs/method.md section 5: batch, (R50, ViT) epochs, (R50, ViT) LR drops, LR for R50 / ViT-B/32 / ViT-B/16.
 PAPER = {
     "inat": dict(batch=4000, epochs=(90, 90), drops=([40, 70], [10, 40, 70]), lr=(1e-4, 5e-5, 5e-5)),
     "sop": dict(batch=4000, epochs=(55, 55), drops=([25, 50], [25, 50]), lr=(2e-4, 5e-5, 5e-5)),
@@ -72,7 +72,7 @@ def test_paper_config_header_names_its_world_size_and_launch(name):
     text = (ROOT / "configs" / name).read_text()
     assert re.search(r"^# world_size: \d+\s*$", text, re.M), f"{name}: no '# world_size: N' line"
     assert f"configs/{name}" in text.split("\nrun:")[0], f"{name}: no launch command in the header"
-    assert "METHOD.md section 5" in text
+    assert "docs/method.md section 5" in text
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

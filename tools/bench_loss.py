@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-PUBLISHED_PER_QUERY_SECONDS = 195.0  # METHOD.md: published code, B=4000, m=4, d=512, 2 CPU cores
+PUBLISHED_PER_QUERY_SECONDS = 195.0  # docs/method.md: published code, B=4000, m=4, d=512, 2 CPU cores
 
 
 def _rss_peak_mb() -> float:

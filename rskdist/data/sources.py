@@ -4,7 +4,7 @@ Each `list_<source>` function reads the dataset's own metadata and returns a `Li
 for every split, the items (class name, image id, file path) and the class order that
 defines the labels. `tools/make_shards.py` turns a listing into shards.
 
-Splits (METHOD.md section 6):
+Splits (docs/method.md section 6):
 - inat:    Smooth-AP split files (one image path per line); class = image's folder.
 - sop:     Ebay_train.txt / Ebay_test.txt (image_id class_id super_class_id path).
 - cars196: cars_annos.mat; classes 1-98 train, 99-196 test (first/second half).

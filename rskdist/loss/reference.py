@@ -1,6 +1,6 @@
 """Plain implementations of RS@k, kept for tests and benchmarks.
 
-`rsk_loss_per_query` follows METHOD.md section 1 literally, one query at a time, and is
+`rsk_loss_per_query` follows docs/method.md section 1 literally, one query at a time, and is
 written to be read, not to be fast. `rsk_loss_dense` is the straightforward vectorised
 form: it materialises the (queries x positives x batch) tensor, so its memory grows as
 B^2 * |P|; it is the baseline that `tools/bench_loss.py` compares against.
@@ -34,7 +34,7 @@ def rsk_loss_per_query(
     count_self: bool = False,
     queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RS@k exactly as written in METHOD.md, one query and one positive at a time.
+    """RS@k exactly as written in docs/method.md, one query and one positive at a time.
 
     `queries` (bool mask over the batch) limits which samples act as queries; every
     sample is always in the database. With `count_self`, the query's own similarity

@@ -1,6 +1,6 @@
 """Blockwise RS@k (recall@k surrogate) with SiMix, exact and memory-bounded.
 
-Notation (METHOD.md section 1): for query q and positive p,
+Notation (docs/method.md section 1): for query q and positive p,
 
     rank(q,p) = 1 + sum_{z != q, p} sigmoid((s_qz - s_qp) / tau2)
     R_k(q)    = min(sum_p sigmoid((k - rank(q,p)) / tau1), k) / min(k, |P(q)|)

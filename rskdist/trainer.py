@@ -77,7 +77,7 @@ def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
     """The held-out split of the config's data, every image once over the ranks."""
     d, e = cfg.data, cfg.eval
     if d.source == "synthetic":
-        from rskdist.data.inmemory import SyntheticEvalStream
+        from rskdist.data.synthetic_stream import SyntheticEvalStream
 
         return SyntheticEvalStream(
             num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=rank, world_size=world_size,
@@ -192,7 +192,7 @@ class Trainer:
     def _build_train_stream(self):
         d, ctx = self.cfg.data, self.ctx
         if d.source == "synthetic":
-            from rskdist.data.inmemory import SyntheticTrainStream
+            from rskdist.data.synthetic_stream import SyntheticTrainStream
 
             return SyntheticTrainStream(
                 num_classes=d.synthetic_classes, rank=ctx.rank, world_size=ctx.world_size,

@@ -393,13 +393,13 @@ def test_demo_cli_small(tmp_path):
     with Image.open(io.BytesIO(samples["train"][0][4])) as im:
         assert im.format == "JPEG" and im.size == (32, 32)
     # Generation is deterministic: same arguments, same bytes.
-    from rskdist.data.synthetic import render_jpeg
+    from rskdist.data.demo_images import render_jpeg
 
     assert render_jpeg(0, 3, 1, 32) == render_jpeg(0, 3, 1, 32) != render_jpeg(0, 3, 2, 32)
 
 
 def test_demo_classes_are_distinct_compositions():
-    from rskdist.data.synthetic import NUM_COMBINATIONS, class_names
+    from rskdist.data.demo_images import NUM_COMBINATIONS, class_names
 
     names = class_names(200)
     assert len(set(names)) == 200 and NUM_COMBINATIONS >= 200

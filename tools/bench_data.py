@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 
 from rskdist.data.loader import build_train_loader  # noqa: E402
 from rskdist.data.sources import list_source  # noqa: E402
-from rskdist.data.synthetic import render  # noqa: E402
+from rskdist.data.demo_images import render  # noqa: E402
 from rskdist.data.writer import write_shards  # noqa: E402
 
 

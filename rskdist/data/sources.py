@@ -11,7 +11,7 @@ Splits (docs/method.md section 6):
 - cub:     images.txt + image_class_labels.txt; classes 1-100 / 101-200.
 - folder:  one sub-folder per class; first half of the sorted class names train.
 - csv:     path,label[,split] rows; without a split column, classes split as `folder`.
-- demo:    the embedded synthetic dataset (rskdist.data.synthetic).
+- demo:    the embedded synthetic dataset (rskdist.data.demo_images).
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def list_csv(
 
 def list_demo(num_classes: int = 200, images_per_class: int = 24, image_size: int = 64, seed: int = 0) -> Listing:
     """The embedded synthetic dataset: first half of the classes train, second half test."""
-    from .synthetic import class_names
+    from .demo_images import class_names
 
     if num_classes < 2 or images_per_class < 1 or image_size < 16:
         raise DataSourceError("demo needs --num-classes >= 2, --images-per-class >= 1, --image-size >= 16")

@@ -65,7 +65,7 @@ def encode_item(item: Item, max_size: int | None = None) -> tuple:
     on their long side are downscaled (JPEG quality 95 / PNG).
     """
     if item.synth is not None:
-        from .synthetic import render_jpeg
+        from .demo_images import render_jpeg
 
         seed, class_id, instance, size = item.synth
         return ("ok", "jpg", render_jpeg(seed, class_id, instance, size), size, size)

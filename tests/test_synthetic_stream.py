@@ -2,7 +2,7 @@
 
 import torch
 
-from rskdist.data.inmemory import SyntheticEvalStream, SyntheticTrainStream
+from rskdist.data.synthetic_stream import SyntheticEvalStream, SyntheticTrainStream
 
 
 def test_train_batches_are_class_balanced_and_disjoint_across_ranks():

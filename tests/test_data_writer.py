@@ -410,14 +410,11 @@ def test_demo_classes_are_distinct_compositions():
 
 
 @pytest.mark.slow
-def test_demo_default_builds_under_a_minute(tmp_path):
-    import time
-
-    t0 = time.time()
+def test_demo_default_builds(tmp_path):
+    # Its build time is measured, not asserted: README and docs/data.md give the figure.
     proc = subprocess.run([sys.executable, MAKE_SHARDS, "demo", "--out", str(tmp_path / "d"), "--quiet"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert time.time() - t0 < 60
     index = S.load_index(str(tmp_path / "d"))
     assert index["splits"]["train"]["num_classes"] == 100 == index["splits"]["test"]["num_classes"]
 

@@ -177,6 +177,7 @@ def test_timm_checkpoint_with_classifier_and_other_size(tmp_path):
     torch.testing.assert_close(model.backbone.cls_token, timm_model.cls_token)
     torch.testing.assert_close(model.backbone.blocks[0].attn.qkv.weight, timm_model.blocks[0].attn.qkv.weight)
     assert model.backbone.pos_embed.shape[1] == 1 + 2 * 2  # resampled to the 32 px grid
+    assert "state_dict" not in model.backbone.pretrained_cfg  # timm's copy of the weights is freed
 
 
 def test_missing_file_and_mismatched_weights(tmp_path):
@@ -187,8 +188,10 @@ def test_missing_file_and_mismatched_weights(tmp_path):
 
     path = tmp_path / "resnet.pt"  # a CNN's weights offered to a ViT
     _save(create_model("test_resnet", embed_dim=16).backbone.state_dict(), path)
-    with pytest.raises(WeightsMismatchError, match=r"missing.*\n.*unexpected"):
+    # timm's strict load reports it (torch's wording: "Missing key(s)", "Unexpected key(s)").
+    with pytest.raises(WeightsMismatchError, match=r"(?i)missing key.*\n.*unexpected key") as info:
         create_model(**VIT, pretrained=str(path))
+    assert "resnet.pt" in str(info.value)
 
     path = tmp_path / "other_dim.pt"
     _save(create_model(**{**VIT, "embed_dim": 8}).state_dict(), path)
@@ -232,6 +235,19 @@ def test_open_clip_full_clip_checkpoint_and_round_trip(tmp_path):
     again = create_model(**OC_TINY, pretrained=str(whole)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), src(x), rtol=0, atol=0)
+
+
+def test_timm_file_with_classifier_still_loads_strictly(tmp_path):
+    """Dropping the classifier must not relax the load: a file lacking a backbone key is refused."""
+    import timm
+
+    state = timm.create_model("test_vit", num_classes=1000).state_dict()
+    del state["blocks.0.attn.qkv.weight"]
+    path = tmp_path / "partial.safetensors"
+    _save(state, path)
+    with pytest.raises(WeightsMismatchError, match=r"(?i)missing key.*blocks\.0\.attn\.qkv\.weight") as info:
+        create_model(**VIT, pretrained=str(path))
+    assert "partial.safetensors" in str(info.value)
 
 
 # --- hub weights while offline -----------------------------------------------------------

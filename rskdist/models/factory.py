@@ -10,6 +10,7 @@ Weight sources (`pretrained`):
   hub tag ("augreg_in21k" for timm, "openai"/"laion2b_s32b_b82k" for open_clip):
   downloaded via the Hugging Face Hub cache. Offline and not cached -> WeightsNotFoundError
   that says how to fetch the file elsewhere and pass it as a path.
+
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import shlex
+import textwrap
 import warnings
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch.nn as nn
 
 from .model import GeM, RetrievalModel
 from .weights import (
+    WeightsMismatchError,
     WeightsNotFoundError,
     hub_offline,
     is_unavailable_error,
@@ -64,8 +67,9 @@ def create_model(
             ("token", "avg", "max", "avgmax", ...).
         gem_p: GeM exponent (3 in the paper).
         image_size: input size the model is built for; None = the weights' native size.
-            ViTs resample their position embeddings (timm `set_input_size`, open_clip
-            `image_size`), CNNs take any size.
+            ViTs are built for it (timm `img_size` for models with a fixed input size,
+            open_clip `vision_cfg.image_size`) and loaded weights' position embeddings are
+            resampled to it; CNNs take any size.
         grad_checkpointing: checkpoint the backbone's blocks (recompute in backward).
         freeze_bn: keep BatchNorm layers in eval mode in training (see RetrievalModel).
         drop_path_rate: stochastic depth rate (timm backbones and timm-based open_clip towers).
@@ -132,9 +136,10 @@ def _build_timm(
     file_state = head_state = None
     file_meta: dict = {}
     hub_tag = None
+    from_hub = pretrained is not None and not looks_like_path(pretrained)
     source = "random init"
     if pretrained is not None:
-        if looks_like_path(pretrained):
+        if not from_hub:
             file_state, file_meta = read_state_dict(pretrained)
             file_state, head_state = split_retrieval_state(file_state)
             source = f"file {pretrained}"
@@ -145,6 +150,8 @@ def _build_timm(
                     f"backbone {name!r} names tag {tag!r} but pretrained={pretrained!r}; give the tag once"
                 )
     timm_name = f"{arch}.{hub_tag or tag}" if (hub_tag or tag) else arch
+    # None for architectures without registered weights; timm then uses PretrainedCfg() defaults.
+    tag_cfg = _timm_pretrained_cfg(arch, timm_name)
 
     if pool == "cls":
         pool = "token"  # timm's name for CLS-token pooling
@@ -153,30 +160,21 @@ def _build_timm(
         kwargs["drop_path_rate"] = drop_path_rate
     if pool not in ("auto", "gem"):
         kwargs["global_pool"] = pool
+    if image_size is not None and tag_cfg is not None and tag_cfg.fixed_input_size:
+        # timm's own rule: models marked fixed_input_size take img_size; building at the target
+        # size lets timm resample loaded position embeddings once, straight to this grid.
+        # Other models (CNNs) take any input size.
+        kwargs["img_size"] = image_size
     kwargs.update(backbone_kwargs)
 
-    if pretrained is not None and not looks_like_path(pretrained):
-        backbone = _timm_from_hub(arch, timm_name, kwargs)
+    if from_hub:
+        backbone = _timm_from_hub(arch, timm_name, tag_cfg, kwargs)
         source = f"hub {backbone.pretrained_cfg.get('hf_hub_id') or backbone.pretrained_cfg.get('url')}"
     else:
-        try:
-            backbone = timm.create_model(timm_name, pretrained=False, **kwargs)
-        except RuntimeError as err:
-            raise ValueError(f"cannot build timm model {timm_name!r}: {err}; "
-                             f"known tags: {timm.list_pretrained(arch + '.*')}") from err
-        except (TypeError, AssertionError) as err:
-            raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+        backbone = _timm_create(timm_name, kwargs, file_state, tag_cfg, source)
 
     cfg = dict(backbone.pretrained_cfg)
     native_size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    if image_size is not None and image_size != native_size:
-        if hasattr(backbone, "set_input_size"):
-            backbone.set_input_size(img_size=image_size)
-        elif cfg.get("fixed_input_size", False):
-            raise ValueError(
-                f"timm model {arch!r} needs {native_size} px inputs and cannot be resized "
-                f"to image_size={image_size}"
-            )
 
     # GeM replaces the model's own global pool only where that pool is a plain 2D pool
     # applied to the last feature map with nothing after it but the (removed) classifier.
@@ -203,10 +201,6 @@ def _build_timm(
             pool_name = "token (CLS)"
     feat_dim = backbone.num_features if use_gem else getattr(backbone, "head_hidden_size", backbone.num_features)
 
-    if file_state is not None:
-        file_state = _timm_filter(backbone, file_state, cfg)
-        load_strict(backbone, file_state, f"timm backbone {arch}", source)
-
     mean = tuple(file_meta.get("mean", cfg.get("mean", (0.485, 0.456, 0.406))))
     std = tuple(file_meta.get("std", cfg.get("std", (0.229, 0.224, 0.225))))
     model = RetrievalModel(
@@ -229,13 +223,72 @@ def _build_timm(
     return model
 
 
-def _timm_from_hub(arch: str, timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm_pretrained_cfg(arch: str, timm_name: str):
+    """timm's PretrainedCfg for a name (default tag if none), None if the architecture has none."""
     import timm
 
     try:
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-    except Exception:
-        cfg = None
+        return timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as err:  # a tag the architecture does not have
+        raise ValueError(f"cannot build timm model {timm_name!r}: {err}; "
+                         f"known tags: {timm.list_pretrained(arch + '.*')}") from err
+
+
+def _timm_create(
+    timm_name: str, kwargs: dict[str, Any], state: dict | None, tag_cfg, source: str
+) -> nn.Module:
+    """timm.create_model, loading `state` (a timm-layout backbone state dict) when given.
+
+    timm's pretrained loader does the adaptation: the model's own checkpoint_filter_fn
+    (original checkpoint layouts, position-embedding and patch-embedding resampling to
+    this model's size), then a strict load_state_dict (relaxed only where timm relaxes
+    it for that model). Only the classifier is dealt with here, see below.
+    """
+    import timm
+
+    overlay = None
+    if state is not None:
+        state = dict(state)
+        if kwargs.get("num_classes") == 0:
+            # The backbone has no classifier (num_classes=0), so drop one the file may carry
+            # (a plain timm checkpoint). Telling timm the state has none (classifier=None)
+            # keeps its load strict: timm drops a classifier itself only together with
+            # switching to strict=False, which would let a file with wrong keys load silently.
+            classifiers = getattr(tag_cfg, "classifier", None) or ()
+            for prefix in (classifiers,) if isinstance(classifiers, str) else classifiers:
+                state.pop(f"{prefix}.weight", None)
+                state.pop(f"{prefix}.bias", None)
+        overlay = dict(state_dict=state, classifier=None)
+    try:
+        backbone = timm.create_model(
+            timm_name, pretrained=state is not None, pretrained_cfg_overlay=overlay, **kwargs
+        )
+    except (TypeError, AssertionError) as err:
+        raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+    except RuntimeError as err:
+        if state is None:
+            raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+        # torch's load_state_dict error lists every key; one line per kind, cut for the log.
+        details = "\n".join(
+            "  " + textwrap.shorten(line.strip(), 500, placeholder=" ...") for line in str(err).splitlines()
+        )
+        raise WeightsMismatchError(
+            f"weights from {source} do not fit the timm backbone {timm_name} "
+            f"(timm's strict load after its checkpoint filter):\n{details}\n"
+            "  Check that the file was made for this backbone (same model name and backbone_kwargs). "
+            "python -m rskdist.models.fetch_weights writes a file in timm's layout."
+        ) from err
+    if state is not None:
+        # timm deep-copies the state dict into the model's pretrained_cfg (dataclasses.asdict):
+        # one extra copy of the weights while loading (ViT-L/16: +1.2 GB peak host memory),
+        # kept for the model's lifetime unless dropped here.
+        backbone.pretrained_cfg.pop("state_dict", None)
+    return backbone
+
+
+def _timm_from_hub(arch: str, timm_name: str, cfg, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ValueError(
             f"timm has no downloadable weights for {timm_name!r}; known tags: "
@@ -286,32 +339,6 @@ def _offline_message_timm(tagged: str, cfg, cause: str) -> str:
         f"Cause: {cause}",
     ]
     return "\n".join(lines)
-
-
-def _timm_filter(backbone: nn.Module, state: dict, cfg: dict) -> dict:
-    """Adapt a timm-format state dict the way timm's own pretrained loader does.
-
-    Each timm model module defines `checkpoint_filter_fn(state_dict, model)` (original
-    checkpoint layouts, position-embedding resampling to the model's size); then the
-    classifier is dropped because the backbone is built with num_classes=0.
-    """
-    import sys
-
-    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            state = filter_fn(dict(state), backbone)
-        except TypeError:
-            state = filter_fn(dict(state))
-    own = backbone.state_dict()
-    classifiers = cfg.get("classifier") or ()
-    if isinstance(classifiers, str):
-        classifiers = (classifiers,)
-    for prefix in classifiers:
-        for key in (f"{prefix}.weight", f"{prefix}.bias"):
-            if key in state and key not in own:
-                del state[key]
-    return state
 
 
 # ---------------------------------------------------------------------------------------

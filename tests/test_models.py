@@ -250,6 +250,66 @@ def test_timm_file_with_classifier_still_loads_strictly(tmp_path):
     assert "partial.safetensors" in str(info.value)
 
 
+def test_open_clip_weights_at_other_image_size(tmp_path):
+    """Pins _resample_open_clip_pos_embed (open_clip.model.resize_pos_embed, open_clip 3.3.0):
+    a tower saved at 64 px (2x2 grid + class token) loads into a 96 px tower (3x3 grid)."""
+    torch.manual_seed(1)
+    src = create_model(**OC_TINY)
+    path = tmp_path / "tower64.safetensors"
+    _save(src.backbone.state_dict(), path)
+    dst = create_model(**{**OC_TINY, "image_size": 96}, pretrained=str(path))
+    assert dst.image_size == 96
+    pos_src, pos_dst = src.backbone.positional_embedding, dst.backbone.positional_embedding
+    assert pos_src.shape[0] == 1 + 2 * 2 and pos_dst.shape[0] == 1 + 3 * 3
+    torch.testing.assert_close(pos_dst[0], pos_src[0], rtol=0, atol=0)  # class token kept as is
+    torch.testing.assert_close(dst.backbone.conv1.weight, src.backbone.conv1.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        assert dst(_images(1, 96)).shape == (1, 16)
+
+
+def test_open_clip_file_metadata_sets_quick_gelu_and_preprocessing(tmp_path):
+    """fetch_weights' metadata (open_clip tag, mean/std) selects QuickGELU and the preprocessing."""
+    from open_clip.transformer import QuickGELU
+    from safetensors.torch import save_file
+
+    tiny_b32 = dict(backbone="open_clip:ViT-B-32", image_size=64, embed_dim=16,
+                    backbone_kwargs={"layers": 1, "width": 64})
+    src = create_model(**tiny_b32)
+    assert not src.info["quick_gelu"] and not any(isinstance(m, QuickGELU) for m in src.modules())
+    meta = {"open_clip_tag": "openai", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    path = tmp_path / "b32.safetensors"
+    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(path),
+              metadata={"rskdist": json.dumps(meta)})
+    model = create_model(**tiny_b32, pretrained=str(path))
+    assert model.info["quick_gelu"] and any(isinstance(m, QuickGELU) for m in model.modules())
+    assert model.mean == (0.1, 0.2, 0.3) and model.std == (0.4, 0.5, 0.6)
+    assert model.interpolation == "bicubic" and model.image_size == 64
+    forced = create_model(**{**tiny_b32, "backbone_kwargs": {**tiny_b32["backbone_kwargs"], "quick_gelu": False}},
+                          pretrained=str(path))
+    assert not any(isinstance(m, QuickGELU) for m in forced.modules())
+
+
+def test_open_clip_timm_tower_drop_path_and_checkpointing():
+    # convnext_base's config has a timm trunk; test_vit replaces it to keep the test small.
+    model = create_model("open_clip:convnext_base", image_size=32, embed_dim=16, drop_path_rate=0.2,
+                         grad_checkpointing=True,
+                         backbone_kwargs={"timm_model_name": "test_vit", "timm_pool": "token"})
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+    assert model.grad_checkpointing and model.backbone.trunk.grad_checkpointing
+    assert model.image_size == 32
+    assert model.train()(_images(2, 32)).shape == (2, 16)
+
+
+def test_open_clip_tags_download_from_hf_hub():
+    """_open_clip_download relies on open_clip fetching every tag through huggingface_hub, so
+    HF_HUB_OFFLINE and its cache apply (a URL-only tag would go to urllib, which ignores both)."""
+    import open_clip
+
+    url_only = [(m, t) for m, t in open_clip.list_pretrained() if not open_clip.get_pretrained_cfg(m, t).get("hf_hub")]
+    assert not url_only
+
+
 # --- hub weights while offline -----------------------------------------------------------
 
 

@@ -11,11 +11,18 @@ Weight sources (`pretrained`):
   downloaded via the Hugging Face Hub cache. Offline and not cached -> WeightsNotFoundError
   that says how to fetch the file elsewhere and pass it as a path.
 
+Library routes (public entry points only, but one): a timm backbone is
+`timm.create_model(...)`, and file weights go through timm's own pretrained loader
+(`pretrained_cfg_overlay=dict(state_dict=...)`: the model's checkpoint filter, then a strict
+load). An open_clip tower is `open_clip.create_model(...).visual`, file weights loaded
+strictly into it; the one open_clip function that is not exported (position-embedding
+resampling) sits in `_resample_open_clip_pos_embed`, pinned by a test.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import shlex
 import textwrap
@@ -358,7 +365,6 @@ def _build_open_clip(
     backbone_kwargs: dict[str, Any],
 ) -> RetrievalModel:
     import open_clip
-    from open_clip.model import _build_vision_tower  # builds the image tower alone (no text tower)
     from open_clip.modified_resnet import ModifiedResNet
 
     if pool != "auto":
@@ -372,7 +378,8 @@ def _build_open_clip(
         raise ValueError(f"unknown open_clip model {name!r}; close matches: {close}")
     vision_cfg = dict(model_cfg["vision_cfg"])
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    preprocess: dict[str, Any] = {}
+    tag_cfg: dict[str, Any] = {}
+    meta: dict = {}
 
     state = head_state = None
     source = "random init"
@@ -389,15 +396,11 @@ def _build_open_clip(
                     f"choose one of {tags} (e.g. pretrained={tags[0] if tags else 'openai'!r})"
                 )
             path = _open_clip_download(name, pretrained, tag_cfg)
-            preprocess = dict(tag_cfg)
-            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
             source = f"hub {name}/{pretrained}"
         state, meta = read_state_dict(path)
         if meta.get("open_clip_tag"):
             tag_cfg = open_clip.get_pretrained_cfg(name, meta["open_clip_tag"])
-            preprocess = dict(tag_cfg)
-            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
-        preprocess.update({k: meta[k] for k in ("mean", "std") if k in meta})
+        quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
         state, head_state = split_retrieval_state(state)
         if head_state is None and any(k.startswith("visual.") for k in state):
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -416,35 +419,61 @@ def _build_open_clip(
         vision_cfg["timm_drop_path"] = drop_path_rate
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # weights come only from `pretrained`
+    # Preprocessing the weights expect: the tag's (from fetch_weights metadata or the hub tag),
+    # then mean/std stored in the file; open_clip merges them over its defaults (OpenAI mean/std).
+    preprocess = {**tag_cfg, **{k: meta[k] for k in ("mean", "std") if k in meta}}
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_hide_random_init_notice)
     try:
-        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
+        # open_clip's public builder makes the whole CLIP model; only the image tower is kept.
+        # The text tower costs build time and memory once (ViT-L-14: 123M of 428M parameters,
+        # ~0.5 GB while building) and is freed on return. The vision_cfg keyword replaces the
+        # config's whole vision_cfg (so image_size is set there, not via force_image_size);
+        # pretrained_text=False keeps Hugging Face text towers from downloading weights.
+        clip = open_clip.create_model(
+            name,
+            pretrained=None,
+            pretrained_text=False,
+            force_preprocess_cfg=preprocess,
+            vision_cfg=vision_cfg,
+            quick_gelu=quick_gelu,
+        )
     except TypeError as err:
         raise ValueError(f"cannot build open_clip tower {name!r} with {overrides}: {err}") from err
+    except (RuntimeError, OSError) as err:
+        raise ValueError(
+            f"cannot build open_clip model {name!r}: {err}. The whole CLIP model is built to get its "
+            "image tower, so a config with a Hugging Face text tower (roberta, xlm-roberta, mt5, nllb) "
+            "needs `transformers` and, offline, that text model's config in the Hugging Face cache."
+        ) from err
+    finally:
+        root_logger.removeFilter(_hide_random_init_notice)
 
     if state is not None:
-        _resize_open_clip_pos_embed(state, visual)
-        load_strict(visual, state, f"open_clip visual tower {name}", source)
+        _resample_open_clip_pos_embed(state, clip)
+        load_strict(clip.visual, state, f"open_clip visual tower {name}", source)
 
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    size = vision_cfg.get("image_size", 224)
+    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    size = preprocess["size"]  # the tower's image size, int or (h, w)
     size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+    visual = clip.visual
     model = RetrievalModel(
         visual,
         feat_dim=int(model_cfg["embed_dim"]),
         embed_dim=embed_dim,
         pool=nn.Identity(),
         freeze_bn=freeze_bn,
-        mean=preprocess.get("mean", OPENAI_DATASET_MEAN),
-        std=preprocess.get("std", OPENAI_DATASET_STD),
+        mean=preprocess["mean"],
+        std=preprocess["std"],
         image_size=size,
-        interpolation=preprocess.get("interpolation", "bicubic"),
+        interpolation=preprocess["interpolation"],
         info=dict(
             backbone=f"{OPEN_CLIP_PREFIX}{name}",
             library="open_clip",
             weights=source,
             pool="open_clip tower output (projected)",
             quick_gelu=quick_gelu,
+            # ModifiedResNet.set_grad_checkpointing exists but does nothing.
             supports_grad_checkpointing=not isinstance(visual, ModifiedResNet),
         ),
     )
@@ -456,15 +485,41 @@ def _build_open_clip(
     return model
 
 
+def _hide_random_init_notice(record: logging.LogRecord) -> bool:
+    """Root-logger filter for open_clip.create_model(pretrained=None)'s warning "Model
+    initialized randomly": the weights are loaded into the tower right after, and
+    describe() reports where they came from."""
+    return "initialized randomly" not in record.getMessage()
+
+
+def _resample_open_clip_pos_embed(state: dict, clip: nn.Module) -> None:
+    """Resample a native open_clip ViT's position embeddings (in `state`, the visual tower's
+    keys) to the grid of `clip.visual`, for weights saved at another image size.
+
+    This is the one call into open_clip without a public route: `open_clip.model.resize_pos_embed`
+    is what open_clip's own load_checkpoint uses, but it is not exported at the package top
+    level, and load_checkpoint itself loads a whole CLIP state dict from a file. Pinned by
+    tests/test_models.py::test_open_clip_weights_at_other_image_size.
+    """
+    from open_clip.model import resize_pos_embed
+
+    if "positional_embedding" not in state:
+        return
+    clip_state = {"visual.positional_embedding": state["positional_embedding"]}
+    resize_pos_embed(clip_state, clip)  # in place; no-op for timm towers and ResNets (no grid_size)
+    state["positional_embedding"] = clip_state["visual.positional_embedding"]
+
+
 def _open_clip_download(name: str, tag: str, tag_cfg: dict) -> str:
+    """Path of a tag's weights file, downloaded into open_clip's cache if not there yet.
+
+    open_clip fetches every tag it knows from the Hugging Face Hub (when huggingface_hub is
+    installed, which it requires), so HF_HUB_OFFLINE applies and the cache location is
+    huggingface_hub's; test_open_clip_tags_download_from_hf_hub pins that for the installed
+    open_clip.
+    """
     import open_clip
 
-    hf_hub = tag_cfg.get("hf_hub", "")
-    url = tag_cfg.get("url", "")
-    if hub_offline() and not hf_hub:
-        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if not os.path.isfile(cached):  # urllib ignores HF_HUB_OFFLINE; do not try the network
-            raise WeightsNotFoundError(_offline_message_open_clip(name, tag, tag_cfg, "HF_HUB_OFFLINE is set"))
     try:
         path = open_clip.download_pretrained(tag_cfg)
     except Exception as err:
@@ -508,19 +563,6 @@ def _offline_message_open_clip(name: str, tag: str, tag_cfg: dict, cause: str) -
         )
     lines.append(f"Cause: {cause}")
     return "\n".join(lines)
-
-
-def _resize_open_clip_pos_embed(state: dict, visual: nn.Module) -> None:
-    """Resample a native open_clip ViT's position embeddings to the tower's grid."""
-    from types import SimpleNamespace
-
-    from open_clip.model import resize_pos_embed
-
-    if "positional_embedding" not in state or not hasattr(visual, "grid_size"):
-        return
-    wrapped = {"visual.positional_embedding": state["positional_embedding"]}
-    resize_pos_embed(wrapped, SimpleNamespace(visual=visual))
-    state["positional_embedding"] = wrapped["visual.positional_embedding"]
 
 
 __all__ = ["OPEN_CLIP_PREFIX", "create_model"]

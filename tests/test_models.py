@@ -310,6 +310,17 @@ def test_open_clip_tags_download_from_hf_hub():
     assert not url_only
 
 
+def test_weights_module_does_not_import_model_libraries():
+    """The config module imports looks_like_path at start-up: no timm/open_clip import there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rskdist.models.weights import looks_like_path; "
+            "print(sorted(m for m in ('timm', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # --- hub weights while offline -----------------------------------------------------------
 
 

@@ -289,6 +289,12 @@ def test_open_clip_file_metadata_sets_quick_gelu_and_preprocessing(tmp_path):
     assert not any(isinstance(m, QuickGELU) for m in forced.modules())
 
 
+def test_open_clip_tower_builds_on_meta_device():
+    """Config checks build architectures on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        model = create_model(**OC_TINY)
+    assert all(p.is_meta for p in model.parameters())
+
 def test_open_clip_timm_tower_drop_path_and_checkpointing():
     # convnext_base's config has a timm trunk; test_vit replaces it to keep the test small.
     model = create_model("open_clip:convnext_base", image_size=32, embed_dim=16, drop_path_rate=0.2,

@@ -29,6 +29,7 @@ import textwrap
 import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .model import GeM, RetrievalModel
@@ -430,9 +431,12 @@ def _build_open_clip(
         # ~0.5 GB while building) and is freed on return. The vision_cfg keyword replaces the
         # config's whole vision_cfg (so image_size is set there, not via force_image_size);
         # pretrained_text=False keeps Hugging Face text towers from downloading weights.
+        # create_model ends with model.to(device): pass torch's current default device so the
+        # tower stays where it was built (meta under `with torch.device("meta")`, CPU otherwise).
         clip = open_clip.create_model(
             name,
             pretrained=None,
+            device=torch.get_default_device(),
             pretrained_text=False,
             force_preprocess_cfg=preprocess,
             vision_cfg=vision_cfg,

@@ -177,6 +177,7 @@ def test_timm_checkpoint_with_classifier_and_other_size(tmp_path):
     torch.testing.assert_close(model.backbone.cls_token, timm_model.cls_token)
     torch.testing.assert_close(model.backbone.blocks[0].attn.qkv.weight, timm_model.blocks[0].attn.qkv.weight)
     assert model.backbone.pos_embed.shape[1] == 1 + 2 * 2  # resampled to the 32 px grid
+    assert "state_dict" not in model.backbone.pretrained_cfg  # timm's copy of the weights is freed
 
 
 def test_missing_file_and_mismatched_weights(tmp_path):
@@ -187,8 +188,10 @@ def test_missing_file_and_mismatched_weights(tmp_path):
 
     path = tmp_path / "resnet.pt"  # a CNN's weights offered to a ViT
     _save(create_model("test_resnet", embed_dim=16).backbone.state_dict(), path)
-    with pytest.raises(WeightsMismatchError, match=r"missing.*\n.*unexpected"):
+    # timm's strict load reports it (torch's wording: "Missing key(s)", "Unexpected key(s)").
+    with pytest.raises(WeightsMismatchError, match=r"(?i)missing key.*\n.*unexpected key") as info:
         create_model(**VIT, pretrained=str(path))
+    assert "resnet.pt" in str(info.value)
 
     path = tmp_path / "other_dim.pt"
     _save(create_model(**{**VIT, "embed_dim": 8}).state_dict(), path)
@@ -232,6 +235,96 @@ def test_open_clip_full_clip_checkpoint_and_round_trip(tmp_path):
     again = create_model(**OC_TINY, pretrained=str(whole)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), src(x), rtol=0, atol=0)
+
+
+def test_timm_file_with_classifier_still_loads_strictly(tmp_path):
+    """Dropping the classifier must not relax the load: a file lacking a backbone key is refused."""
+    import timm
+
+    state = timm.create_model("test_vit", num_classes=1000).state_dict()
+    del state["blocks.0.attn.qkv.weight"]
+    path = tmp_path / "partial.safetensors"
+    _save(state, path)
+    with pytest.raises(WeightsMismatchError, match=r"(?i)missing key.*blocks\.0\.attn\.qkv\.weight") as info:
+        create_model(**VIT, pretrained=str(path))
+    assert "partial.safetensors" in str(info.value)
+
+
+def test_open_clip_weights_at_other_image_size(tmp_path):
+    """Pins _resample_open_clip_pos_embed (open_clip.model.resize_pos_embed, open_clip 3.3.0):
+    a tower saved at 64 px (2x2 grid + class token) loads into a 96 px tower (3x3 grid)."""
+    torch.manual_seed(1)
+    src = create_model(**OC_TINY)
+    path = tmp_path / "tower64.safetensors"
+    _save(src.backbone.state_dict(), path)
+    dst = create_model(**{**OC_TINY, "image_size": 96}, pretrained=str(path))
+    assert dst.image_size == 96
+    pos_src, pos_dst = src.backbone.positional_embedding, dst.backbone.positional_embedding
+    assert pos_src.shape[0] == 1 + 2 * 2 and pos_dst.shape[0] == 1 + 3 * 3
+    torch.testing.assert_close(pos_dst[0], pos_src[0], rtol=0, atol=0)  # class token kept as is
+    torch.testing.assert_close(dst.backbone.conv1.weight, src.backbone.conv1.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        assert dst(_images(1, 96)).shape == (1, 16)
+
+
+def test_open_clip_file_metadata_sets_quick_gelu_and_preprocessing(tmp_path):
+    """fetch_weights' metadata (open_clip tag, mean/std) selects QuickGELU and the preprocessing."""
+    from open_clip.transformer import QuickGELU
+    from safetensors.torch import save_file
+
+    tiny_b32 = dict(backbone="open_clip:ViT-B-32", image_size=64, embed_dim=16,
+                    backbone_kwargs={"layers": 1, "width": 64})
+    src = create_model(**tiny_b32)
+    assert not src.info["quick_gelu"] and not any(isinstance(m, QuickGELU) for m in src.modules())
+    meta = {"open_clip_tag": "openai", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    path = tmp_path / "b32.safetensors"
+    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(path),
+              metadata={"rskdist": json.dumps(meta)})
+    model = create_model(**tiny_b32, pretrained=str(path))
+    assert model.info["quick_gelu"] and any(isinstance(m, QuickGELU) for m in model.modules())
+    assert model.mean == (0.1, 0.2, 0.3) and model.std == (0.4, 0.5, 0.6)
+    assert model.interpolation == "bicubic" and model.image_size == 64
+    forced = create_model(**{**tiny_b32, "backbone_kwargs": {**tiny_b32["backbone_kwargs"], "quick_gelu": False}},
+                          pretrained=str(path))
+    assert not any(isinstance(m, QuickGELU) for m in forced.modules())
+
+
+def test_open_clip_tower_builds_on_meta_device():
+    """Config checks build architectures on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        model = create_model(**OC_TINY)
+    assert all(p.is_meta for p in model.parameters())
+
+def test_open_clip_timm_tower_drop_path_and_checkpointing():
+    # convnext_base's config has a timm trunk; test_vit replaces it to keep the test small.
+    model = create_model("open_clip:convnext_base", image_size=32, embed_dim=16, drop_path_rate=0.2,
+                         grad_checkpointing=True,
+                         backbone_kwargs={"timm_model_name": "test_vit", "timm_pool": "token"})
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+    assert model.grad_checkpointing and model.backbone.trunk.grad_checkpointing
+    assert model.image_size == 32
+    assert model.train()(_images(2, 32)).shape == (2, 16)
+
+
+def test_open_clip_tags_download_from_hf_hub():
+    """_open_clip_download relies on open_clip fetching every tag through huggingface_hub, so
+    HF_HUB_OFFLINE and its cache apply (a URL-only tag would go to urllib, which ignores both)."""
+    import open_clip
+
+    url_only = [(m, t) for m, t in open_clip.list_pretrained() if not open_clip.get_pretrained_cfg(m, t).get("hf_hub")]
+    assert not url_only
+
+
+def test_weights_module_does_not_import_model_libraries():
+    """The config module imports looks_like_path at start-up: no timm/open_clip import there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rskdist.models.weights import looks_like_path; "
+            "print(sorted(m for m in ('timm', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- hub weights while offline -----------------------------------------------------------

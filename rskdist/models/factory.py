@@ -10,20 +10,31 @@ Weight sources (`pretrained`):
   hub tag ("augreg_in21k" for timm, "openai"/"laion2b_s32b_b82k" for open_clip):
   downloaded via the Hugging Face Hub cache. Offline and not cached -> WeightsNotFoundError
   that says how to fetch the file elsewhere and pass it as a path.
+
+Library routes (public entry points only, but one): a timm backbone is
+`timm.create_model(...)`, and file weights go through timm's own pretrained loader
+(`pretrained_cfg_overlay=dict(state_dict=...)`: the model's checkpoint filter, then a strict
+load). An open_clip tower is `open_clip.create_model(...).visual`, file weights loaded
+strictly into it; the one open_clip function that is not exported (position-embedding
+resampling) sits in `_resample_open_clip_pos_embed`, pinned by a test.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import shlex
+import textwrap
 import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .model import GeM, RetrievalModel
 from .weights import (
+    WeightsMismatchError,
     WeightsNotFoundError,
     hub_offline,
     is_unavailable_error,
@@ -64,8 +75,9 @@ def create_model(
             ("token", "avg", "max", "avgmax", ...).
         gem_p: GeM exponent (3 in the paper).
         image_size: input size the model is built for; None = the weights' native size.
-            ViTs resample their position embeddings (timm `set_input_size`, open_clip
-            `image_size`), CNNs take any size.
+            ViTs are built for it (timm `img_size` for models with a fixed input size,
+            open_clip `vision_cfg.image_size`) and loaded weights' position embeddings are
+            resampled to it; CNNs take any size.
         grad_checkpointing: checkpoint the backbone's blocks (recompute in backward).
         freeze_bn: keep BatchNorm layers in eval mode in training (see RetrievalModel).
         drop_path_rate: stochastic depth rate (timm backbones and timm-based open_clip towers).
@@ -132,9 +144,10 @@ def _build_timm(
     file_state = head_state = None
     file_meta: dict = {}
     hub_tag = None
+    from_hub = pretrained is not None and not looks_like_path(pretrained)
     source = "random init"
     if pretrained is not None:
-        if looks_like_path(pretrained):
+        if not from_hub:
             file_state, file_meta = read_state_dict(pretrained)
             file_state, head_state = split_retrieval_state(file_state)
             source = f"file {pretrained}"
@@ -145,6 +158,8 @@ def _build_timm(
                     f"backbone {name!r} names tag {tag!r} but pretrained={pretrained!r}; give the tag once"
                 )
     timm_name = f"{arch}.{hub_tag or tag}" if (hub_tag or tag) else arch
+    # None for architectures without registered weights; timm then uses PretrainedCfg() defaults.
+    tag_cfg = _timm_pretrained_cfg(arch, timm_name)
 
     if pool == "cls":
         pool = "token"  # timm's name for CLS-token pooling
@@ -153,30 +168,21 @@ def _build_timm(
         kwargs["drop_path_rate"] = drop_path_rate
     if pool not in ("auto", "gem"):
         kwargs["global_pool"] = pool
+    if image_size is not None and tag_cfg is not None and tag_cfg.fixed_input_size:
+        # timm's own rule: models marked fixed_input_size take img_size; building at the target
+        # size lets timm resample loaded position embeddings once, straight to this grid.
+        # Other models (CNNs) take any input size.
+        kwargs["img_size"] = image_size
     kwargs.update(backbone_kwargs)
 
-    if pretrained is not None and not looks_like_path(pretrained):
-        backbone = _timm_from_hub(arch, timm_name, kwargs)
+    if from_hub:
+        backbone = _timm_from_hub(arch, timm_name, tag_cfg, kwargs)
         source = f"hub {backbone.pretrained_cfg.get('hf_hub_id') or backbone.pretrained_cfg.get('url')}"
     else:
-        try:
-            backbone = timm.create_model(timm_name, pretrained=False, **kwargs)
-        except RuntimeError as err:
-            raise ValueError(f"cannot build timm model {timm_name!r}: {err}; "
-                             f"known tags: {timm.list_pretrained(arch + '.*')}") from err
-        except (TypeError, AssertionError) as err:
-            raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+        backbone = _timm_create(timm_name, kwargs, file_state, tag_cfg, source)
 
     cfg = dict(backbone.pretrained_cfg)
     native_size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    if image_size is not None and image_size != native_size:
-        if hasattr(backbone, "set_input_size"):
-            backbone.set_input_size(img_size=image_size)
-        elif cfg.get("fixed_input_size", False):
-            raise ValueError(
-                f"timm model {arch!r} needs {native_size} px inputs and cannot be resized "
-                f"to image_size={image_size}"
-            )
 
     # GeM replaces the model's own global pool only where that pool is a plain 2D pool
     # applied to the last feature map with nothing after it but the (removed) classifier.
@@ -203,10 +209,6 @@ def _build_timm(
             pool_name = "token (CLS)"
     feat_dim = backbone.num_features if use_gem else getattr(backbone, "head_hidden_size", backbone.num_features)
 
-    if file_state is not None:
-        file_state = _timm_filter(backbone, file_state, cfg)
-        load_strict(backbone, file_state, f"timm backbone {arch}", source)
-
     mean = tuple(file_meta.get("mean", cfg.get("mean", (0.485, 0.456, 0.406))))
     std = tuple(file_meta.get("std", cfg.get("std", (0.229, 0.224, 0.225))))
     model = RetrievalModel(
@@ -229,13 +231,72 @@ def _build_timm(
     return model
 
 
-def _timm_from_hub(arch: str, timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm_pretrained_cfg(arch: str, timm_name: str):
+    """timm's PretrainedCfg for a name (default tag if none), None if the architecture has none."""
     import timm
 
     try:
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-    except Exception:
-        cfg = None
+        return timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as err:  # a tag the architecture does not have
+        raise ValueError(f"cannot build timm model {timm_name!r}: {err}; "
+                         f"known tags: {timm.list_pretrained(arch + '.*')}") from err
+
+
+def _timm_create(
+    timm_name: str, kwargs: dict[str, Any], state: dict | None, tag_cfg, source: str
+) -> nn.Module:
+    """timm.create_model, loading `state` (a timm-layout backbone state dict) when given.
+
+    timm's pretrained loader does the adaptation: the model's own checkpoint_filter_fn
+    (original checkpoint layouts, position-embedding and patch-embedding resampling to
+    this model's size), then a strict load_state_dict (relaxed only where timm relaxes
+    it for that model). Only the classifier is dealt with here, see below.
+    """
+    import timm
+
+    overlay = None
+    if state is not None:
+        state = dict(state)
+        if kwargs.get("num_classes") == 0:
+            # The backbone has no classifier (num_classes=0), so drop one the file may carry
+            # (a plain timm checkpoint). Telling timm the state has none (classifier=None)
+            # keeps its load strict: timm drops a classifier itself only together with
+            # switching to strict=False, which would let a file with wrong keys load silently.
+            classifiers = getattr(tag_cfg, "classifier", None) or ()
+            for prefix in (classifiers,) if isinstance(classifiers, str) else classifiers:
+                state.pop(f"{prefix}.weight", None)
+                state.pop(f"{prefix}.bias", None)
+        overlay = dict(state_dict=state, classifier=None)
+    try:
+        backbone = timm.create_model(
+            timm_name, pretrained=state is not None, pretrained_cfg_overlay=overlay, **kwargs
+        )
+    except (TypeError, AssertionError) as err:
+        raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+    except RuntimeError as err:
+        if state is None:
+            raise ValueError(f"cannot build timm model {timm_name!r} with {kwargs}: {err}") from err
+        # torch's load_state_dict error lists every key; one line per kind, cut for the log.
+        details = "\n".join(
+            "  " + textwrap.shorten(line.strip(), 500, placeholder=" ...") for line in str(err).splitlines()
+        )
+        raise WeightsMismatchError(
+            f"weights from {source} do not fit the timm backbone {timm_name} "
+            f"(timm's strict load after its checkpoint filter):\n{details}\n"
+            "  Check that the file was made for this backbone (same model name and backbone_kwargs). "
+            "python -m rskdist.models.fetch_weights writes a file in timm's layout."
+        ) from err
+    if state is not None:
+        # timm deep-copies the state dict into the model's pretrained_cfg (dataclasses.asdict):
+        # one extra copy of the weights while loading (ViT-L/16: +1.2 GB peak host memory),
+        # kept for the model's lifetime unless dropped here.
+        backbone.pretrained_cfg.pop("state_dict", None)
+    return backbone
+
+
+def _timm_from_hub(arch: str, timm_name: str, cfg, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ValueError(
             f"timm has no downloadable weights for {timm_name!r}; known tags: "
@@ -288,32 +349,6 @@ def _offline_message_timm(tagged: str, cfg, cause: str) -> str:
     return "\n".join(lines)
 
 
-def _timm_filter(backbone: nn.Module, state: dict, cfg: dict) -> dict:
-    """Adapt a timm-format state dict the way timm's own pretrained loader does.
-
-    Each timm model module defines `checkpoint_filter_fn(state_dict, model)` (original
-    checkpoint layouts, position-embedding resampling to the model's size); then the
-    classifier is dropped because the backbone is built with num_classes=0.
-    """
-    import sys
-
-    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            state = filter_fn(dict(state), backbone)
-        except TypeError:
-            state = filter_fn(dict(state))
-    own = backbone.state_dict()
-    classifiers = cfg.get("classifier") or ()
-    if isinstance(classifiers, str):
-        classifiers = (classifiers,)
-    for prefix in classifiers:
-        for key in (f"{prefix}.weight", f"{prefix}.bias"):
-            if key in state and key not in own:
-                del state[key]
-    return state
-
-
 # ---------------------------------------------------------------------------------------
 # open_clip
 
@@ -331,7 +366,6 @@ def _build_open_clip(
     backbone_kwargs: dict[str, Any],
 ) -> RetrievalModel:
     import open_clip
-    from open_clip.model import _build_vision_tower  # builds the image tower alone (no text tower)
     from open_clip.modified_resnet import ModifiedResNet
 
     if pool != "auto":
@@ -345,7 +379,8 @@ def _build_open_clip(
         raise ValueError(f"unknown open_clip model {name!r}; close matches: {close}")
     vision_cfg = dict(model_cfg["vision_cfg"])
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    preprocess: dict[str, Any] = {}
+    tag_cfg: dict[str, Any] = {}
+    meta: dict = {}
 
     state = head_state = None
     source = "random init"
@@ -362,15 +397,11 @@ def _build_open_clip(
                     f"choose one of {tags} (e.g. pretrained={tags[0] if tags else 'openai'!r})"
                 )
             path = _open_clip_download(name, pretrained, tag_cfg)
-            preprocess = dict(tag_cfg)
-            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
             source = f"hub {name}/{pretrained}"
         state, meta = read_state_dict(path)
         if meta.get("open_clip_tag"):
             tag_cfg = open_clip.get_pretrained_cfg(name, meta["open_clip_tag"])
-            preprocess = dict(tag_cfg)
-            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
-        preprocess.update({k: meta[k] for k in ("mean", "std") if k in meta})
+        quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
         state, head_state = split_retrieval_state(state)
         if head_state is None and any(k.startswith("visual.") for k in state):
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -389,35 +420,64 @@ def _build_open_clip(
         vision_cfg["timm_drop_path"] = drop_path_rate
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # weights come only from `pretrained`
+    # Preprocessing the weights expect: the tag's (from fetch_weights metadata or the hub tag),
+    # then mean/std stored in the file; open_clip merges them over its defaults (OpenAI mean/std).
+    preprocess = {**tag_cfg, **{k: meta[k] for k in ("mean", "std") if k in meta}}
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_hide_random_init_notice)
     try:
-        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
+        # open_clip's public builder makes the whole CLIP model; only the image tower is kept.
+        # The text tower costs build time and memory once (ViT-L-14: 123M of 428M parameters,
+        # ~0.5 GB while building) and is freed on return. The vision_cfg keyword replaces the
+        # config's whole vision_cfg (so image_size is set there, not via force_image_size);
+        # pretrained_text=False keeps Hugging Face text towers from downloading weights.
+        # create_model ends with model.to(device): pass torch's current default device so the
+        # tower stays where it was built (meta under `with torch.device("meta")`, CPU otherwise).
+        clip = open_clip.create_model(
+            name,
+            pretrained=None,
+            device=torch.get_default_device(),
+            pretrained_text=False,
+            force_preprocess_cfg=preprocess,
+            vision_cfg=vision_cfg,
+            quick_gelu=quick_gelu,
+        )
     except TypeError as err:
         raise ValueError(f"cannot build open_clip tower {name!r} with {overrides}: {err}") from err
+    except (RuntimeError, OSError) as err:
+        raise ValueError(
+            f"cannot build open_clip model {name!r}: {err}. The whole CLIP model is built to get its "
+            "image tower, so a config with a Hugging Face text tower (roberta, xlm-roberta, mt5, nllb) "
+            "needs `transformers` and, offline, that text model's config in the Hugging Face cache."
+        ) from err
+    finally:
+        root_logger.removeFilter(_hide_random_init_notice)
 
     if state is not None:
-        _resize_open_clip_pos_embed(state, visual)
-        load_strict(visual, state, f"open_clip visual tower {name}", source)
+        _resample_open_clip_pos_embed(state, clip)
+        load_strict(clip.visual, state, f"open_clip visual tower {name}", source)
 
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    size = vision_cfg.get("image_size", 224)
+    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    size = preprocess["size"]  # the tower's image size, int or (h, w)
     size = int(size[-1] if isinstance(size, (tuple, list)) else size)
+    visual = clip.visual
     model = RetrievalModel(
         visual,
         feat_dim=int(model_cfg["embed_dim"]),
         embed_dim=embed_dim,
         pool=nn.Identity(),
         freeze_bn=freeze_bn,
-        mean=preprocess.get("mean", OPENAI_DATASET_MEAN),
-        std=preprocess.get("std", OPENAI_DATASET_STD),
+        mean=preprocess["mean"],
+        std=preprocess["std"],
         image_size=size,
-        interpolation=preprocess.get("interpolation", "bicubic"),
+        interpolation=preprocess["interpolation"],
         info=dict(
             backbone=f"{OPEN_CLIP_PREFIX}{name}",
             library="open_clip",
             weights=source,
             pool="open_clip tower output (projected)",
             quick_gelu=quick_gelu,
+            # ModifiedResNet.set_grad_checkpointing exists but does nothing.
             supports_grad_checkpointing=not isinstance(visual, ModifiedResNet),
         ),
     )
@@ -429,15 +489,41 @@ def _build_open_clip(
     return model
 
 
+def _hide_random_init_notice(record: logging.LogRecord) -> bool:
+    """Root-logger filter for open_clip.create_model(pretrained=None)'s warning "Model
+    initialized randomly": the weights are loaded into the tower right after, and
+    describe() reports where they came from."""
+    return "initialized randomly" not in record.getMessage()
+
+
+def _resample_open_clip_pos_embed(state: dict, clip: nn.Module) -> None:
+    """Resample a native open_clip ViT's position embeddings (in `state`, the visual tower's
+    keys) to the grid of `clip.visual`, for weights saved at another image size.
+
+    This is the one call into open_clip without a public route: `open_clip.model.resize_pos_embed`
+    is what open_clip's own load_checkpoint uses, but it is not exported at the package top
+    level, and load_checkpoint itself loads a whole CLIP state dict from a file. Pinned by
+    tests/test_models.py::test_open_clip_weights_at_other_image_size.
+    """
+    from open_clip.model import resize_pos_embed
+
+    if "positional_embedding" not in state:
+        return
+    clip_state = {"visual.positional_embedding": state["positional_embedding"]}
+    resize_pos_embed(clip_state, clip)  # in place; no-op for timm towers and ResNets (no grid_size)
+    state["positional_embedding"] = clip_state["visual.positional_embedding"]
+
+
 def _open_clip_download(name: str, tag: str, tag_cfg: dict) -> str:
+    """Path of a tag's weights file, downloaded into open_clip's cache if not there yet.
+
+    open_clip fetches every tag it knows from the Hugging Face Hub (when huggingface_hub is
+    installed, which it requires), so HF_HUB_OFFLINE applies and the cache location is
+    huggingface_hub's; test_open_clip_tags_download_from_hf_hub pins that for the installed
+    open_clip.
+    """
     import open_clip
 
-    hf_hub = tag_cfg.get("hf_hub", "")
-    url = tag_cfg.get("url", "")
-    if hub_offline() and not hf_hub:
-        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if not os.path.isfile(cached):  # urllib ignores HF_HUB_OFFLINE; do not try the network
-            raise WeightsNotFoundError(_offline_message_open_clip(name, tag, tag_cfg, "HF_HUB_OFFLINE is set"))
     try:
         path = open_clip.download_pretrained(tag_cfg)
     except Exception as err:
@@ -481,19 +567,6 @@ def _offline_message_open_clip(name: str, tag: str, tag_cfg: dict, cause: str) -
         )
     lines.append(f"Cause: {cause}")
     return "\n".join(lines)
-
-
-def _resize_open_clip_pos_embed(state: dict, visual: nn.Module) -> None:
-    """Resample a native open_clip ViT's position embeddings to the tower's grid."""
-    from types import SimpleNamespace
-
-    from open_clip.model import resize_pos_embed
-
-    if "positional_embedding" not in state or not hasattr(visual, "grid_size"):
-        return
-    wrapped = {"visual.positional_embedding": state["positional_embedding"]}
-    resize_pos_embed(wrapped, SimpleNamespace(visual=visual))
-    state["positional_embedding"] = wrapped["visual.positional_embedding"]
 
 
 __all__ = ["OPEN_CLIP_PREFIX", "create_model"]

@@ -130,15 +130,6 @@ class RetrievalModel(nn.Module):
         fn(enable)
         self.grad_checkpointing = bool(enable)
 
-    def data_config(self) -> dict[str, Any]:
-        """Preprocessing the weights expect: mean, std, image_size, interpolation."""
-        return {
-            "mean": self.mean,
-            "std": self.std,
-            "image_size": self.image_size,
-            "interpolation": self.interpolation,
-        }
-
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared tensors counted once)."""

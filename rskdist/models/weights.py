@@ -170,15 +170,14 @@ def load_strict(
 
 def hub_offline() -> bool:
     """True when Hugging Face Hub access is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    # huggingface_hub (required by timm and open_clip) reads the variables once, at its import;
+    # the environment is checked too for a variable set later in the process.
+    from huggingface_hub import constants
+
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def is_unavailable_error(err: BaseException) -> bool:

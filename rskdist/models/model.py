@@ -53,7 +53,7 @@ class RetrievalModel(nn.Module):
             so running statistics never change and the two-pass step (forward without
             grad, then recompute with grad) sees identical normalisation. The BN affine
             weights stay trainable (frozen parameters have crashed ZeRO-3 with
-            non-reentrant checkpointing, see ENVIRONMENT.md).
+            non-reentrant activation checkpointing upstream: "saved [1024] vs recomputed [0]").
         mean, std, image_size, interpolation: preprocessing the weights expect, for the
             data pipeline.
         info: free-form facts for `describe()` (backbone name, weight source, pooling).

@@ -6,14 +6,16 @@
         --world-size 32 --chunk-size 256 --zero-stage 2 --precision bf16 --grad-checkpointing
 
 With --config, the setup comes from the experiment config (and its overrides); flags
-given explicitly win. The parts (runtime, params, grads, optimizer, activations,
-images, loss) are explained in rskdist/parallel/memory.py.
+given explicitly win. `total_mb` is the largest phase (`peak_phase`: build, flatten,
+partition, backward, step); every part (`*_mb`) and phase total (`phase_*_mb`) is printed
+and explained in rskdist/parallel/memory.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,7 +71,15 @@ def main(argv=None) -> int:
         print(f"error: global batch {setup['global_batch']} is not divisible by world size {setup['world_size']}",
               file=sys.stderr)
         return 2
-    est = estimate_memory(**setup)
+    # The bucket sizes come from the DeepSpeed config the trainer would generate (deepspeed.extra included).
+    from rskdist.trainer import deepspeed_config
+
+    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = setup["zero_stage"], setup["precision"]
+    local_batch = setup["global_batch"] // setup["world_size"]
+    ds_config = deepspeed_config(cfg, chunk_size=setup["chunk_size"],
+                                 num_chunks=math.ceil(local_batch / setup["chunk_size"]),
+                                 world_size=setup["world_size"])
+    est = estimate_memory(**setup, deepspeed_config=ds_config)
     print(json.dumps({**{k: v for k, v in setup.items() if k != "backbone_kwargs"}, **est.as_dict()}))
     return 0
 

@@ -345,7 +345,7 @@ class Trainer:
             result = two_pass_step(
                 self.engine, images, labels, loss_fn=make_loss_fn(cfg.loss, seed=cfg.run.seed, step=self.step, group=self._group), chunk_size=cfg.data.chunk_size,
                 world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
-                input_dtype=self.input_dtype, device=ctx.device,
+                input_dtype=self.input_dtype, device=ctx.device, group=self._group,
             )
             self.step += 1
             step_seconds = time.perf_counter() - t0

@@ -76,6 +76,24 @@ def test_missing_files_are_reported_before_start(tmp_path):
         validate(load_config(None, [f"model.pretrained={tmp_path}/w.safetensors"]), world_size=1)
 
 
+def test_fp16_without_zero_is_rejected_with_the_reason():
+    """DeepSpeed's non-ZeRO fp16 optimizer makes updates 2^16 too small (see
+    tests/test_precision_distributed.py); every other (precision, stage) pair is accepted."""
+    for precision in ("fp32", "bf16", "fp16"):
+        for stage in (0, 1, 2, 3):
+            cfg = load_config(None, [f"deepspeed.precision={precision}", f"deepspeed.zero_stage={stage}"])
+            if (precision, stage) == ("fp16", 0):
+                with pytest.raises(ValueError, match=r"fp16 with deepspeed.zero_stage=0 .*loss scale.*zero_stage=1"):
+                    validate(cfg, world_size=1)
+            else:
+                validate(cfg, world_size=1)
+    # The same pair reached through deepspeed.extra, which is merged into the DeepSpeed config.
+    for overrides in (["deepspeed.extra={fp16: {enabled: true}}"],
+                      ["deepspeed.precision=fp16", "deepspeed.zero_stage=2", "deepspeed.extra={zero_optimization: {stage: 0}}"]):
+        with pytest.raises(ValueError, match="fp16 with deepspeed.zero_stage=0"):
+            validate(load_config(None, overrides), world_size=1)
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(None, ["loss.ks=[1, 4]", "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
     save_config(cfg, tmp_path / "resolved.yaml")

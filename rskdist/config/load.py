@@ -148,6 +148,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: optim.betas must have two values, got {optim.betas}")
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
+    _check_precision(cfg.deepspeed)
     weights = cfg.model.pretrained
     if check_paths and weights and weights != "hub" and ("/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")):
         if not Path(weights).is_file():
@@ -157,6 +158,31 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
             )
     if check_paths and cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ValueError(f"config: run.resume={cfg.run.resume!r} does not exist; use 'auto', 'never' or a checkpoint folder")
+
+
+def _check_precision(ds) -> None:
+    """Reject the (precision, ZeRO stage) pairs whose update DeepSpeed gets wrong.
+
+    fp16 without ZeRO: DeepSpeed 0.19.8 wraps the optimizer in FP16_UnfusedOptimizer, whose
+    step() divides the gradients by the loss scale (2^16) that engine.backward never
+    multiplied in (it scales the loss for ZeRO optimizers only), so every update is 2^16
+    times too small. `deepspeed.extra` can set either value, so read the effective ones.
+    """
+    extra = ds.extra if isinstance(ds.extra, dict) else {}
+    fp16_extra, zero_extra = extra.get("fp16"), extra.get("zero_optimization")
+    fp16 = ds.precision == "fp16"
+    if isinstance(fp16_extra, dict) and "enabled" in fp16_extra:
+        fp16 = bool(fp16_extra["enabled"])
+    stage = ds.zero_stage
+    if isinstance(zero_extra, dict) and "stage" in zero_extra:
+        stage = zero_extra["stage"]
+    if fp16 and stage == 0:
+        raise ValueError(
+            "config: deepspeed.precision=fp16 with deepspeed.zero_stage=0 is not supported: DeepSpeed's "
+            "non-ZeRO fp16 optimizer divides the gradients by a loss scale that was never applied, so the "
+            "weights barely move (2^16 times too small an update); use deepspeed.zero_stage=1 (same update, "
+            "optimizer state sharded over ranks) or deepspeed.precision=bf16"
+        )
 
 
 def to_dict(cfg: Config) -> dict:

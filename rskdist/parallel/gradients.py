@@ -36,7 +36,9 @@ of the global batch (mean over all its queries).
 4. Two-pass step (`rskdist.parallel.step`). Pass 1 forwards the local batch in chunks
    under no_grad; the gathered loss gives d L / d E_r. Pass 3 recomputes each chunk with
    grad and backpropagates the surrogate sum(e * stop_grad(W * dL/de)), whose gradient
-   with respect to the chunk's parameters is exactly that chunk's contribution. Chunks
+   with respect to the chunk's parameters is exactly that chunk's contribution. dL/de
+   and the surrogate are fp32 whatever the model's precision: DeepSpeed's fp16 loss
+   scale multiplies them before the gradient is rounded to the model's dtype. Chunks
    are accumulated into one optimizer step without DeepSpeed dividing by the number of
    chunks (scale_wrt_gas=False) and with one gradient reduction per step.
 """

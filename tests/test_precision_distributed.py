@@ -3,11 +3,14 @@
 1. For every (precision, ZeRO stage) pair `validate` accepts, one SGD step moves the fp32
    master weights by the fp32 update -lr * grad of the global batch, within the precision's
    rounding (a wrong loss scale, chunk count or world-size factor is off by 2^16, 3 or 2).
+2. fp16 overflow-skipped steps: the trainer's step, the LR schedule, data position and
+   seeds follow one count (batches consumed); `skipped_steps` is in the step records.
 
 DeepSpeed's CPU accelerator reports fp16 as unsupported without AVX512-FP16, although
 torch runs fp16 on any CPU; the workers tell it otherwise.
 """
 
+import json
 import os
 
 import pytest
@@ -163,3 +166,83 @@ def test_update_size_for_every_accepted_precision_and_stage(tmp_path):
         "DeepSpeed applies the loss scale there; lift the rejection in rskdist/config/load.py _check_precision"
     )
 
+
+# ----------------------------------------------------------------- overflow-skipped steps
+INF_STEP = 1  # the trainer step whose gradient is made infinite
+STEPS = 4
+WARMUP = 4  # the LR changes every step, so a schedule one step behind shows
+
+
+def _trainer_config(run_dir):
+    cfg = Config()
+    cfg.run.name, cfg.run.output_dir = run_dir.name, str(run_dir.parent)
+    cfg.run.max_steps, cfg.run.log_every, cfg.run.tensorboard, cfg.run.resume = STEPS, 1, False, "never"
+    cfg.model.image_size, cfg.model.embed_dim = 16, 16
+    cfg.model.backbone_kwargs = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    cfg.data.global_batch, cfg.data.chunk_size, cfg.data.synthetic_classes = 16, 8, 8
+    cfg.loss.simix = False
+    cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps = "sgd", 0.1, WARMUP
+    cfg.deepspeed.precision, cfg.deepspeed.zero_stage = "fp16", 1
+    # A small initial loss scale: the only overflow is the injected one.
+    cfg.deepspeed.extra = {"fp16": {"initial_scale_power": 4}}
+    cfg.eval.every_epochs = -1
+    return cfg
+
+
+def _overflow_worker(rank, world, init, run_dir):
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    import deepspeed
+
+    import rskdist.trainer as trainer_mod
+    from rskdist.trainer import Context, Trainer
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    _allow_fp16_on_cpu()
+    make_loss_fn = trainer_mod.make_loss_fn
+
+    def make_overflowing_loss_fn(loss_cfg, *, seed, step, group):
+        loss_fn = make_loss_fn(loss_cfg, seed=seed, step=step, group=group)
+        if step != INF_STEP:
+            return loss_fn
+        # Every rank's gradient becomes inf/nan: DeepSpeed's overflow check must skip the update.
+        return lambda emb, labels: loss_fn(emb, labels) * float("inf")
+
+    trainer_mod.make_loss_fn = make_overflowing_loss_fn
+    run_dir = Path(run_dir)
+    cfg = _trainer_config(run_dir)
+    validate(cfg, world_size=world, check_paths=False)
+    trainer = Trainer(cfg, Context(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
+                                   run_dir=run_dir))
+    trainer.train()
+    state = {"step": trainer.step, "global_steps": trainer.engine.global_steps,
+             "skipped_steps": trainer.engine.skipped_steps, "schedule_steps": trainer.scheduler.last_epoch,
+             "steps_per_epoch": trainer.steps_per_epoch, "data": trainer.train_stream.state_dict()}
+    torch.save(state, run_dir / f"state{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_overflow_skipped_step_keeps_schedule_and_step_in_sync(tmp_path):
+    from rskdist.trainer import lr_factor
+
+    run_dir = tmp_path / "run"
+    init = f"file://{tmp_path / 'rdzv'}"
+    # One rank: DeepSpeed agrees on the overflow across ranks itself; this is about the trainer.
+    mp.spawn(_overflow_worker, args=(1, init, str(run_dir)), nprocs=1, join=True)
+    states = [torch.load(run_dir / "state0.pt")]
+    for state in states:
+        # One count for everything: batches consumed = the trainer's step = DeepSpeed's global_steps.
+        assert state["step"] == state["global_steps"] == state["schedule_steps"] == STEPS
+        assert state["skipped_steps"] == 1
+        assert state["data"]["step"] == STEPS  # the skipped step consumed its batch
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert [r["skipped_steps"] for r in train] == [int(s > INF_STEP) for s in range(1, STEPS + 1)]
+    kw = dict(steps_per_epoch=states[0]["steps_per_epoch"], warmup_steps=WARMUP, decay_epochs=[], decay_factor=0.3)
+    for r in train:
+        # The LR that the next step will use follows the trainer's step, skipped or not.
+        assert r["lr"] == pytest.approx(0.1 * lr_factor(r["step"], **kw)), r

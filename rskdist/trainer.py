@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,8 +334,15 @@ class Trainer:
             result = two_pass_step(
                 self.engine, images, labels, loss_fn=make_loss_fn(cfg.loss, seed=cfg.run.seed, step=self.step, group=self._group), chunk_size=cfg.data.chunk_size,
                 world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
-                input_dtype=self.input_dtype, device=ctx.device,
+                input_dtype=self.input_dtype, device=ctx.device, group=self._group,
             )
+            if not result.step_applied:
+                # DeepSpeed skips the scheduler with an fp16 overflow-skipped update; the schedule
+                # follows the trainer's step (batches consumed), like data position and seeds.
+                with warnings.catch_warnings():
+                    # torch warns when the very first update was the skipped one; that is intended.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    self.scheduler.step()
             self.step += 1
             step_seconds = time.perf_counter() - t0
             self._check_saturation(result)
@@ -406,6 +414,7 @@ class Trainer:
         record = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "kind": "train",
             "loss": result.loss, "emb_grad_norm": result.emb_grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "skipped_steps": int(self.engine.skipped_steps),  # fp16 overflows: batches without an update
             "images_per_s": round(self.cfg.data.global_batch / step_seconds, 2),
             "step_seconds": round(step_seconds, 3), "data_seconds": round(data_seconds, 3),
             "pass1_seconds": round(result.pass1_seconds, 3), "loss_seconds": round(result.loss_seconds, 3),

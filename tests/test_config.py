@@ -87,7 +87,7 @@ def test_typed_fields_name_the_element(override, match):
         ("{gradient_accumulation_steps: 4}", r"may not set gradient_accumulation_steps.*data.chunk_size"),
         ("{train_micro_batch_size_per_gpu: 8}", r"may not set train_micro_batch_size_per_gpu.*data.chunk_size"),
         ("{train_batch_size: 64}", r"may not set train_batch_size.*data.global_batch"),
-        ("{fp16: {enabled: true}}", r"may not set fp16.*deepspeed.precision"),
+        ("{fp16: {enabled: true}}", r"may not set fp16.enabled.*deepspeed.precision"),
         ("{zero_optimization: {stage: 3}}", r"deepspeed.zero_stage"),
     ],
 )
@@ -161,6 +161,27 @@ def test_missing_files_are_reported_before_start(tmp_path):
     with pytest.raises(ValueError, match="no such file"):  # the factory's suffix list, not a second copy
         validate(load_config(None, ["model.pretrained=w.ckpt"]), world_size=1)
     validate(load_config(None, ["model.pretrained=augreg_in21k"]), world_size=1)  # a hub tag is no path
+
+
+def test_fp16_without_zero_is_rejected_with_the_reason():
+    """DeepSpeed's non-ZeRO fp16 optimizer makes updates 2^16 too small (see
+    tests/test_precision_distributed.py); every other (precision, stage) pair is accepted."""
+    for precision in ("fp32", "bf16", "fp16"):
+        for stage in (0, 1, 2, 3):
+            cfg = load_config(None, [f"deepspeed.precision={precision}", f"deepspeed.zero_stage={stage}"])
+            if (precision, stage) == ("fp16", 0):
+                with pytest.raises(ValueError, match=r"fp16 with deepspeed.zero_stage=0 .*loss scale.*zero_stage=1"):
+                    validate(cfg, world_size=1)
+            else:
+                validate(cfg, world_size=1)
+    # deepspeed.extra, merged into the DeepSpeed config, cannot reach the pair either.
+    for overrides in (["deepspeed.extra={fp16: {enabled: true}}"],
+                      ["deepspeed.precision=fp16", "deepspeed.zero_stage=2", "deepspeed.extra={zero_optimization: {stage: 0}}"]):
+        with pytest.raises(ValueError, match=r"deepspeed.extra.*(fp16.enabled|deepspeed.zero_stage)"):
+            validate(load_config(None, overrides), world_size=1)
+    # Loss-scale tuning is the expert's: allowed.
+    validate(load_config(None, ["deepspeed.precision=fp16", "deepspeed.zero_stage=1",
+                                "deepspeed.extra={fp16: {initial_scale_power: 8}}"]), world_size=1)
 
 
 def test_save_and_reload_round_trip(tmp_path):

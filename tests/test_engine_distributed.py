@@ -1,6 +1,6 @@
 """One DeepSpeed training step on N gloo ranks (ZeRO 0-3, chunked two-pass step, with and
 without SiMix) gives the same parameters as one plain single-process SGD step on the
-concatenated global batch."""
+concatenated global batch, and every rank reports the norm of d loss / d (all embeddings)."""
 
 import os
 
@@ -55,12 +55,14 @@ def _reference_params(simix):
     if simix:
         pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(SEED * 7_919 + 0))
         mix = (pairs, alphas)
-    loss = rsk_loss(model(images), labels, mix=mix)
+    emb = model(images)
+    loss = rsk_loss(emb, labels, mix=mix)
+    (grad_emb,) = torch.autograd.grad(loss, emb, retain_graph=True)
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= LR * p.grad
-    return {k: v.clone() for k, v in model.state_dict().items()}, float(loss.detach())
+    return {k: v.clone() for k, v in model.state_dict().items()}, float(loss.detach()), float(grad_emb.norm())
 
 
 def _worker(rank, world, init, out_dir, cases):
@@ -84,16 +86,17 @@ def _worker(rank, world, init, out_dir, cases):
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
             config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=num_chunks, world_size=world),
         )
+        group = dist.group.WORLD if world > 1 else None
         result = two_pass_step(
             engine, images[sl], labels[sl], chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
-            loss_fn=make_loss_fn(cfg.loss, seed=SEED, step=0, group=dist.group.WORLD if world > 1 else None),
+            loss_fn=make_loss_fn(cfg.loss, seed=SEED, step=0, group=group), group=group,
         )
         assert engine.global_steps == 1, "the optimizer must step once per global batch"
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
             state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        results[(zero_stage, simix)] = (state, result.loss)
-    if rank == 0:
-        torch.save(results, os.path.join(out_dir, "results.pt"))
+        results[(zero_stage, simix)] = (state, result.loss, result.emb_grad_norm)
+    # Every rank's results: the embedding-gradient norm must be the same on all of them.
+    torch.save(results, os.path.join(out_dir, f"results{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -105,17 +108,19 @@ CASES = [(z, s) for z in (0, 1, 2, 3) for s in (False, True)]
 def test_distributed_step_equals_single_process(tmp_path, world):
     init = f"file://{tmp_path / 'rdzv'}"
     mp.spawn(_worker, args=(world, init, str(tmp_path), CASES), nprocs=world, join=True)
-    results = torch.load(tmp_path / "results.pt")
-    initial = TinyEmbedder()
+    results = torch.load(tmp_path / "results0.pt")
     for simix in (False, True):
-        ref_state, ref_loss = _reference_params(simix)
+        ref_state, ref_loss, ref_norm = _reference_params(simix)
         torch.manual_seed(0)
         initial = TinyEmbedder().state_dict()
         moved = max(float((ref_state[k] - initial[k]).abs().max()) for k in ref_state)
         assert moved > 1e-3  # the step changed the weights, so equality below is informative
         for zero_stage in (0, 1, 2, 3):
-            state, loss = results[(zero_stage, simix)]
+            state, loss, _ = results[(zero_stage, simix)]
             assert loss == pytest.approx(ref_loss, abs=1e-6), (zero_stage, simix)
+            for rank in range(world):
+                norm = torch.load(tmp_path / f"results{rank}.pt")[(zero_stage, simix)][2]
+                assert norm == pytest.approx(ref_norm, rel=1e-5), (zero_stage, simix, rank)
             for key, ref in ref_state.items():
                 torch.testing.assert_close(state[key], ref, atol=2e-6, rtol=1e-5,
                                            msg=lambda m: f"ZeRO-{zero_stage} simix={simix} {key}: {m}")

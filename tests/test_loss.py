@@ -130,6 +130,23 @@ def test_low_precision_inputs_computed_in_fp32():
     torch.testing.assert_close(x.grad.double(), ref_grad, atol=2e-2 * ref_grad.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("scale", [2.0**10, 2.0**16])
+def test_fp16_gradient_is_scaled_before_it_is_rounded(scale):
+    """A loss-scaled backward (fp16 training) must round grad * scale to fp16 once: rounded
+    first, many entries are below fp16's normal range (6.1e-5) and lose their digits or
+    flush to zero; and 2^16 (DeepSpeed's initial scale) is itself inf in fp16."""
+    emb, labels = _batch(256, 16, 64, seed=4, dtype=torch.float32)
+    emb16 = emb.half()
+    _, ref_grad = _value_and_grad(rsk_loss, emb16.float(), labels)
+    tiny = (ref_grad != 0) & (ref_grad.abs() < torch.finfo(torch.float16).tiny)
+    assert tiny.float().mean() > 0.2  # the case this test is about is common here
+    x = emb16.clone().requires_grad_(True)
+    (rsk_loss(x, labels) * scale).backward()
+    assert x.grad.dtype == torch.float16
+    expected = (ref_grad * scale).half()  # one rounding, of the scaled fp32 gradient
+    torch.testing.assert_close(x.grad, expected, atol=0, rtol=0)
+
+
 def test_no_positives_gives_zero_loss_and_grad():
     emb, _ = _batch(6, 4, 1, seed=9)
     loss, grad = _value_and_grad(rsk_loss, emb, torch.arange(6))

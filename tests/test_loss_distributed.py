@@ -1,5 +1,6 @@
 """rsk_loss(group=...) on N gloo processes equals the single-process loss on the
-concatenated batch; each rank's gradient is its slice of the single-process gradient."""
+concatenated batch; each rank's gradient is its slice of the single-process gradient.
+group=None inside a process group is the one-process loss of the local rows."""
 
 import os
 
@@ -63,3 +64,58 @@ def test_matches_single_process(tmp_path, sizes, use_mix):
         grads.append(out["grad"])
     torch.testing.assert_close(torch.cat(grads), x.grad, atol=1e-10, rtol=0)
     assert x.grad.abs().max() > 1e-4
+
+
+def _local_worker(rank, world, init, result_dir):
+    """Inside an initialised group: group=None (rsk_loss, RSkLoss, the trainer's loss_fn)
+    is the loss of this rank's rows alone; an explicit group gathers."""
+    from rskdist.config.schema import LossConfig
+    from rskdist.loss import RSkLoss
+    from rskdist.trainer import make_loss_fn
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        emb, labels = _global_batch([12] * world, seed=5)
+        rows = slice(12 * rank, 12 * (rank + 1))
+        out = {}
+        cases = {
+            "none": lambda x, y: rsk_loss(x, y),
+            "module": lambda x, y: RSkLoss()(x, y),
+            "loss_fn": make_loss_fn(LossConfig(simix=True), seed=2, step=7, group=None),
+            "world": lambda x, y: rsk_loss(x, y, group=dist.group.WORLD),
+        }
+        for name, fn in cases.items():
+            x = emb[rows].clone().requires_grad_(True)
+            loss = fn(x, labels[rows])
+            loss.backward()
+            out[name] = (loss.detach(), x.grad)
+        torch.save(out, os.path.join(result_dir, f"local{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_none_is_local_inside_a_process_group(tmp_path):
+    from rskdist.config.schema import LossConfig
+    from rskdist.trainer import make_loss_fn
+
+    world = 2
+    init = f"file://{tmp_path / 'rdzv'}"
+    mp.spawn(_local_worker, args=(world, init, str(tmp_path)), nprocs=world, join=True)
+    emb, labels = _global_batch([12] * world, seed=5)
+    x = emb.clone().requires_grad_(True)
+    ref_global = rsk_loss(x, labels)
+    ref_global.backward()
+    # One process, no group: the trainer's loss_fn draws its SiMix plan from these labels alone.
+    local_fn = make_loss_fn(LossConfig(simix=True), seed=2, step=7, group=None)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"local{rank}.pt")
+        rows = slice(12 * rank, 12 * (rank + 1))
+        for name, fn in [("none", rsk_loss), ("module", rsk_loss), ("loss_fn", local_fn)]:
+            xr = emb[rows].clone().requires_grad_(True)
+            ref = fn(xr, labels[rows])
+            ref.backward()
+            assert abs(float(ref.detach()) - float(ref_global.detach())) > 1e-3, "local and global losses must differ to tell them apart"
+            torch.testing.assert_close(out[name][0], ref.detach(), atol=1e-10, rtol=0, msg=f"{name} rank {rank}")
+            torch.testing.assert_close(out[name][1], xr.grad, atol=1e-10, rtol=0, msg=f"{name} rank {rank}")
+        torch.testing.assert_close(out["world"][0], ref_global.detach(), atol=1e-10, rtol=0)
+        torch.testing.assert_close(out["world"][1], x.grad[rows], atol=1e-10, rtol=0)

@@ -90,3 +90,60 @@ def test_lr_schedule_warmup_and_step_decay():
     assert lr_factor(19, **kw) == pytest.approx(1.0)
     assert lr_factor(20, **kw) == pytest.approx(0.3)
     assert lr_factor(35, **kw) == pytest.approx(0.09)
+
+
+def test_emb_grad_norm_is_the_norm_of_the_embedding_gradient():
+    torch.manual_seed(0)
+    images, labels = torch.randn(28, 3, 2, 2), torch.arange(28) // 4
+    model = Net(0.0)
+    result = two_pass_step(PlainEngine(model), images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=5,
+                           world_size=1, rank=0, step=0, seed=0)
+    emb = model(images).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(rsk_loss(emb, labels), emb)
+    assert float(grad.norm()) > 1e-4
+    assert result.emb_grad_norm == pytest.approx(float(grad.norm()), rel=1e-5)
+    assert result.step_applied  # an engine without was_step_applied() always applies
+
+
+class LossScaledHalfEngine(PlainEngine):
+    """An fp16 model under a loss-scaling engine: backward multiplies the loss by the scale,
+    as DeepSpeed's ZeRO optimizers do; records the gradient reaching the model's output."""
+
+    scale = 2.0**16
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.out_grads = []
+
+    def __call__(self, x):
+        out = self.model(x.float()).half()
+        if out.requires_grad:
+            out.register_hook(self.out_grads.append)
+        return out
+
+    def backward(self, loss, scale_wrt_gas=True):
+        super().backward(loss * self.scale, scale_wrt_gas)
+
+
+def test_cached_gradient_reaches_an_fp16_model_in_fp32_before_the_loss_scale():
+    """Pass 3 must scale the fp32 d loss / d emb and round once to fp16; rounding it to fp16
+    first (before the scale) loses the entries below fp16's normal range."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(256, 3, 2, 2), torch.arange(256) // 4
+    engine = LossScaledHalfEngine(Net(0.0))
+    two_pass_step(engine, images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=100, world_size=1, rank=0,
+                  step=0, seed=0, input_dtype=torch.float16)
+    with torch.no_grad():
+        emb = engine(images.half()).float().requires_grad_(True)  # the fp16 embeddings pass 1 saw
+    (ref,) = torch.autograd.grad(rsk_loss(emb, labels), emb)
+    assert ((ref != 0) & (ref.abs() < torch.finfo(torch.float16).tiny)).float().mean() > 0.05  # about 10% here
+    got = torch.cat(engine.out_grads)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, (ref * engine.scale).half(), atol=0, rtol=0)
+
+
+def test_world_size_without_group_is_a_clear_error():
+    images, labels = torch.randn(8, 3, 2, 2), torch.arange(8) // 4
+    with pytest.raises(ValueError, match="group="):
+        two_pass_step(PlainEngine(Net(0.0)), images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=4,
+                      world_size=2, rank=0, step=0, seed=0)

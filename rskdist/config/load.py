@@ -182,6 +182,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
     if loss.saturation_steps < 1:
         raise ValueError(f"config: loss.saturation_steps must be >= 1, got {loss.saturation_steps}")
     _check_deepspeed_extra(cfg.deepspeed.extra)
+    _check_precision(cfg.deepspeed)
     _check_best_metric(cfg)
     from rskdist.models.weights import looks_like_path  # the factory's own rule for "a file, not a hub tag"
 
@@ -204,8 +205,6 @@ _OWNED_DEEPSPEED_KEYS = {
     "gradient_clipping": "optim.grad_clip",
     "optimizer": "optim.*",
     "scheduler": "optim.* (warmup_steps, decay_epochs, decay_factor)",
-    "fp16": "deepspeed.precision",
-    "bf16": "deepspeed.precision",
 }
 
 
@@ -214,8 +213,11 @@ def _check_deepspeed_extra(extra: dict) -> None:
     stage = extra.get("zero_optimization", {})
     if isinstance(stage, dict) and "stage" in stage:
         raise ValueError("config: deepspeed.extra.zero_optimization.stage is set by deepspeed.zero_stage; use that")
+    for section in ("fp16", "bf16"):
+        if isinstance(extra.get(section), dict) and "enabled" in extra[section]:
+            owned.append(f"{section}.enabled")
     if owned:
-        where = "; ".join(f"{k} -> {_OWNED_DEEPSPEED_KEYS[k]}" for k in owned)
+        where = "; ".join(f"{k} -> {_OWNED_DEEPSPEED_KEYS.get(k, 'deepspeed.precision')}" for k in owned)
         raise ValueError(f"config: deepspeed.extra may not set {', '.join(owned)}: the two-pass step derives them "
                          f"from the config ({where})")
 
@@ -244,6 +246,23 @@ def ignored_settings(cfg: Config) -> list[str]:
     default = Config().data
     names = ("num_workers", "crop_scale", "crop_ratio", "hflip", "remainder", "epoch_length", "root")
     return [f"data.{n}" for n in names if getattr(cfg.data, n) != getattr(default, n)]
+
+
+def _check_precision(ds) -> None:
+    """Reject the (precision, ZeRO stage) pairs whose update DeepSpeed gets wrong.
+
+    fp16 without ZeRO: DeepSpeed 0.19.8 wraps the optimizer in FP16_UnfusedOptimizer, whose
+    step() divides the gradients by the loss scale (2^16) that engine.backward never
+    multiplied in (it scales the loss for ZeRO optimizers only), so every update is 2^16
+    times too small. (`deepspeed.extra` cannot change either setting: _check_deepspeed_extra.)
+    """
+    if ds.precision == "fp16" and ds.zero_stage == 0:
+        raise ValueError(
+            "config: deepspeed.precision=fp16 with deepspeed.zero_stage=0 is not supported: DeepSpeed's "
+            "non-ZeRO fp16 optimizer divides the gradients by a loss scale that was never applied, so the "
+            "weights barely move (2^16 times too small an update); use deepspeed.zero_stage=1 (same update, "
+            "optimizer state sharded over ranks) or deepspeed.precision=bf16"
+        )
 
 
 def to_dict(cfg: Config) -> dict:

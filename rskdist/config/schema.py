@@ -89,7 +89,7 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0  # ZeRO stage
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training precision
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training precision (fp16 needs zero_stage >= 1: docs/distributed.md)
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config (expert use; keys the two-pass step owns are refused)
 
 

@@ -60,14 +60,19 @@ class _RSkFunction(torch.autograd.Function):
             if need_grad:
                 grad = sum_rows_to_owner(grad, counts, group)
         if need_grad:
-            ctx.save_for_backward(grad.to(embeddings.dtype))
+            # Kept in the compute dtype (fp32): rounding it to fp16 here, before the caller's
+            # loss scale arrives as grad_out, flushes its small entries to (sub)normal zeros.
+            ctx.save_for_backward(grad)
+            ctx.input_dtype = embeddings.dtype
         return loss.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        # Scale first, round to the input dtype last (autograd would cast it anyway).
+        grad_in = (grad * grad_out.to(grad.dtype)).to(ctx.input_dtype)
+        return grad_in, None, None, None, None, None, None, None
 
 
 def rsk_loss(
@@ -98,9 +103,11 @@ def rsk_loss(
         virtual_queries: virtual samples act as queries too (else database only).
         sim_cache_mb: single process only: keep S and dS whole (2 x B x B floats) when
             they fit in this many MB; it saves one B x B x d product.
-        group: process group. With one, `embeddings`/`labels` are this rank's local
-            batch, the value is the loss of the global batch (ranks concatenated in
-            order) and the gradient is this rank's slice of the global gradient.
+        group: process group to gather over. With one, `embeddings`/`labels` are this
+            rank's local batch, the value is the loss of the global batch (ranks
+            concatenated in order) and the gradient is this rank's slice of the global
+            gradient. None (default) is the one-process loss of the rows given, with no
+            collective, even inside an initialised process group.
 
     Returns:
         Scalar float32 loss (float64 for float64 inputs); 0 if no sample has a positive.

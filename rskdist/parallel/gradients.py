@@ -5,6 +5,8 @@ The global batch is the concatenation, in rank order, of every rank's local batc
 of the global batch (mean over all its queries).
 
 1. Forward of the loss (`rsk_loss(..., group=...)`, `_RSkFunction` in rskdist/loss/__init__.py)
+   Only an explicit group gathers: group=None is the one-process loss of the rows given,
+   with no collective, even inside an initialised process group.
    - `gather_rows` all-gathers E_r and y_r WITHOUT autograd (raw all_gather; sizes may
      differ per rank). Every rank now holds E and y.
    - Rank r computes the loss terms of its own queries: its real rows, plus its share of
@@ -34,7 +36,9 @@ of the global batch (mean over all its queries).
 4. Two-pass step (`rskdist.parallel.step`). Pass 1 forwards the local batch in chunks
    under no_grad; the gathered loss gives d L / d E_r. Pass 3 recomputes each chunk with
    grad and backpropagates the surrogate sum(e * stop_grad(W * dL/de)), whose gradient
-   with respect to the chunk's parameters is exactly that chunk's contribution. Chunks
+   with respect to the chunk's parameters is exactly that chunk's contribution. dL/de
+   and the surrogate are fp32 whatever the model's precision: DeepSpeed's fp16 loss
+   scale multiplies them before the gradient is rounded to the model's dtype. Chunks
    are accumulated into one optimizer step without DeepSpeed dividing by the number of
    chunks (scale_wrt_gas=False) and with one gradient reduction per step.
 """
@@ -46,8 +50,13 @@ import torch.distributed as dist
 
 
 def group_rank_and_size(group) -> tuple[int, int]:
-    """(rank, world size) inside `group`; (0, 1) when torch.distributed is not running."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
+    """(rank, world size) inside `group`; (0, 1) for group=None.
+
+    group=None means local, also inside an initialised process group: torch.distributed
+    would read None as the default group, and a per-rank loss (a validation loss, a
+    baseline) would silently become the loss of the gathered batch.
+    """
+    if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 

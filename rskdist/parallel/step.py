@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 
 from rskdist.parallel.gradients import loss_scale_for_averaging
 
@@ -51,6 +52,11 @@ class StepResult:
     pass1_seconds: float
     loss_seconds: float
     pass3_seconds: float
+    # L2 norm of d loss / d E over all embeddings of the global batch; the same on every rank.
+    emb_grad_norm: float = 0.0
+    # False when the engine skipped the optimizer update (fp16 overflow); the trainer's
+    # step count and LR schedule still advance (docs/distributed.md, "Mixed precision").
+    step_applied: bool = True
 
 
 def two_pass_step(
@@ -66,6 +72,7 @@ def two_pass_step(
     seed: int,
     input_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    group=None,
 ) -> StepResult:
     """One optimizer step on the local batch (images, labels) of every rank.
 
@@ -74,8 +81,14 @@ def two_pass_step(
     The engine must be configured with gradient_accumulation_steps equal to the number
     of chunks; `engine.step()` after the last chunk applies the optimizer. `images` may
     stay in host memory: each chunk is moved to `device` when it is forwarded, so the
-    device holds one chunk of images, not the local batch.
+    device holds one chunk of images, not the local batch. `group` is the process group
+    `loss_fn` gathers over (needed when world_size > 1, for `emb_grad_norm`).
     """
+    if world_size > 1 and group is None:
+        raise ValueError(
+            f"two_pass_step: world_size={world_size} needs group=<the process group loss_fn gathers over>; "
+            "group=None means one process"
+        )
     device = images.device if device is None else device
     labels = labels.to(device)
     chunks = images.split(chunk_size)
@@ -88,11 +101,18 @@ def two_pass_step(
     emb = torch.cat(pieces)
     t1 = time.perf_counter()
 
-    emb = emb.detach().requires_grad_(True)
+    # An fp32 leaf (same values; the loss computes in fp32 anyway), so that d loss / d emb
+    # stays fp32 into pass 3: rounded to fp16 before DeepSpeed's loss scale applies, most of
+    # its entries at large B would be subnormal and some flush to zero.
+    emb = emb.detach().to(torch.promote_types(emb.dtype, torch.float32)).requires_grad_(True)
     loss = loss_fn(emb, labels)
     (grad_emb,) = torch.autograd.grad(loss, emb)
+    grad_emb = grad_emb.float()
+    sq_norm = grad_emb.double().square().sum()
+    if world_size > 1:
+        dist.all_reduce(sq_norm, group=group)  # a B x d gradient split over ranks: add the squares
     # DeepSpeed averages parameter gradients over ranks; we need their sum (gradients.py, 3).
-    grad_emb = grad_emb.float() * loss_scale_for_averaging(world_size)
+    grad_emb = grad_emb * loss_scale_for_averaging(world_size)
     t2 = time.perf_counter()
 
     offset = 0
@@ -106,4 +126,8 @@ def two_pass_step(
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
     t3 = time.perf_counter()
-    return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2)
+    # DeepSpeed reports an fp16 overflow skip here; engines without the query always apply.
+    applied = getattr(engine, "was_step_applied", lambda: True)()
+    # Read back after pass 3 is queued: float() is a host sync.
+    return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2, emb_grad_norm=float(sq_norm.sqrt()),
+                      step_applied=bool(applied))

@@ -345,9 +345,9 @@ class Trainer:
                     self.scheduler.step()
             self.step += 1
             step_seconds = time.perf_counter() - t0
-            self._check_saturation(result)
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 last = self._log_step(result, step_seconds, t_data, t_start, done_at_start)
+            self._check_saturation(result)  # after the step's record, so the log shows what it saw
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._eval_and_track()
             if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.total_steps:

@@ -174,3 +174,43 @@ def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
     full = _losses(uninterrupted)
     for step in (1, 2):
         assert losses[step] == pytest.approx(full[step], abs=1e-6)
+
+
+def _train_1proc(out_dir, *overrides, check=True):
+    cmd = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={out_dir}",
+           "run.log_every=1", *overrides]
+    if check:
+        return _run(cmd)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def test_best_checkpoint_survives_pruning_and_evaluates(tmp_path):
+    # 16 steps per epoch: evaluations at steps 2 and 4; keep only the newest checkpoint.
+    _train_1proc(tmp_path, "run.max_steps=4", "eval.every_epochs=0.125", "run.keep_checkpoints=1")
+    run = tmp_path / "debug"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in evals if r["kind"] == "eval"}
+    assert sorted(evals) == [2, 4]
+    best_step = max(evals, key=lambda s: (evals[s]["eval/recall@1"], -s))  # ties keep the earlier one
+    best_tag = (run / "checkpoints" / "best").read_text()
+    assert best_tag == f"step{best_step:08d}" and (run / "checkpoints" / best_tag).is_dir()
+    assert (run / "checkpoints" / "latest").read_text() == "step00000004"
+    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
+          str(tmp_path / "best.json")])
+    results = json.loads((tmp_path / "best.json").read_text())["results"]
+    for key in ("recall@1", "map@r"):
+        assert results[key] == pytest.approx(evals[best_step][f"eval/{key}"], abs=1e-9), key
+
+
+def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
+    # tau2 far above the similarity spread puts every rank at ~B/2: the regime of an
+    # untrained backbone whose embeddings are all alike (docs/loss.md).
+    proc = _train_1proc(tmp_path, "run.max_steps=6", "loss.tau2=100", "loss.simix=false", "loss.saturation=stop",
+                        "loss.saturation_steps=2", "eval.every_epochs=-1", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: the RS@k loss is saturated" in proc.stderr and "model.pretrained" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert any(r["kind"] == "warning" and r["saturated"] for r in records)
+    assert all(r["emb_grad_norm"] < 1e-2 for r in records if r["kind"] == "train")

@@ -154,3 +154,19 @@ def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
     full = _losses(uninterrupted)
     for step in (1, 2):
         assert losses[step] == pytest.approx(full[step], abs=1e-6)
+
+
+@pytest.mark.slow  # 1-2.5 minutes on 2 shared cores: embeds 16k test images twice
+def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
+    # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
+    # embedding. Before the tie cap, ranking them took far beyond gloo's timeout.
+    _run([DEEPSPEED, "--master_port", str(_free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
+          "configs/debug.yaml", f"run.output_dir={tmp_path}", *COMMON, "run.max_steps=1", "run.save_every=0",
+          "eval.every_epochs=0", "eval.at_start=true", "eval.synthetic_size=16384", "eval.batch_size=256",
+          "run.timeout_minutes=5",
+          "model.backbone_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2, init_values: 1.0e-6}"],
+         timeout=900)
+    evals = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [0, 1]
+    assert evals[0]["eval/num_queries"] == 16384 and evals[0]["eval/num_tie_capped_queries"] == 16384

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -38,6 +39,17 @@ def _single_process_env() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def collective_timeout_message(exc: BaseException, timeout_minutes: float, rank: int) -> str | None:
+    """The user-facing line for a collective that timed out (gloo: "Timed out waiting
+    ...ms", NCCL/c10d: "timeout"/"timed out"), else None."""
+    text = str(exc).lower()
+    if "timed out" not in text and "timeout" not in text:
+        return None
+    return (f"error: rank {rank}: a collective timed out after run.timeout_minutes={timeout_minutes:g}: another "
+            f"rank did not join it (crashed, stuck, or still busy); if a phase legitimately takes longer "
+            f"(evaluation, checkpointing), raise run.timeout_minutes")
 
 
 def main(argv=None) -> int:
@@ -76,7 +88,10 @@ def main(argv=None) -> int:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         if "OMP_NUM_THREADS" not in os.environ and local_procs > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    # The process-group timeout bounds every collective: a rank left waiting fails with
+    # a message naming run.timeout_minutes instead of hanging (or gloo's 10-minute default).
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                               timeout=timedelta(minutes=cfg.run.timeout_minutes))
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)
     code = 0
@@ -87,6 +102,11 @@ def main(argv=None) -> int:
         if ctx.rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except RuntimeError as exc:
+        message = collective_timeout_message(exc, cfg.run.timeout_minutes, ctx.rank)
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -48,7 +48,7 @@ def brute_force_metrics(q_emb, q_lab, g_emb, g_lab, ks, loo):
         map_r.append(ap / R)
     out = {f"recall@{k}": np.mean(recall[k]) for k in ks}
     out.update({"map@r": np.mean(map_r), "r_precision": np.mean(r_prec)})
-    out.update({"num_queries": len(map_r), "num_excluded_queries": excluded})
+    out.update({"num_queries": len(map_r), "num_excluded_queries": excluded, "num_tie_capped_queries": 0})
     return out
 
 
@@ -100,14 +100,17 @@ def test_query_gallery_metrics_match_brute_force(backend):
 
 def test_input_types_and_metric_subsets():
     emb, labels = quantised_data(100, 4, 10, seed=4)
-    a = retrieval_metrics(emb, labels, backend="torch")
-    b = retrieval_metrics(torch.from_numpy(emb).double(), torch.from_numpy(labels), backend="torch")
-    c = retrieval_metrics(emb, [f"class-{v}" for v in labels], backend="torch")
+    # Exact tie groups here exceed the default tie cap, whose capped queries depend on
+    # how many neighbours a metric needs: compare in the unbounded exact mode.
+    kw = dict(backend="torch", max_tie_cluster=None)
+    a = retrieval_metrics(emb, labels, **kw)
+    b = retrieval_metrics(torch.from_numpy(emb).double(), torch.from_numpy(labels), **kw)
+    c = retrieval_metrics(emb, [f"class-{v}" for v in labels], **kw)
     assert a == b == c
-    only = retrieval_metrics(emb, labels, ks=(4, 1), metrics=("map_at_r",), backend="torch")
-    assert set(only) == {"map@r", "num_queries", "num_excluded_queries"}
+    only = retrieval_metrics(emb, labels, ks=(4, 1), metrics=("map_at_r",), **kw)
+    assert set(only) == {"map@r", "num_queries", "num_excluded_queries", "num_tie_capped_queries"}
     assert only["map@r"] == a["map@r"]
-    rec = retrieval_metrics(emb, labels, ks=(4, 1), metrics=("recall",), backend="torch")
+    rec = retrieval_metrics(emb, labels, ks=(4, 1), metrics=("recall",), **kw)
     assert list(rec)[:2] == ["recall@1", "recall@4"] and rec["recall@4"] == a["recall@4"]
 
 
@@ -156,14 +159,14 @@ def test_backends_agree_with_reference_neighbours(levels):
     emb, _ = quantised_data(200, 6, 1, seed=7, levels=levels)
     emb[10] = emb[20] = emb[30]  # exact duplicates
     want = reference_knn(emb, emb, 25, loo=True)
-    for backend in BACKENDS:
-        ids, scores = knn(emb, None, 25, backend=backend)
+    for backend in BACKENDS:  # tie groups beyond any cap: the unbounded exact mode
+        ids, scores = knn(emb, None, 25, backend=backend, max_tie_cluster=None)
         assert (ids.numpy() == want).all(), backend
         assert scores.shape == (200, 25)
     q = emb[:50] * 0.5
     want_qg = reference_knn(q, emb, 7, loo=False)
     for backend in BACKENDS:
-        assert (knn(q, emb, 7, backend=backend)[0].numpy() == want_qg).all(), backend
+        assert (knn(q, emb, 7, backend=backend, max_tie_cluster=None)[0].numpy() == want_qg).all(), backend
 
 
 def test_random_float_neighbours_agree_across_backends():
@@ -181,7 +184,7 @@ def test_small_budgets_force_chunking_and_retries():
     emb = np.ones((120, 4), dtype=np.float32)
     emb[::7] = 0.5
     q = torch.from_numpy(emb)
-    search = ExactSearch(q, q, backend="torch", self_index=torch.arange(120), max_candidates=100)
+    search = ExactSearch(q, q, backend="torch", self_index=torch.arange(120), max_candidates=100, max_tie_cluster=None)
     parts = list(search.ranked(torch.full((120,), 3)))
     assert len(parts) > 2 and search.num_retries > 0
     got = torch.empty(120, 3, dtype=torch.int64)
@@ -214,14 +217,16 @@ def test_backend_resolution_without_faiss(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_backends_agree_with_cpu():
     emb, labels = quantised_data(3000, 16, 60, seed=11, levels=3)
-    want = knn(emb, None, 64, backend="torch", device="cpu")[0]
-    assert torch.equal(knn(emb, None, 64, backend="torch", device="cuda")[0], want)
-    ref = retrieval_metrics(emb, labels, backend="torch", device="cpu")
-    assert retrieval_metrics(torch.from_numpy(emb).cuda(), labels, backend="torch") == ref
+    exact = dict(max_tie_cluster=None)  # capped queries may differ by backend; exact ones may not
+    want = knn(emb, None, 64, backend="torch", device="cpu", **exact)[0]
+    assert torch.equal(knn(emb, None, 64, backend="torch", device="cuda", **exact)[0], want)
+    ref = retrieval_metrics(emb, labels, backend="torch", device="cpu", **exact)
+    assert retrieval_metrics(torch.from_numpy(emb).cuda(), labels, backend="torch", **exact) == ref
     if knn_mod.faiss_gpu_available():
-        assert torch.equal(knn(emb, None, 64, backend="faiss_gpu")[0], want)
-        assert torch.equal(knn(emb, None, 2100, backend="faiss_gpu")[0], knn(emb, None, 2100, backend="torch")[0])
-        assert retrieval_metrics(emb, labels, backend="faiss_gpu") == ref
+        assert torch.equal(knn(emb, None, 64, backend="faiss_gpu", **exact)[0], want)
+        assert torch.equal(knn(emb, None, 2100, backend="faiss_gpu", **exact)[0],
+                           knn(emb, None, 2100, backend="torch", **exact)[0])
+        assert retrieval_metrics(emb, labels, backend="faiss_gpu", **exact) == ref
 
 
 # ------------------------------------------------------------------------- best tracker
@@ -256,3 +261,60 @@ def test_larger_random_data_all_backends_match_reference():
     want = brute_force_metrics(emb, labels, emb, labels, ks, loo=True)
     for backend in BACKENDS:
         assert_metrics_equal(retrieval_metrics(emb, labels, ks=ks, backend=backend, max_candidates=50_000), want)
+
+
+# ------------------------------------------------------------- collapsed embeddings (tie cap)
+def collapsed_data(n, d=128, num_classes=20, seed=14):
+    """An untrained model's output: every embedding within ~1e-4 of one direction."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(1, d, generator=g) + 1e-4 * torch.randn(n, d, generator=g), dim=1)
+    return emb, torch.randint(0, num_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("k", [4, 40])  # 4: the first fetch is below the cap, one retry; 40: capped at once
+def test_collapsed_embeddings_cost_bounded_work(k):
+    # The unbounded search re-fetched and re-scored up to the whole gallery for every
+    # query (about n^2 = 1.4M pairs and log2(n / fetch) retries each here).
+    n = 1200
+    emb, labels = collapsed_data(n)
+    search = ExactSearch(emb, emb, backend="torch", self_index=torch.arange(n), query_labels=labels,
+                         gallery_labels=labels)
+    fetch = k + max(8, k // 8) + 1
+    got = {int(i) for part in search.ranked(torch.full((n,), k)) for i in part.query_idx}
+    assert got == set(range(n))  # every query answered once
+    assert search.num_retries <= n  # at most one retry per query
+    assert search.num_rescored <= n * (2 * fetch + max(fetch, 32))  # candidates of both searches
+    assert search.num_capped == n
+    assert search.num_retries == (n if fetch - 1 < 32 else 0)
+
+
+def test_collapsed_metrics_report_capped_queries():
+    emb, labels = collapsed_data(600)
+    with pytest.warns(UserWarning, match="max_tie_cluster=32"):
+        out = retrieval_metrics(emb, labels, ks=(1, 4), backend="torch")
+    assert out["num_tie_capped_queries"] == 600 and 0 <= out["map@r"] <= 1
+    exact = retrieval_metrics(emb[:150], labels[:150], ks=(1, 4), backend="torch", max_tie_cluster=None)
+    want = brute_force_metrics(emb[:150].numpy(), labels[:150].numpy(), emb[:150].numpy(), labels[:150].numpy(),
+                               (1, 4), loo=True)
+    assert_metrics_equal(exact, want)  # the cap can be lifted: full exactness at full cost
+
+
+def test_capped_query_is_exact_down_to_the_tie_cluster():
+    # Query 0; gallery rows 1-3 clearly nearest (in that order); rows 4..203 a collapsed
+    # cluster further away; k = 10 ends inside the cluster, which exceeds the cap.
+    g = torch.Generator().manual_seed(15)
+    d = 64
+    q = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=1)
+    other = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=1)
+    near = torch.nn.functional.normalize(q + torch.tensor([[0.1], [0.2], [0.3]]) * other, dim=1)
+    blob = torch.nn.functional.normalize(other + 1e-5 * torch.randn(200, d, generator=g), dim=1)
+    emb = torch.cat([q, near, blob])
+    with pytest.warns(UserWarning, match="1 of 1 queries"):
+        ids, _ = knn(emb[:1], emb, 11, backend="torch", max_tie_cluster=32)
+    ids = ids[0].tolist()
+    assert ids[:4] == [0, 1, 2, 3]  # before the cluster: exact
+    exact = fixed_order_dot(emb[:1].expand(7, -1), emb[ids[4:]])
+    assert all(j >= 4 for j in ids[4:])
+    assert all((-exact[i], ids[4 + i]) < (-exact[i + 1], ids[5 + i]) for i in range(6))  # exact score, then index
+    assert knn(emb[:1], emb, 11, backend="torch", max_tie_cluster=None)[0][0].tolist() == \
+        reference_knn(emb[:1].numpy(), emb.numpy(), 11, loo=False)[0].tolist()

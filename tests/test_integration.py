@@ -15,6 +15,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 COMMON = ["run.log_every=1", "eval.every_epochs=-1"]
+# The debug ViT with near-zero LayerScale: untrained, it embeds every image nearly alike.
+COLLAPSED_VIT = "model.backbone_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2, init_values: 1.0e-6}"
 
 
 def _env():
@@ -203,9 +205,9 @@ def test_best_checkpoint_survives_pruning_and_evaluates(tmp_path):
 
 
 def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
-    # tau2 far above the similarity spread puts every rank at ~B/2: the regime of an
-    # untrained backbone whose embeddings are all alike (docs/loss.md).
-    proc = _train_1proc(tmp_path, "run.max_steps=6", "loss.tau2=100", "loss.simix=false", "loss.saturation=stop",
+    # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
+    # embedding, so every positive ranks at ~B/2 (docs/loss.md).
+    proc = _train_1proc(tmp_path, "run.max_steps=6", COLLAPSED_VIT, "loss.simix=false", "loss.saturation=stop",
                         "loss.saturation_steps=2", "eval.every_epochs=-1", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: the RS@k loss is saturated" in proc.stderr and "model.pretrained" in proc.stderr
@@ -214,3 +216,19 @@ def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert any(r["kind"] == "warning" and r["saturated"] for r in records)
     assert all(r["emb_grad_norm"] < 1e-2 for r in records if r["kind"] == "train")
+
+
+@pytest.mark.slow  # 1-2.5 minutes on 2 shared cores: embeds 16k test images twice
+def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
+    # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
+    # embedding. Before the tie cap, ranking them took far beyond gloo's timeout.
+    _run([DEEPSPEED, "--master_port", str(_free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
+          "configs/debug.yaml", f"run.output_dir={tmp_path}", *COMMON, "run.max_steps=1", "run.save_every=0",
+          "eval.every_epochs=0", "eval.at_start=true", "eval.synthetic_size=16384", "eval.batch_size=256",
+          "run.timeout_minutes=5",
+          COLLAPSED_VIT],
+         timeout=900)
+    evals = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [0, 1]
+    assert evals[0]["eval/num_queries"] == 16384 and evals[0]["eval/num_tie_capped_queries"] == 16384

@@ -167,6 +167,8 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
             f"config: data.root={d.root!r} holds no index.json; write the shards first "
             f"(python tools/make_shards.py {d.dataset} --root SRC --out {d.root}) or point data.root at them"
         )
+    if not cfg.run.timeout_minutes > 0:
+        raise ValueError(f"config: run.timeout_minutes must be > 0, got {cfg.run.timeout_minutes}")
     if cfg.run.epochs <= 0 and cfg.run.max_steps <= 0:
         raise ValueError("config: set run.epochs > 0 or run.max_steps > 0")
     if not loss.ks or any(not isinstance(k, int) or k < 1 for k in loss.ks):

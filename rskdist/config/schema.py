@@ -24,6 +24,7 @@ class RunConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones removed after a good save
     resume: str = "auto"  # "auto": continue from the run folder's latest checkpoint; "never"; or a checkpoint folder
     tensorboard: bool = True  # also write TensorBoard event files
+    timeout_minutes: float = 30.0  # process-group timeout: a collective some rank never joins fails after this long (raise it if evaluation or checkpointing takes longer)
 
 
 @dataclass

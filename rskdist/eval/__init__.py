@@ -32,14 +32,9 @@ __all__ = [
 
 
 def evaluate_model(model, loader, *, device, rank=0, world_size=1, group=None, amp_dtype=None, **metric_kwargs):
-    """Embed ``loader`` on all ranks, then compute :func:`retrieval_metrics` on rank 0.
-
-    Returns the metrics dict on rank 0 and None elsewhere (the search is not split
-    across ranks; broadcast the dict if every rank needs it).
-    """
+    """Embed ``loader`` on all ranks, then compute :func:`retrieval_metrics` with the
+    queries split over the ranks. Every rank returns the same metrics dict."""
     emb, labels = embed_dataset(
         model, loader, device=device, rank=rank, world_size=world_size, group=group, amp_dtype=amp_dtype
     )
-    if rank != 0:
-        return None
-    return retrieval_metrics(emb, labels, **metric_kwargs)
+    return retrieval_metrics(emb, labels, rank=rank, world_size=world_size, group=group, **metric_kwargs)

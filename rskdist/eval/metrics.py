@@ -11,7 +11,14 @@ with R >= 1 relevant gallery items (same label; the query itself excluded):
 Each is averaged over queries with R >= 1; queries with R == 0 (a class with no
 other sample) are excluded from every metric and counted in
 ``num_excluded_queries``. Neighbours come from :mod:`rskdist.eval.neighbors` (exact,
-ties broken by lower gallery index, identical for every backend).
+ties broken by lower gallery index, identical for every backend; queries whose k-th
+neighbour lies in a near-tie cluster larger than ``max_tie_cluster`` are exact only
+down to that cluster and counted in ``num_tie_capped_queries``).
+
+With ``world_size > 1`` every rank passes the same full set, ranks its share of the
+queries, and the per-query values are summed over ``group``; each per-query value is
+computed by one rank in a fixed order and the means are exactly rounded sums
+(``math.fsum``), so every rank returns the single-process dict, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,8 +29,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from rskdist.eval.neighbors import ExactSearch, _work_device, as_float32_matrix, resolve_backend, warn_if_costly
+from rskdist.eval.neighbors import (
+    MAX_TIE_CLUSTER,
+    ExactSearch,
+    _work_device,
+    as_float32_matrix,
+    resolve_backend,
+    warn_if_costly,
+    warn_if_tie_capped,
+)
 
 METRICS = ("recall", "map_at_r", "r_precision")
 
@@ -76,6 +92,28 @@ def _encode_labels(*label_sets) -> list[torch.Tensor]:
     return out
 
 
+def _check_world(rank: int, world_size: int, group) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
+    if world_size == 1:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"world_size={world_size} needs an initialised torch.distributed process group; "
+            f"call with world_size=1 (the default) for a single process"
+        )
+    if dist.get_world_size(group) != world_size:
+        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} ranks")
+
+
+def _sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    """all_reduce(SUM) from the device the group's backend needs (NCCL: CUDA, else CPU)."""
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    y = x.to(comm)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+    return y.to(x.device)
+
+
 def _metrics_from_search(
     search: ExactSearch,
     q_labels: torch.Tensor,
@@ -83,44 +121,74 @@ def _metrics_from_search(
     num_relevant: torch.Tensor,
     ks: tuple[int, ...],
     metrics: tuple[str, ...],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
 ) -> dict[str, float | int]:
-    """Accumulate metric sums over exact ranked chunks. Labels are int64 on CPU."""
+    """Per-query metric values over exact ranked chunks, summed over ranks. Labels are
+    int64 on CPU; with ``world_size > 1`` this rank ranks queries rank, rank + W, ..."""
     n_avail = search.num_available
+    num_q = num_relevant.numel()
     valid = num_relevant > 0
     need_r = "map_at_r" in metrics or "r_precision" in metrics
     k_need = torch.full_like(num_relevant, min(max(ks), n_avail) if "recall" in metrics else 0)
     if need_r:
         k_need = torch.maximum(k_need, num_relevant)
     k_need = torch.where(valid, k_need, torch.zeros_like(k_need))
-    warn_if_costly(int(k_need.max()) if k_need.numel() else 0, int(valid.sum()))
+    if rank == 0:
+        warn_if_costly(int(k_need.max()) if k_need.numel() else 0, int(valid.sum()))
+    if world_size > 1:
+        # Strided shares: class-sorted or shuffled sets alike give every rank a similar
+        # mix of class sizes, hence of k_need and of work.
+        mine = torch.arange(num_q) % world_size == rank
+        k_need = torch.where(mine, k_need, torch.zeros_like(k_need))
 
+    names = [f"recall@{k}" for k in ks] if "recall" in metrics else []
+    names += [name for name, m in (("map@r", "map_at_r"), ("r_precision", "r_precision")) if m in metrics]
+    row = {name: i for i, name in enumerate(names)}
     dev = search.queries.device
     q_labels, g_labels, num_relevant = q_labels.to(dev), g_labels.to(dev), num_relevant.to(dev)
-    sums = {f"recall@{k}": torch.zeros((), dtype=torch.float64, device=dev) for k in ks if "recall" in metrics}
-    sums.update({m: torch.zeros((), dtype=torch.float64, device=dev) for m in ("map@r", "r_precision")})
+    # (metrics, N_q) float64: each query's value is written by one rank only, so the
+    # sum over ranks is exact and so is the final fsum, whatever the chunking.
+    per_query = torch.zeros(len(names), num_q, dtype=torch.float64, device=dev)
     for part in search.ranked(k_need):
-        R = num_relevant[part.query_idx]  # (B,) >= 1
+        qi = part.query_idx
+        R = num_relevant[qi]  # (B,) >= 1
         K = part.ids.shape[1]
-        rel_bk = g_labels[part.ids] == q_labels[part.query_idx].unsqueeze(1)  # (B, K)
+        rel_bk = g_labels[part.ids] == q_labels[qi].unsqueeze(1)  # (B, K)
         if "recall" in metrics:
             for k in ks:
-                sums[f"recall@{k}"] += rel_bk[:, : min(k, K)].any(dim=1).sum(dtype=torch.float64)
+                per_query[row[f"recall@{k}"], qi] = rel_bk[:, : min(k, K)].any(dim=1).double()
         if need_r:
             ranks = torch.arange(1, K + 1, device=dev, dtype=torch.float64)  # (K,)
             rel_r = rel_bk & (ranks.unsqueeze(0) <= R.unsqueeze(1))  # relevant and within top R
-            hits = rel_r.cumsum(dim=1, dtype=torch.float64)  # (B, K) relevant so far
+            hits = rel_r.cumsum(dim=1, dtype=torch.float64)  # (B, K) relevant so far (integers)
+            at_r = (R - 1).unsqueeze(1)  # (B, 1) column of rank R; K >= R
             R64 = R.double()
-            sums["map@r"] += ((hits / ranks) * rel_r).sum(dim=1).div(R64).sum()
-            sums["r_precision"] += hits[:, -1].div(R64).sum()
+            if "map_at_r" in metrics:
+                # A cumulative sum read at column R-1 adds the same terms in the same
+                # order whatever K the chunk fetched.
+                ap = ((hits / ranks) * rel_r).cumsum(dim=1)
+                per_query[row["map@r"], qi] = ap.gather(1, at_r).squeeze(1) / R64
+            if "r_precision" in metrics:
+                per_query[row["r_precision"], qi] = hits.gather(1, at_r).squeeze(1) / R64
 
+    num_capped = torch.tensor([float(search.num_capped)], dtype=torch.float64, device=dev)
+    if world_size > 1:
+        packed = _sum_over_ranks(torch.cat([per_query.flatten(), num_capped]), group)
+        per_query, num_capped = packed[:-1].view(len(names), num_q), packed[-1:]
+    num_capped = int(num_capped.item())
     num_valid = int(valid.sum())
-    if num_valid == 0:
-        warnings.warn("no query has a relevant item (all classes are singletons): metrics are NaN", stacklevel=3)
-    names = [f"recall@{k}" for k in ks] if "recall" in metrics else []
-    names += [name for name, m in (("map@r", "map_at_r"), ("r_precision", "r_precision")) if m in metrics]
-    out: dict[str, float | int] = {n: float(sums[n]) / num_valid if num_valid else math.nan for n in names}
+    if rank == 0:
+        if num_valid == 0:
+            warnings.warn("no query has a relevant item (all classes are singletons): metrics are NaN", stacklevel=3)
+        warn_if_tie_capped(num_capped, num_valid, search.max_tie_cluster)
+    sums = [math.fsum(values) for values in per_query.cpu().tolist()]
+    out: dict[str, float | int] = {n: sums[i] / num_valid if num_valid else math.nan for n, i in row.items()}
     out["num_queries"] = num_valid
     out["num_excluded_queries"] = int((~valid).sum())
+    out["num_tie_capped_queries"] = num_capped
     return out
 
 
@@ -133,16 +201,27 @@ def retrieval_metrics(
     backend: str = "auto",
     device: str | torch.device | None = None,
     max_candidates: int = 1 << 22,
+    max_tie_cluster: int | None = MAX_TIE_CLUSTER,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
 ) -> dict[str, float | int]:
     """Leave-one-out retrieval metrics: each sample queries all the others by inner product.
 
     ``embeddings`` (N, d) and ``labels`` (N,) are torch tensors or numpy arrays (normalise
     the embeddings first for cosine similarity). Returns ``recall@k`` for each k,
     ``map@r``, ``r_precision`` (those requested in ``metrics``), ``num_queries`` (queries
-    that count) and ``num_excluded_queries`` (singleton classes). ``backend``: auto
-    (faiss_gpu if possible, else torch), faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the number of
-    (query, neighbour) pairs held at once.
+    that count), ``num_excluded_queries`` (singleton classes) and
+    ``num_tie_capped_queries`` (queries that hit ``max_tie_cluster``; None: no cap, at
+    up to a whole-gallery search per query). ``backend``: auto (faiss_gpu if possible,
+    else torch), faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the
+    number of (query, neighbour) pairs held at once.
+
+    Distributed: with ``world_size > 1``, every rank of ``group`` calls this with the
+    same embeddings and labels, ranks 1/world_size of the queries, and gets the same
+    dict, equal to the single-process one. Warnings come from rank 0 only.
     """
+    _check_world(rank, world_size, group)
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
     requested, backend = backend, resolve_backend(backend)
     dev = _work_device(requested, backend, device, embeddings)
@@ -160,8 +239,11 @@ def retrieval_metrics(
         max_candidates=max_candidates,
         query_labels=lab_dev,
         gallery_labels=lab_dev,
+        max_tie_cluster=max_tie_cluster,
     )
-    return _metrics_from_search(search, lab, lab, num_relevant, ks, metrics)
+    return _metrics_from_search(
+        search, lab, lab, num_relevant, ks, metrics, rank=rank, world_size=world_size, group=group
+    )
 
 
 def retrieval_metrics_qg(
@@ -175,13 +257,19 @@ def retrieval_metrics_qg(
     backend: str = "auto",
     device: str | torch.device | None = None,
     max_candidates: int = 1 << 22,
+    max_tie_cluster: int | None = MAX_TIE_CLUSTER,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
 ) -> dict[str, float | int]:
     """Query-vs-gallery retrieval metrics (separate query and gallery sets).
 
-    Same keys as :func:`retrieval_metrics`; R is the number of gallery items with the
-    query's label, and queries with R == 0 are excluded. Nothing is removed from the
-    gallery, so a query that also sits in the gallery will find itself.
+    Same keys and keywords as :func:`retrieval_metrics` (distributed use included); R
+    is the number of gallery items with the query's label, and queries with R == 0 are
+    excluded. Nothing is removed from the gallery, so a query that also sits in the
+    gallery will find itself.
     """
+    _check_world(rank, world_size, group)
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
     requested, backend = backend, resolve_backend(backend)
     dev = _work_device(requested, backend, device, query_embeddings, gallery_embeddings)
@@ -196,9 +284,12 @@ def retrieval_metrics_qg(
     counts = torch.bincount(g_lab, minlength=num_codes)
     num_relevant = counts[q_lab]
     search = ExactSearch(
-        q, g, backend=backend, max_candidates=max_candidates, query_labels=q_lab.to(dev), gallery_labels=g_lab.to(dev)
+        q, g, backend=backend, max_candidates=max_candidates, query_labels=q_lab.to(dev),
+        gallery_labels=g_lab.to(dev), max_tie_cluster=max_tie_cluster,
     )
-    return _metrics_from_search(search, q_lab, g_lab, num_relevant, ks, metrics)
+    return _metrics_from_search(
+        search, q_lab, g_lab, num_relevant, ks, metrics, rank=rank, world_size=world_size, group=group
+    )
 
 
 def format_metrics_table(metrics: dict[str, float | int], title: str | None = None) -> str:

@@ -33,12 +33,9 @@ def _single_process_env() -> None:
     """A plain `python rskdist/train.py` still runs through DeepSpeed: world of one."""
     if "WORLD_SIZE" in os.environ:
         return
-    import socket
+    from rskdist.comm import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def collective_timeout_message(exc: BaseException, timeout_minutes: float, rank: int) -> str | None:

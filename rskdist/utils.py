@@ -11,18 +11,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import psutil
 import torch
 
 
 def memory_stats(device: torch.device) -> dict:
     """This process's peak host memory (and CUDA peak on GPUs), in MB."""
     stats = {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    try:
-        import psutil
-
-        stats["rss_mb"] = psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        pass
+    stats["rss_mb"] = psutil.Process().memory_info().rss / 2**20
     if device.type == "cuda":
         stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return stats

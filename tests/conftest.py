@@ -1,7 +1,6 @@
 """Shared pytest fixtures and tier handling for rskdist."""
 
 import os
-import socket
 
 import pytest
 
@@ -15,13 +14,6 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (ask the OS; never a fixed port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from rskdist.config import load_config, validate
 from rskdist.data.sampler import ClassBalancedPlan
 from rskdist.eval import default_ks
 from rskdist.models import create_model
-from rskdist.trainer import build_optimizer, deepspeed_config, lr_factor
+from rskdist.build import build_optimizer, deepspeed_config, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

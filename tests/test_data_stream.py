@@ -328,7 +328,7 @@ def test_batches_independent_of_workers_and_match_direct_decode(uneven):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
     root, _ = uneven
-    kw = dict(rank=1, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, seed=7, chunk_size=3)
+    kw = dict(rank=1, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, seed=7, read_size=3)
     loader = build_train_loader(root, num_workers=num_workers, **kw)
     loader.set_epoch(2)
     it = iter(loader)
@@ -340,7 +340,7 @@ def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
     del it
     loader.close()
 
-    resumed = build_train_loader(root, num_workers=2 - num_workers, **{**kw, "chunk_size": 2})
+    resumed = build_train_loader(root, num_workers=2 - num_workers, **{**kw, "read_size": 2})
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # a trainer calling set_epoch(current) must not rewind
     x, y = next(iter(resumed))
@@ -470,7 +470,7 @@ def test_decode_train_large_jpeg_uses_draft():
 def test_break_and_continue_with_persistent_workers(uneven):
     """Leaving the loop early (prefetched chunks in flight) and iterating again continues in place."""
     root, _ = uneven
-    kw = dict(rank=0, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, chunk_size=1)
+    kw = dict(rank=0, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, read_size=1)
     ref = list(build_train_loader(root, num_workers=0, **kw))
     loader = build_train_loader(root, num_workers=2, **kw)
     got = []
@@ -486,7 +486,7 @@ def test_break_and_continue_with_persistent_workers(uneven):
 
 def test_device_option_matches_host_normalisation(uneven):
     root, _ = uneven
-    kw = dict(rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0, chunk_size=3)
+    kw = dict(rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0, read_size=3)
     (xa, ya), (xb, yb) = next(iter(build_train_loader(root, **kw))), next(iter(build_train_loader(root, device="cpu", **kw)))
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     x, y, i = next(iter(build_eval_loader(root, rank=0, world_size=1, batch_size=5, image_size=SIZE, num_workers=0,

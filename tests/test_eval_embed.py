@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.eval import all_gather_variable, embed_dataset, evaluate_model, load_embeddings, save_embeddings
+from rskdist.comm import gather_rows
+from rskdist.eval import embed_dataset, evaluate_model, load_embeddings, save_embeddings
 
 NUM_SAMPLES, DIM_IN, DIM_OUT = 23, 6, 4
 
@@ -78,8 +79,8 @@ def _worker(rank, world_size, init_method, out_dir):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         # Rank 0 of a 3-way split gets an extra empty piece; variable lengths per rank.
-        pieces = all_gather_variable(torch.arange(rank + 1, dtype=torch.float32).unsqueeze(1), world_size=world_size)
-        assert [p.shape[0] for p in pieces] == list(range(1, world_size + 1))
+        rows, counts = gather_rows(torch.arange(rank + 1, dtype=torch.float32).unsqueeze(1), dist.group.WORLD)
+        assert counts == list(range(1, world_size + 1)) and rows.shape[0] == sum(counts)
         batches = shard_batches(rank, world_size)
         if world_size == 3:  # the last rank has no batch at all; rank 0 takes its share
             batches = [] if rank == 2 else batches + (shard_batches(2, 3) if rank == 0 else [])

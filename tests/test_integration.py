@@ -3,12 +3,13 @@ and the messages a user sees for unusable weights."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rskdist.comm import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -78,16 +79,10 @@ def test_resume_continues_with_the_same_losses(uninterrupted, tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_loopback_match_one_node(uninterrupted, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node_rank in (0, 1):
         cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
@@ -134,7 +129,7 @@ def test_memory_estimate_within_15_percent_on_vit_large(tmp_path):
     2 cores). Its peak is the optimizer step, set by DeepSpeed's fp32 copies and Adam's
     temporaries, which a tiny backbone cannot show (docs/scaling.md)."""
     setup = ["data.global_batch=16", "data.chunk_size=4"]
-    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "rskdist/train.py", "--config",
+    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "rskdist/train.py", "--config",
           "configs/inat_vit_l16.yaml", "data.source=synthetic", "model.pretrained=", "run.max_steps=1",
           f"run.output_dir={tmp_path}", *setup, *COMMON], timeout=3000)
     records = [json.loads(l) for l in (tmp_path / "inat_vit_l16" / "metrics.jsonl").read_text().splitlines()]
@@ -148,7 +143,7 @@ def test_memory_estimate_within_15_percent_on_vit_large(tmp_path):
 
 def test_bf16_zero3_checkpointing_drop_path(tmp_path):
     """ZeRO-3 partitions across the 2 ranks; bf16 weights, checkpointed blocks and
-    stochastic depth replayed in pass 3 all go through one real step each."""
+    stochastic depth replayed in the backprop pass all go through one real step each."""
     _train_2proc(tmp_path, "run.max_steps=2", "deepspeed.precision=bf16", "deepspeed.zero_stage=3",
                  "model.grad_checkpointing=true", "model.drop_path_rate=0.1")
     losses = _losses(tmp_path / "debug")
@@ -169,7 +164,7 @@ def test_standalone_evaluation_of_a_checkpoint_matches_training(uninterrupted, t
 
 def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
           "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2",
           *COMMON])
     losses = _losses(tmp_path / "debug")
@@ -222,7 +217,7 @@ def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
 def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
     # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
     # embedding. Before the tie cap, ranking them took far beyond gloo's timeout.
-    _run([DEEPSPEED, "--master_port", str(_free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
+    _run([DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
           "configs/debug.yaml", f"run.output_dir={tmp_path}", *COMMON, "run.max_steps=1", "run.save_every=0",
           "eval.every_epochs=0", "eval.at_start=true", "eval.synthetic_size=16384", "eval.batch_size=256",
           "run.timeout_minutes=5",

@@ -71,7 +71,7 @@ def _local_worker(rank, world, init, result_dir):
     is the loss of this rank's rows alone; an explicit group gathers."""
     from rskdist.config.schema import LossConfig
     from rskdist.loss import RSkLoss
-    from rskdist.trainer import make_loss_fn
+    from rskdist.build import make_loss_fn
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -96,7 +96,7 @@ def _local_worker(rank, world, init, result_dir):
 
 def test_group_none_is_local_inside_a_process_group(tmp_path):
     from rskdist.config.schema import LossConfig
-    from rskdist.trainer import make_loss_fn
+    from rskdist.build import make_loss_fn
 
     world = 2
     init = f"file://{tmp_path / 'rdzv'}"

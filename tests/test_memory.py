@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rskdist.parallel.memory import (DS_BUCKET_ELEMS, MB, PHASES, ZeroSettings, estimate_memory, host_heap_bytes,
+from rskdist.planning.memory import (DS_BUCKET_ELEMS, MB, PHASES, ZeroSettings, estimate_memory, host_heap_bytes,
                                      loss_bytes, model_state_bytes)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_zero2_bf16_parts_follow_deepspeeds_allocations():
 
 def test_bucket_settings_come_from_the_generated_deepspeed_config():
     from rskdist.config import load_config
-    from rskdist.trainer import deepspeed_config
+    from rskdist.build import deepspeed_config
 
     cfg = load_config(ROOT / "configs/debug.yaml",
                       ["deepspeed.extra={zero_optimization: {reduce_bucket_size: 10000000, overlap_comm: true}}"])

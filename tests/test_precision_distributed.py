@@ -99,7 +99,7 @@ def _update_worker(rank, world, init, out_dir, cases):
     import deepspeed
 
     from rskdist.parallel.step import two_pass_step
-    from rskdist.trainer import deepspeed_config, make_loss_fn
+    from rskdist.build import deepspeed_config, make_loss_fn
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     _allow_fp16_on_cpu()
@@ -226,7 +226,7 @@ def _overflow_worker(rank, world, init, run_dir):
 
 
 def test_overflow_skipped_step_keeps_schedule_and_step_in_sync(tmp_path):
-    from rskdist.trainer import lr_factor
+    from rskdist.build import lr_factor
 
     run_dir = tmp_path / "run"
     init = f"file://{tmp_path / 'rdzv'}"

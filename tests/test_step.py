@@ -1,5 +1,5 @@
 """The two-pass step in one process: chunked recompute equals a direct full backward,
-also with dropout (pass 3 replays pass 1's random state)."""
+also with dropout (the backprop pass replays the embed pass's random state)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 
 from rskdist.loss import rsk_loss
 from rskdist.parallel.step import chunk_seed, seeded_rng, two_pass_step
-from rskdist.trainer import lr_factor
+from rskdist.build import lr_factor
 
 
 class Net(nn.Module):
@@ -126,7 +126,7 @@ class LossScaledHalfEngine(PlainEngine):
 
 
 def test_cached_gradient_reaches_an_fp16_model_in_fp32_before_the_loss_scale():
-    """Pass 3 must scale the fp32 d loss / d emb and round once to fp16; rounding it to fp16
+    """The backprop pass must scale the fp32 d loss / d emb and round once to fp16; rounding it to fp16
     first (before the scale) loses the entries below fp16's normal range."""
     torch.manual_seed(0)
     images, labels = torch.randn(256, 3, 2, 2), torch.arange(256) // 4
@@ -134,7 +134,7 @@ def test_cached_gradient_reaches_an_fp16_model_in_fp32_before_the_loss_scale():
     two_pass_step(engine, images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=100, world_size=1, rank=0,
                   step=0, seed=0, input_dtype=torch.float16)
     with torch.no_grad():
-        emb = engine(images.half()).float().requires_grad_(True)  # the fp16 embeddings pass 1 saw
+        emb = engine(images.half()).float().requires_grad_(True)  # the fp16 embeddings the embed pass saw
     (ref,) = torch.autograd.grad(rsk_loss(emb, labels), emb)
     assert ((ref != 0) & (ref.abs() < torch.finfo(torch.float16).tiny)).float().mean() > 0.05  # about 10% here
     got = torch.cat(engine.out_grads)

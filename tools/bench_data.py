@@ -73,7 +73,7 @@ def measure(root: str, workers: int, args) -> dict:
         image_size=args.image_size,
         num_workers=workers,
         seed=0,
-        chunk_size=args.chunk_size,
+        read_size=args.read_size,
     )
     done, t0, cpu0, images = 0, None, None, 0
     while done < args.warmup + args.steps:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--read-size", type=int, default=16)
     p.add_argument("--source-size", default="500x375", help="WxH of the generated JPEGs")
     p.add_argument("--num-classes", type=int, default=40)
     p.add_argument("--per-class", type=int, default=12)

@@ -8,7 +8,7 @@
 With --config, the setup comes from the experiment config (and its overrides); flags
 given explicitly win. `total_mb` is the largest phase (`peak_phase`: build, flatten,
 partition, backward, step); every part (`*_mb`) and phase total (`phase_*_mb`) is printed
-and explained in rskdist/parallel/memory.py.
+and explained in rskdist/planning/memory.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from rskdist.config import load_config
-    from rskdist.parallel.memory import estimate_memory
+    from rskdist.planning.memory import estimate_memory
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     # The bucket sizes come from the DeepSpeed config the trainer would generate (deepspeed.extra included).
-    from rskdist.trainer import deepspeed_config
+    from rskdist.build import deepspeed_config
 
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = setup["zero_stage"], setup["precision"]
     local_batch = setup["global_batch"] // setup["world_size"]

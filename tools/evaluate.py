@@ -99,7 +99,7 @@ def embed_checkpoint(args, cfg) -> tuple:
     """Embed the config's test split with the checkpoint's model, in this process."""
     from rskdist.checkpoint import load_model_state
     from rskdist.eval import embed_dataset, save_embeddings
-    from rskdist.trainer import build_eval_stream, build_model
+    from rskdist.build import build_eval_stream, build_model
 
     model = build_model(cfg, pretrained=False)
     model.load_state_dict(load_model_state(args.checkpoint, args.tag))

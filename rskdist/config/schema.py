@@ -37,7 +37,7 @@ class ModelConfig:
     image_size: int = 224  # input resolution
     grad_checkpointing: bool = False  # activation checkpointing of the backbone's blocks
     freeze_bn: bool = True  # BatchNorm in eval mode, so both passes of a step agree
-    drop_path_rate: float = 0.0  # stochastic depth (replayed identically in pass 3)
+    drop_path_rate: float = 0.0  # stochastic depth (replayed identically in the backprop pass)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the backbone factory
 
 

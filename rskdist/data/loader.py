@@ -1,12 +1,12 @@
 """Training and evaluation streams over rskdist shards.
 
-Both loaders are thin iterators around a torch DataLoader whose "indices" are chunk
+Both loaders are thin iterators around a torch DataLoader whose "indices" are read
 requests (sample indices + augmentation key). The main process decides which sample
 goes where (the class-balanced plan, or the evaluation order); DataLoader workers only
 read bytes (one seek + read per image in the tar shards) and decode; the main process
-concatenates the chunks of a step, in order, into the rank's batch. Consequences:
+concatenates the reads of a step, in order, into the rank's batch. Consequences:
 - batches do not depend on num_workers; only the rank's own images are read;
-- memory is bounded by num_workers * prefetch_factor chunks, never the dataset;
+- memory is bounded by num_workers * prefetch_factor reads, never the dataset;
 - the position is just (epoch, step): `state_dict()` / `load_state_dict()` restore it
   and the next batch is bit-identical (augmentation is seeded by position).
 Rank and world size are arguments (never read from torch.distributed here).
@@ -27,11 +27,11 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train, 
 
 
 class _ChunkDataset(Dataset):
-    """dataset[request] -> uint8 images [n, 3, size, size] for one chunk request.
+    """dataset[request] -> uint8 images [n, 3, size, size] for one read request.
 
     request = (indices int64 [n] (-1 = padding), aug_key or None for eval, position of
     indices[0] in the batch). Image i is augmented with rng([*aug_key, position + i]):
-    independent of chunk_size and num_workers.
+    independent of read_size and num_workers.
     """
 
     def __init__(self, table: SplitTable, image_size: int, augment: dict):
@@ -60,7 +60,7 @@ class _ChunkDataset(Dataset):
 
 
 class _RequestSampler(Sampler):
-    """Yields the chunk requests of steps [start, stop) of the owner's current pass."""
+    """Yields the read requests of steps [start, stop) of the owner's current pass."""
 
     def __init__(self, owner: "_ChunkedLoader"):
         self.owner = owner
@@ -70,21 +70,21 @@ class _RequestSampler(Sampler):
         o = self.owner
         for step in range(self.start, o.steps_per_epoch):
             indices, aug_key = o._step_request(self.epoch, step)
-            for c in range(0, len(indices), o.chunk_size):
-                yield indices[c : c + o.chunk_size], aug_key, c
+            for c in range(0, len(indices), o.read_size):
+                yield indices[c : c + o.read_size], aug_key, c
 
     def __len__(self) -> int:
         o = self.owner
-        return (o.steps_per_epoch - self.start) * math.ceil(o.batch_size / o.chunk_size)
+        return (o.steps_per_epoch - self.start) * math.ceil(o.batch_size / o.read_size)
 
 
 class _ChunkedLoader:
-    """Shared machinery: DataLoader over chunk requests, reassembly into steps, position."""
+    """Shared machinery: DataLoader over read requests, reassembly into steps, position."""
 
     steps_per_epoch: int
     batch_size: int
 
-    def __init__(self, table, *, image_size, num_workers, mean, std, chunk_size, prefetch_factor, pin_memory, device, augment):
+    def __init__(self, table, *, image_size, num_workers, mean, std, read_size, prefetch_factor, pin_memory, device, augment):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if num_workers < 0:
@@ -92,7 +92,7 @@ class _ChunkedLoader:
         self.table = table
         self.image_size, self.num_workers = image_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        self.chunk_size = max(1, chunk_size)
+        self.read_size = max(1, read_size)
         self.device = device
         self.epoch, self.step = 0, 0
         self._sampler = _RequestSampler(self)
@@ -118,15 +118,15 @@ class _ChunkedLoader:
             self._loader = DataLoader(self._dataset, sampler=self._sampler, **self._loader_kwargs)
         epoch, start = self.epoch, self.step
         self._sampler.epoch, self._sampler.start = epoch, start
-        num_chunks = math.ceil(self.batch_size / self.chunk_size)
-        chunks: list[torch.Tensor] = []
+        num_reads = math.ceil(self.batch_size / self.read_size)
+        reads: list[torch.Tensor] = []
         step = start
-        for chunk in self._loader:
-            # With a device, copy each (pinned) chunk as it arrives and concatenate there.
-            chunks.append(chunk if self.device is None else chunk.to(self.device, non_blocking=True))
-            if len(chunks) == num_chunks:
-                images = chunks[0] if num_chunks == 1 else torch.cat(chunks)
-                chunks = []
+        for read in self._loader:
+            # With a device, copy each (pinned) read as it arrives and concatenate there.
+            reads.append(read if self.device is None else read.to(self.device, non_blocking=True))
+            if len(reads) == num_reads:
+                images = reads[0] if num_reads == 1 else torch.cat(reads)
+                reads = []
                 yield epoch, step, images
                 step += 1
 
@@ -163,7 +163,7 @@ class TrainLoader(_ChunkedLoader):
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
-        chunk_size: int = 32,
+        read_size: int = 32,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         device: torch.device | str | None = None,
@@ -194,7 +194,7 @@ class TrainLoader(_ChunkedLoader):
             num_workers=num_workers,
             mean=mean,
             std=std,
-            chunk_size=chunk_size,
+            read_size=read_size,
             prefetch_factor=prefetch_factor,
             pin_memory=pin_memory,
             device=device,
@@ -280,7 +280,7 @@ class EvalLoader(_ChunkedLoader):
         num_workers: int = 4,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        chunk_size: int | None = None,
+        read_size: int | None = None,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         device: torch.device | str | None = None,
@@ -302,7 +302,7 @@ class EvalLoader(_ChunkedLoader):
             num_workers=num_workers,
             mean=mean,
             std=std,
-            chunk_size=chunk_size or min(batch_size, 64),
+            read_size=read_size or min(batch_size, 64),
             prefetch_factor=prefetch_factor,
             pin_memory=pin_memory,
             device=device,
@@ -347,7 +347,7 @@ def build_train_loader(
     **kwargs,
 ) -> TrainLoader:
     """The class-balanced training stream of `rank` (see TrainLoader for extra options:
-    split, remainder, steps_per_epoch, scale, ratio, hflip, chunk_size, prefetch_factor, pin_memory, device)."""
+    split, remainder, steps_per_epoch, scale, ratio, hflip, read_size, prefetch_factor, pin_memory, device)."""
     return TrainLoader(
         root,
         rank=rank,

@@ -1,6 +1,6 @@
 """Retrieval evaluation: exact kNN, Recall@k / MAP@R / R-precision, distributed embedding."""
 
-from rskdist.eval.embed import all_gather_variable, embed_dataset, load_embeddings, save_embeddings
+from rskdist.eval.embed import embed_dataset, load_embeddings, save_embeddings
 from rskdist.eval.neighbors import BACKENDS, knn, resolve_backend
 from rskdist.eval.metrics import (
     DEFAULT_KS,
@@ -17,7 +17,6 @@ __all__ = [
     "DEFAULT_KS",
     "METRICS",
     "BestTracker",
-    "all_gather_variable",
     "default_ks",
     "embed_dataset",
     "evaluate_model",

@@ -11,28 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _comm_device(group, device: torch.device) -> torch.device:
-    """NCCL needs CUDA tensors; gloo (and others) take CPU tensors."""
-    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-
-
-def all_gather_variable(x: torch.Tensor, *, world_size: int, group=None) -> list[torch.Tensor]:
-    """all_gather of tensors whose first dimension differs across ranks.
-
-    Rows are padded to the largest count, gathered, then trimmed. Every rank must pass
-    the same trailing shape and dtype. Returns the pieces of ranks 0..world_size-1.
-    """
-    n_local = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    counts = [torch.zeros_like(n_local) for _ in range(world_size)]
-    dist.all_gather(counts, n_local, group=group)
-    counts = [int(c) for c in counts]
-    n_max = max(counts)
-    padded = torch.zeros((n_max, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    pieces = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(pieces, padded, group=group)
-    return [p[:c] for p, c in zip(pieces, counts)]
+from rskdist.comm import comm_device, gather_rows
 
 
 @torch.no_grad()
@@ -80,15 +59,16 @@ def embed_dataset(
     lab = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.int64, device=device)
     idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64, device=device)
     if world_size > 1:
-        comm = _comm_device(group, device)
+        group = dist.group.WORLD if group is None else group
+        comm = comm_device(group, device)
         # A rank may have no batch at all: agree on the embedding width first.
-        dims = all_gather_variable(torch.tensor([dim], device=comm), world_size=world_size, group=group)
-        dim = max(int(d) for d in dims)
+        dims, _ = gather_rows(torch.tensor([dim], device=comm), group)
+        dim = int(dims.max())
         if emb.shape[1] != dim:
             emb = emb.reshape(0, dim)
-        emb = torch.cat(all_gather_variable(emb.to(comm), world_size=world_size, group=group))
-        lab = torch.cat(all_gather_variable(lab.to(comm), world_size=world_size, group=group))
-        idx = torch.cat(all_gather_variable(idx.to(comm), world_size=world_size, group=group))
+        emb, _ = gather_rows(emb.to(comm), group)
+        lab, _ = gather_rows(lab.to(comm), group)
+        idx, _ = gather_rows(idx.to(comm), group)
     emb, lab, idx = emb.cpu(), lab.cpu(), idx.cpu()
 
     keep = idx >= 0  # drop padding

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rskdist.comm import comm_device
 from rskdist.eval.neighbors import (
     MAX_TIE_CLUSTER,
     ExactSearch,
@@ -43,7 +44,7 @@ from rskdist.eval.neighbors import (
 
 METRICS = ("recall", "map_at_r", "r_precision")
 
-# Usual k lists per dataset (METHOD.md section 6); configs pick from here.
+# Usual k lists per dataset (docs/method.md section 6); configs pick from here.
 DEFAULT_KS: dict[str, tuple[int, ...]] = {
     "inat": (1, 4, 16, 32),
     "sop": (1, 10, 100, 1000),
@@ -108,8 +109,9 @@ def _check_world(rank: int, world_size: int, group) -> None:
 
 def _sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """all_reduce(SUM) from the device the group's backend needs (NCCL: CUDA, else CPU)."""
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    y = x.to(comm)
+    group = dist.group.WORLD if group is None else group
+    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else x.device
+    y = x.to(comm_device(group, cuda))
     dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
     return y.to(x.device)
 

@@ -11,68 +11,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from rskdist.loss.rsk import (
-    DEFAULT_SIM_CACHE_MB,
-    RSkOptions,
-    rsk_forward_backward,
-    validate_inputs,
-    validate_mix,
-)
-from rskdist.loss.simix import materialise_mix, simix_plan
-from rskdist.parallel.gradients import gather_rows, group_rank_and_size, sum_rows_to_owner
+from rskdist.comm import group_rank_and_size
+from rskdist.loss.distributed import RSkFunction
+from rskdist.loss.rsk import DEFAULT_SIM_CACHE_MB, RSkOptions, rsk_forward_backward, validate_inputs
+from rskdist.loss.simix import materialise_mix, simix_generator, simix_plan
 
-__all__ = ["rsk_loss", "RSkLoss", "RSkOptions", "simix_plan", "materialise_mix", "rsk_forward_backward"]
-
-
-class _RSkFunction(torch.autograd.Function):
-    """Loss value in forward; the gradient is computed there too and replayed in backward."""
-
-    @staticmethod
-    def forward(ctx, embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group):
-        need_grad = ctx.needs_input_grad[0]
-        rank, world = group_rank_and_size(group)
-        if world == 1:
-            loss, grad, _ = rsk_forward_backward(
-                embeddings, labels, opts=opts, pairs=pairs, alphas=alphas,
-                block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad,
-            )
-        else:
-            # Gather in float32 at least: the loss needs full-precision similarities.
-            keys, counts = gather_rows(embeddings.detach().float() if embeddings.dtype != torch.float64
-                                       else embeddings.detach(), group)
-            all_labels, _ = gather_rows(labels, group)
-            if pairs is not None:
-                validate_mix((pairs, alphas), all_labels)
-            start = sum(counts[:rank])
-            queries = torch.arange(start, start + counts[rank], device=labels.device)
-            num_virtual = 0 if pairs is None else pairs.shape[0]
-            if num_virtual:
-                v0, v1 = num_virtual * rank // world, num_virtual * (rank + 1) // world
-                queries = torch.cat([queries, torch.arange(v0, v1, device=labels.device) + keys.shape[0]])
-            loss, grad, _ = rsk_forward_backward(
-                keys, all_labels, opts=opts, pairs=pairs, alphas=alphas, queries=queries,
-                block_size=block_size, need_grad=need_grad,
-            )
-            dist.all_reduce(loss, group=group)
-            if need_grad:
-                grad = sum_rows_to_owner(grad, counts, group)
-        if need_grad:
-            # Kept in the compute dtype (fp32): rounding it to fp16 here, before the caller's
-            # loss scale arrives as grad_out, flushes its small entries to (sub)normal zeros.
-            ctx.save_for_backward(grad)
-            ctx.input_dtype = embeddings.dtype
-        return loss.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        # Scale first, round to the input dtype last (autograd would cast it anyway).
-        grad_in = (grad * grad_out.to(grad.dtype)).to(ctx.input_dtype)
-        return grad_in, None, None, None, None, None, None, None
+__all__ = ["rsk_loss", "RSkLoss", "RSkOptions", "simix_plan", "simix_generator", "materialise_mix",
+           "rsk_forward_backward"]
 
 
 def rsk_loss(
@@ -89,7 +36,7 @@ def rsk_loss(
     sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
     group=None,
 ) -> torch.Tensor:
-    """RS@k loss of a batch, leave-one-out, as in METHOD.md section 1.
+    """RS@k loss of a batch, leave-one-out, as in docs/method.md section 1.
 
     Args:
         embeddings: (B, d) L2-normalised embeddings (any float dtype; computed in fp32).
@@ -123,7 +70,7 @@ def rsk_loss(
         tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
     )
     labels = labels.long()
-    return _RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
+    return RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
 
 
 class RSkLoss(nn.Module):

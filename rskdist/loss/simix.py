@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 
 
+def simix_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step `step`'s plan: every rank seeds it alike (same plan, no
+    communication), and a resumed run draws the plans of an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 7_919 + step)
+
+
 def simix_plan(
     labels: torch.Tensor,
     *,

@@ -3,7 +3,7 @@
 1. forward the local batch in chunks without keeping activations -> local embeddings;
 2. loss of the global batch (rsk_loss with the process group gathers the embeddings);
    keep d loss / d local embedding;
-3. recompute each chunk with grad, under the same RNG state as in pass 1, and
+3. recompute each chunk with grad, under the same RNG state as in the embed pass, and
    backpropagate the cached embedding gradient; one optimizer step for all chunks.
 Gradient flow and scaling are explained in rskdist/parallel/gradients.py.
 """
@@ -32,7 +32,7 @@ class Engine(Protocol):
 
 
 def chunk_seed(base_seed: int, step: int, rank: int, chunk: int) -> int:
-    """Seed of a chunk's stochastic layers (dropout, drop path): same in pass 1 and 3,
+    """Seed of a chunk's stochastic layers (dropout, drop path): same in both passes,
     different across steps, ranks and chunks, and reproducible after a resume."""
     return (base_seed * 1_000_003 + step * 10_007 + rank * 101 + chunk) % (2**63 - 1)
 
@@ -49,9 +49,9 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 @dataclass
 class StepResult:
     loss: float
-    pass1_seconds: float
+    embed_seconds: float
     loss_seconds: float
-    pass3_seconds: float
+    backprop_seconds: float
     # L2 norm of d loss / d E over all embeddings of the global batch; the same on every rank.
     emb_grad_norm: float = 0.0
     # False when the engine skipped the optimizer update (fp16 overflow); the trainer's
@@ -102,7 +102,7 @@ def two_pass_step(
     t1 = time.perf_counter()
 
     # An fp32 leaf (same values; the loss computes in fp32 anyway), so that d loss / d emb
-    # stays fp32 into pass 3: rounded to fp16 before DeepSpeed's loss scale applies, most of
+    # stays fp32 into the backprop pass: rounded to fp16 before DeepSpeed's loss scale applies, most of
     # its entries at large B would be subnormal and some flush to zero.
     emb = emb.detach().to(torch.promote_types(emb.dtype, torch.float32)).requires_grad_(True)
     loss = loss_fn(emb, labels)
@@ -128,6 +128,6 @@ def two_pass_step(
     t3 = time.perf_counter()
     # DeepSpeed reports an fp16 overflow skip here; engines without the query always apply.
     applied = getattr(engine, "was_step_applied", lambda: True)()
-    # Read back after pass 3 is queued: float() is a host sync.
+    # Read back after the backprop pass is queued: float() is a host sync.
     return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2, emb_grad_norm=float(sq_norm.sqrt()),
                       step_applied=bool(applied))

@@ -36,7 +36,7 @@ allocations (runtime/engine.py, runtime/zero/stage_1_and_2.py) and torch's optim
 - optimizer_temp: Adam's temporaries in its step: torch's foreach path (GPU) holds one
   fp32 tensor of the flat partition (sqrt of the second moment), the single-tensor path
   (CPU) two at once (`(exp_avg_sq.sqrt() / c).add_(eps)`).
-- activations: what autograd saves for one chunk in pass 3, measured by running the
+- activations: what autograd saves for one chunk in the backprop pass, measured by running the
   backbone on one image with saved-tensor hooks (with activation checkpointing: the
   block inputs plus one block's activations during its recompute).
 - images: one chunk on the device (on CPU the whole local batch lives in host memory).
@@ -265,7 +265,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak memory of one rank; see the module docstring for the parts.
 
-    `deepspeed_config` is the config the trainer generates (rskdist.trainer.deepspeed_config);
+    `deepspeed_config` is the config the trainer generates (rskdist.build.deepspeed_config);
     its zero_optimization bucket settings size the gradient bucket. Without it, DeepSpeed's
     defaults apply.
     """
@@ -322,13 +322,12 @@ def estimate_memory(
 
 
 _RUNTIME_PROBE = """
-import importlib, os, resource, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import importlib, os, resource, sys
+from rskdist.comm import free_port
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 import torch, deepspeed
 torch.set_num_threads(int(sys.argv[2]))
-import rskdist.trainer, rskdist.eval, rskdist.data, rskdist.models
+import rskdist.build, rskdist.eval, rskdist.data, rskdist.models
 importlib.import_module(sys.argv[3])  # the backbone library, imported by the trainer when it builds the model
 from torch.utils.tensorboard import SummaryWriter
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)

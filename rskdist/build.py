@@ -1,0 +1,196 @@
+"""Builders: everything a run is made of, from a Config.
+
+The trainer composes these; tools (evaluation, the memory estimator) import them to
+build the same model, streams and DeepSpeed config as a training run. The model is a
+plain nn.Module (rskdist.models); DeepSpeed (ZeRO, precision, accumulation) is applied
+to it by `build_engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rskdist.comm import gather_rows
+from rskdist.config import Config
+from rskdist.loss import rsk_loss, simix_generator, simix_plan
+
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch splits over ranks and forward chunks."""
+
+    global_batch: int
+    local_batch: int  # images per rank per step
+    classes_per_rank: int
+    chunk_size: int  # images per forward chunk (the two-pass step's unit of activation memory)
+    num_chunks: int  # chunks per rank per step = DeepSpeed's gradient accumulation steps
+
+
+def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
+    d = cfg.data
+    local = d.global_batch // world_size
+    return BatchLayout(global_batch=d.global_batch, local_batch=local, classes_per_rank=local // d.m,
+                       chunk_size=d.chunk_size, num_chunks=math.ceil(local / d.chunk_size))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """A torch.optim optimizer (passing an object keeps DeepSpeed from compiling fused_adam).
+
+    Weight decay applies to every parameter as in the published code, unless
+    `optim.decay_norm_and_bias` is off (then biases, norms and token embeddings are exempt).
+    """
+    from rskdist.models import param_groups
+
+    groups = param_groups(model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epochs, decay_factor: float) -> float:
+    """Linear warm-up, then step decay at the given epochs (the paper's schedule)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    drops = sum(1 for e in decay_epochs if step >= e * steps_per_epoch)
+    return warm * decay_factor**drops
+
+
+def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
+    """The retrieval model of a config (random init when `pretrained` is False)."""
+    from rskdist.models import create_model
+
+    m = cfg.model
+    return create_model(
+        m.backbone, embed_dim=m.embed_dim, pretrained=(m.pretrained or None) if pretrained else None, pool=m.pool,
+        gem_p=m.gem_p, image_size=m.image_size, grad_checkpointing=m.grad_checkpointing, freeze_bn=m.freeze_bn,
+        drop_path_rate=m.drop_path_rate, backbone_kwargs=m.backbone_kwargs,
+    )
+
+
+def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
+    """The held-out split of the config's data, every image once over the ranks."""
+    d, e = cfg.data, cfg.eval
+    if d.source == "synthetic":
+        from rskdist.data.synthetic_stream import SyntheticEvalStream
+
+        return SyntheticEvalStream(
+            num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=rank, world_size=world_size,
+            batch_size=e.batch_size, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
+        )
+    from rskdist.data import build_eval_loader
+
+    return build_eval_loader(
+        d.root, split="test", rank=rank, world_size=world_size, batch_size=e.batch_size,
+        image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
+    )
+
+
+def make_loss_fn(loss_cfg, *, seed: int, step: int, group):
+    """loss_fn(local_emb, local_labels) -> RS@k (+ SiMix) loss of the global batch.
+
+    The SiMix plan is drawn from the gathered labels with a generator seeded by
+    (seed, step), so every rank builds the same plan without communicating it, and a
+    resumed run draws the same plans as an uninterrupted one.
+    """
+
+    def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mix = None
+        if loss_cfg.simix:
+            all_labels, _ = gather_rows(labels, group)
+            pairs, alphas = simix_plan(all_labels.cpu(), per_class=loss_cfg.simix_per_class or None,
+                                       generator=simix_generator(seed, step))
+            mix = (pairs.to(labels.device), alphas.to(labels.device))
+        return rsk_loss(
+            emb, labels, ks=loss_cfg.ks, tau1=loss_cfg.tau1, tau2=loss_cfg.tau2, count_self=loss_cfg.count_self,
+            mix=mix, block_size=loss_cfg.block_size or None, virtual_queries=loss_cfg.simix_queries, group=group,
+        )
+
+    return loss_fn
+
+
+def deepspeed_config(cfg: Config, *, chunk_size: int, num_chunks: int, world_size: int) -> dict:
+    """The DeepSpeed config generated from ours; `deepspeed.extra` is merged last."""
+    ds = {
+        "train_micro_batch_size_per_gpu": chunk_size,
+        # One accumulation step per chunk: the optimizer runs after the last chunk.
+        "gradient_accumulation_steps": num_chunks,
+        "train_batch_size": chunk_size * num_chunks * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.deepspeed.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    _merge(ds, cfg.deepspeed.extra)
+    return ds
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, device: torch.device):
+    """This rank's class-balanced training stream (equal steps on every rank)."""
+    d = cfg.data
+    classes_per_rank = batch_layout(cfg, world_size).classes_per_rank
+    if d.source == "synthetic":
+        from rskdist.data.synthetic_stream import SyntheticTrainStream
+
+        return SyntheticTrainStream(
+            num_classes=d.synthetic_classes, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank,
+            m=d.m, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
+        )
+    from rskdist.data import build_train_loader
+
+    return build_train_loader(
+        d.root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=d.m,
+        image_size=cfg.model.image_size, num_workers=d.num_workers, seed=cfg.run.seed, mean=mean, std=std,
+        scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
+        steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length,
+        # On GPUs images travel as uint8 and are normalised on the device.
+        **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),
+    )
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int):
+    """DeepSpeed engine and LR scheduler around `model` (optimizer and schedule from the config)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optim)
+    o = cfg.optim
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, warmup_steps=o.warmup_steps,
+                            decay_epochs=o.decay_epochs, decay_factor=o.decay_factor),
+    )
+    layout = batch_layout(cfg, world_size)
+    ds_config = deepspeed_config(cfg, chunk_size=layout.chunk_size, num_chunks=layout.num_chunks,
+                                 world_size=world_size)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                   config=ds_config)
+    return engine, scheduler
+
+
+class CastInputs(torch.nn.Module):
+    """Feeds images in the engine's parameter dtype (bf16/fp16 runs)."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(images.to(self.dtype)).float()

@@ -1,0 +1,90 @@
+"""Collectives rskdist needs, on any process group; imports nothing of rskdist.
+
+Every package that talks across ranks (the loss, evaluation, the trainer) goes through
+these few functions, so there is one row all-gather and one rule for `group`:
+group=None means this process alone, even inside an initialised process group; only an
+explicit group communicates. How gradients flow through them is told in
+rskdist/parallel/gradients.py.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def group_rank_and_size(group) -> tuple[int, int]:
+    """(rank, world size) inside `group`; (0, 1) for group=None.
+
+    group=None means local, also inside an initialised process group: torch.distributed
+    would read None as the default group, and a per-rank loss (a validation loss, a
+    baseline) would silently become the loss of the gathered batch.
+    """
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_rows(tensor: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
+    """All-gather along dim 0 without autograd; ranks may hold different row counts.
+
+    Returns the concatenation in rank order and each rank's row count.
+    """
+    _, world = group_rank_and_size(group)
+    if world == 1:
+        return tensor, [tensor.shape[0]]
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]  # a host sync: sizes decide the buffers
+    longest = max(counts)
+    padded = tensor
+    if tensor.shape[0] < longest:
+        pad = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
+        padded = torch.cat([tensor, pad])
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(pieces, counts)]), counts
+
+
+def sum_rows_to_owner(grad: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """Sum (B x d) per-rank gradients over ranks and return this rank's rows."""
+    rank, world = group_rank_and_size(group)
+    if world == 1:
+        return grad
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    even = all(c == counts[0] for c in counts)
+    if even and dist.get_backend(group) == "nccl":
+        out = grad.new_empty((counts[rank],) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)
+        return out
+    grad = grad.contiguous()
+    dist.all_reduce(grad, group=group)
+    return grad[offsets[rank] : offsets[rank + 1]].clone()
+
+
+def comm_device(group, device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL needs CUDA tensors, gloo CPU ones."""
+    if group is None:
+        return device
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def broadcast_flag(flag: bool, group, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's boolean on every rank of `group` (one-element broadcast)."""
+    if group is None:
+        return bool(flag)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=comm_device(group, torch.device(device)))
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return bool(t.item())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a rendezvous on this machine)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,104 @@
+"""What a run writes besides checkpoints: the run folder's records and the progress line.
+
+RUN/config.yaml (the resolved config), RUN/env.json (versions, git SHA, host, model),
+RUN/metrics.jsonl (one JSON record per logged step, evaluation and warning),
+TensorBoard events in RUN/tb/, and the progress line on stdout. Rank 0 writes; every
+rank calls `train_step`, which gathers each rank's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rskdist.comm import gather_rows
+from rskdist.utils import memory_stats, run_metadata
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, rank: int, device: torch.device, group, tensorboard: bool = True):
+        self.run_dir, self.rank, self.device, self.group = Path(run_dir), rank, device, group
+        self.tensorboard = tensorboard
+        self._file = None
+        self._tb = None
+
+    def open(self, config_yaml: str, info: dict, *, fresh: bool) -> None:
+        """Write config.yaml and env.json; a fresh run in a used folder moves the old
+        metrics.jsonl aside, a resumed one appends to it."""
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_yaml)
+        (self.run_dir / "env.json").write_text(json.dumps(run_metadata(**info), indent=2))
+        metrics = self.run_dir / "metrics.jsonl"
+        if fresh and metrics.exists():
+            metrics.rename(self.run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        self._file = open(metrics, "a")
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    def say(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
+    def warn(self, step: int, message: str, **fields) -> None:
+        self.record({"step": step, "kind": "warning", **fields, "message": message})
+        if self.rank == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def record(self, record: dict) -> None:
+        if self.rank != 0 or self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def train_step(self, record: dict, *, total_steps: int, eta_seconds: float) -> dict:
+        """Add every rank's peak memory to a step's record (a collective: all ranks call
+        it), write it and print the progress line."""
+        mem = memory_stats(self.device)
+        mem_t = torch.tensor([[mem.get("rss_peak_mb", 0.0), mem.get("cuda_peak_mb", 0.0)]], device=self.device)
+        per_rank, _ = gather_rows(mem_t, self.group)  # (W, 2)
+        per_rank = per_rank.cpu()
+        record["rss_peak_mb_max"] = round(float(per_rank[:, 0].max()), 1)
+        record["rss_peak_mb_per_rank"] = [round(float(v), 1) for v in per_rank[:, 0]]
+        if self.device.type == "cuda":
+            record["cuda_peak_mb_max"] = round(float(per_rank[:, 1].max()), 1)
+        self.record(record)
+        width = len(str(total_steps))
+        self.say(f"step {record['step']:>{width}}/{total_steps} | epoch {record['epoch']:.2f} | "
+                 f"loss {record['loss']:.4f} | |dL/dE| {record['emb_grad_norm']:.2e} | "
+                 f"{record['images_per_s']:.1f} img/s | lr {record['lr']:.2e} | "
+                 f"mem {record['rss_peak_mb_max']:.0f} MB/rank | eta {format_seconds(eta_seconds)}")
+        return record
+
+    def evaluation(self, step: int, epoch: float, metrics: dict, *, is_best: bool) -> None:
+        self.record({"step": step, "epoch": epoch, "kind": "eval",
+                     **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        table = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
+        self.say(f"eval step {step}: {table}{' (best)' if is_best else ''}")
+
+    def close(self, summary: dict) -> None:
+        if self.rank != 0:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

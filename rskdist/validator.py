@@ -1,0 +1,48 @@
+"""Evaluation during training: when, on what, and which result is the best so far.
+
+Every rank embeds its share of the held-out split and ranks its share of the queries
+(rskdist.eval.evaluate_model), so no rank waits in a collective while another searches
+alone; every rank gets the same metrics and keeps the same best-tracker. Rank 0's verdict
+on a new best is broadcast so that every rank takes part in saving it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rskdist.build import CastInputs, build_eval_stream
+from rskdist.comm import broadcast_flag
+from rskdist.config import Config
+from rskdist.eval import BestTracker, default_ks, evaluate_model
+
+
+class Validator:
+    def __init__(self, cfg: Config, *, rank: int, world_size: int, group, device: torch.device, mean, std,
+                 steps_per_epoch: int):
+        self.cfg, self.rank, self.world_size, self.group, self.device = cfg, rank, world_size, group, device
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ks = tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)
+        every = cfg.eval.every_epochs
+        self.enabled = every >= 0  # -1: never; 0: only at the end
+        self.every_steps = 0 if every <= 0 else max(1, round(every * steps_per_epoch))
+        self.best = BestTracker(metric=cfg.eval.best_metric)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """An evaluation between steps (the final one is the trainer's to call)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < total_steps
+
+    def evaluate(self, engine, input_dtype: torch.dtype) -> dict:
+        t0 = time.perf_counter()
+        stream = build_eval_stream(self.cfg, rank=self.rank, world_size=self.world_size, mean=self.mean,
+                                   std=self.std)
+        metrics = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
+                                 world_size=self.world_size, group=self.group, ks=self.ks)
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        return metrics
+
+    def is_new_best(self, step: int, metrics: dict) -> bool:
+        """Track `metrics` (every rank holds the same ones, so every tracker agrees); rank 0's
+        verdict is broadcast all the same, since a split decision would hang the save."""
+        return broadcast_flag(self.best.update(step, metrics), self.group, self.device)

@@ -11,7 +11,7 @@ def _loss_and_norm(emb, labels, **kw):
     emb = emb.clone().requires_grad_(True)
     loss = rsk_loss(emb, labels, **kw)
     (grad,) = torch.autograd.grad(loss, emb)
-    return float(loss), float(grad.norm())
+    return float(loss.detach()), float(grad.norm())
 
 
 def _collapsed(batch, gen, spread=1e-2):

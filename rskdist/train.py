@@ -38,6 +38,32 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def report_failure(exc: BaseException, *, rank: int, world_size: int, timeout_minutes: float) -> int:
+    """Print this rank's failure (one line naming rank and host, a traceback for bugs) and
+    return the exit code: 2 for user-facing problems (ValueError), 130 for Ctrl-C, else 1."""
+    import socket
+    import traceback
+
+    where = f"rank {rank} ({socket.gethostname()}): " if world_size > 1 else ""
+    if isinstance(exc, ValueError):  # user-facing problems: weights offline, bad data, a saturated loss, ...
+        print(f"error: {where}{exc}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"error: {where}interrupted", file=sys.stderr, flush=True)
+        return 130
+    text = str(exc)
+    timed_out = collective_timeout_message(exc, timeout_minutes, rank)
+    if timed_out:
+        print(timed_out, file=sys.stderr, flush=True)
+    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+        print(f"error: {where}lost the connection to another rank, which failed or was killed first "
+              f"(its own message is above, or in its node's log)", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(exc, file=sys.stderr)
+        print(f"error: {where}{type(exc).__name__}: {text}", file=sys.stderr, flush=True)
+    return 1
+
+
 def collective_timeout_message(exc: BaseException, timeout_minutes: float, rank: int) -> str | None:
     """The user-facing line for a collective that timed out (gloo: "Timed out waiting
     ...ms", NCCL/c10d: "timeout"/"timed out"), else None."""
@@ -73,7 +99,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from rskdist.trainer import Context, Trainer
+    from rskdist.trainer import Context, Preempted, Trainer
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -91,22 +117,23 @@ def main(argv=None) -> int:
                                timeout=timedelta(minutes=cfg.run.timeout_minutes))
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)
-    code = 0
     try:
         Trainer(cfg, ctx).train()
-    except ValueError as exc:  # user-facing problems (weights offline, bad data folder, ...)
-        # Every rank meets the same problem; one message is enough.
+    except Preempted as exc:
         if ctx.rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = 2
-    except RuntimeError as exc:
-        message = collective_timeout_message(exc, cfg.run.timeout_minutes, ctx.rank)
-        if message:
-            print(message, file=sys.stderr, flush=True)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            print(f"rskdist: {exc}", file=sys.stderr, flush=True)
+        code = Preempted.exit_code
+    except BaseException as exc:  # noqa: BLE001 - any failure ends the whole job, loudly, on this rank
+        code = report_failure(exc, rank=ctx.rank, world_size=ctx.world_size, timeout_minutes=cfg.run.timeout_minutes)
+        # Leave at once, without destroy_process_group or exit handlers that could wait for the
+        # other ranks: they see this process's connections close (gloo) or its launcher end
+        # them, fail their next collective, and report it in turn.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    else:
+        code = 0
+    dist.destroy_process_group()
     return code
 
 

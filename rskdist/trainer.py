@@ -6,6 +6,7 @@ step until the end, evaluate, save.
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,10 +69,15 @@ class Trainer:
         self.saturation = (SaturationCheck(cfg.loss.saturation_steps, cfg.data.global_batch)
                            if cfg.loss.saturation != "off" else None)
         self.step = 0
+        self._nonfinite_streak = 0
+        self._sigterm = False
 
     # ----------------------------------------------------------------- the algorithm
     def train(self) -> dict:
         cfg = self.cfg
+        # SIGTERM (preemption, the launcher shutting down) is acted on at the next step
+        # boundary, on every rank together: the last completed step is saved, then we stop.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.resume()
         self._open_run_folder()
         if cfg.eval.at_start and self.step == 0 and self.validator.enabled:
@@ -84,6 +90,7 @@ class Trainer:
             images, labels = next(batches)  # stay in host memory; the step moves one chunk at a time
             t_data = time.perf_counter() - t0
             result = self.train_step(images, labels)
+            self._check_nonfinite(result)
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 last = self._log_step(result, time.perf_counter() - t0, t_data, t_start, first_step)
             self._check_saturation(result)  # after the step's record, so the log shows what it saw
@@ -91,6 +98,10 @@ class Trainer:
                 self.evaluate()
             if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.total_steps:
                 self.save()
+            if self._preempted():
+                self.save()
+                raise Preempted(f"stopped by SIGTERM after step {self.step}; saved checkpoints/{step_tag(self.step)}. "
+                                f"Rerun the same command to resume from it")
         final = self.evaluate() if self.validator.enabled else None
         self.save()
         best = self.validator.best
@@ -194,12 +205,51 @@ class Trainer:
             raise ValueError(f"{verdict}. Stopped (loss.saturation=stop; loss.saturation=warn trains on)")
         self.log.warn(self.step, verdict, saturated=True)
 
+    def _check_nonfinite(self, result) -> None:
+        """run.nonfinite: every rank saw the same all-reduced flags, so every rank acts alike."""
+        if not result.nonfinite_ranks:
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        run = self.cfg.run
+        what = (f"step {self.step}: non-finite {result.nonfinite_stage} (first seen on rank "
+                f"{', '.join(map(str, result.nonfinite_ranks))})")
+        fields = {"nonfinite": True, "stage": result.nonfinite_stage, "ranks": list(result.nonfinite_ranks),
+                  "consecutive": self._nonfinite_streak}
+        hint = "lower optim.lr, set optim.grad_clip, check the data; the last checkpoint is intact"
+        stop = None
+        if run.nonfinite == "stop":
+            stop = f"{what}; stopped without saving (run.nonfinite=stop): {hint}"
+        elif self._nonfinite_streak > run.nonfinite_max_skips:
+            stop = (f"{what}; {self._nonfinite_streak} steps in a row, more than run.nonfinite_max_skips="
+                    f"{run.nonfinite_max_skips}: stopped without saving: {hint}")
+        if stop:
+            self.log.record({"step": self.step, "kind": "warning", **fields, "message": stop})
+            raise ValueError(stop)
+        self.log.warn(self.step, f"{what}: update skipped on every rank (run.nonfinite=skip)", **fields)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def _preempted(self) -> bool:
+        """Did any rank get SIGTERM? (a one-element all-reduce per step, so all ranks agree)"""
+        flag = torch.tensor([int(self._sigterm)], device=self.ctx.device)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
     def _epoch(self) -> float:
         return round(self.step / self.steps_per_epoch, 3)
 
     def _barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM after saving its last completed step."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
 
 
 def _endless(stream):

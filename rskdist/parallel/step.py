@@ -11,6 +11,7 @@ Gradient flow and scaling are explained in rskdist/parallel/gradients.py.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -57,6 +58,10 @@ class StepResult:
     # False when the engine skipped the optimizer update (fp16 overflow); the trainer's
     # step count and LR schedule still advance (docs/distributed.md, "Mixed precision").
     step_applied: bool = True
+    # Ranks whose embeddings, or whose share of the loss gradient, were not finite; when
+    # any rank sees one, every rank skips the backprop pass and the update alike.
+    nonfinite_ranks: tuple[int, ...] = ()
+    nonfinite_stage: str = ""  # "embeddings" or "loss"
 
 
 def two_pass_step(
@@ -100,6 +105,12 @@ def two_pass_step(
                 pieces.append(engine(x.to(device, input_dtype, non_blocking=True)))
     emb = torch.cat(pieces)
     t1 = time.perf_counter()
+    # Checked on every rank together (one W-long all-reduce): a NaN on one rank must not
+    # raise there while the others wait in the loss's gather.
+    bad = _nonfinite_ranks(emb, rank, world_size, group)
+    if bad:
+        return StepResult(math.nan, t1 - t0, 0.0, 0.0, emb_grad_norm=math.nan, step_applied=False,
+                          nonfinite_ranks=bad, nonfinite_stage="embeddings")
 
     # An fp32 leaf (same values; the loss computes in fp32 anyway), so that d loss / d emb
     # stays fp32 into the backprop pass: rounded to fp16 before DeepSpeed's loss scale applies, most of
@@ -111,6 +122,11 @@ def two_pass_step(
     sq_norm = grad_emb.double().square().sum()
     if world_size > 1:
         dist.all_reduce(sq_norm, group=group)  # a B x d gradient split over ranks: add the squares
+    bad = _nonfinite_ranks(grad_emb, rank, world_size, group)
+    if bad or not math.isfinite(float(loss.detach())):
+        return StepResult(float(loss.detach()), t1 - t0, time.perf_counter() - t1, 0.0,
+                          emb_grad_norm=float(sq_norm.sqrt()), step_applied=False,
+                          nonfinite_ranks=bad or tuple(range(world_size)), nonfinite_stage="loss")
     # DeepSpeed averages parameter gradients over ranks; we need their sum (gradients.py, 3).
     grad_emb = grad_emb * loss_scale_for_averaging(world_size)
     t2 = time.perf_counter()
@@ -131,3 +147,12 @@ def two_pass_step(
     # Read back after the backprop pass is queued: float() is a host sync.
     return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2, emb_grad_norm=float(sq_norm.sqrt()),
                       step_applied=bool(applied))
+
+
+def _nonfinite_ranks(x: torch.Tensor, rank: int, world_size: int, group) -> tuple[int, ...]:
+    """The ranks whose `x` holds a NaN or an infinity (the same tuple on every rank)."""
+    flags = torch.zeros(world_size, dtype=torch.int32, device=x.device)
+    flags[rank] = int(not bool(torch.isfinite(x).all()))
+    if world_size > 1:
+        dist.all_reduce(flags, group=group)
+    return tuple(int(r) for r in torch.nonzero(flags).flatten())

@@ -1,0 +1,47 @@
+"""rskdist/train.py with one injected fault, for the failure tests (tests/test_failures.py).
+
+    deepspeed --num_gpus 2 tests/faults/train_with_fault.py FAULT RANK STEP --config C [key=value ...]
+
+FAULT is `raise` (an exception on rank RANK before step STEP), `nan` (rank RANK's
+embeddings become NaN at step STEP), `kill` (rank RANK kills itself with SIGKILL before
+step STEP) or `hang` (rank RANK sleeps before step STEP). The fault lives here, not in
+the package: the trainer is patched from outside.
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # the checkout root, as rskdist/train.py does
+
+
+def main() -> int:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+    fault, fault_rank, fault_step, argv = args[0], int(args[1]), int(args[2]), args[3:]
+    rank = int(os.environ.get("RANK", 0))
+
+    import rskdist.trainer as trainer_mod
+    from rskdist import train
+
+    original_step = trainer_mod.Trainer.train_step
+
+    def faulty_step(self, images, labels):
+        if rank == fault_rank and self.step == fault_step:
+            if fault == "raise":
+                raise RuntimeError(f"injected failure at step {self.step}")
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "hang":
+                time.sleep(3600)
+            if fault == "nan":
+                images = images.clone().fill_(float("nan"))
+        return original_step(self, images, labels)
+
+    trainer_mod.Trainer.train_step = faulty_step
+    return train.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

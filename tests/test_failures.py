@@ -1,0 +1,117 @@
+"""What goes wrong on real jobs, injected through the real launcher on 2 CPU ranks: an
+exception on one rank, a NaN on one rank, SIGTERM (preemption) and SIGKILL (a lost node).
+The faults come from tests/faults/train_with_fault.py, which patches the trainer from
+outside the package."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rskdist.comm import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+FAULTY = "tests/faults/train_with_fault.py"
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cmd(script, out_dir, *args):
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script, *args, "--config",
+            "configs/debug.yaml", f"run.output_dir={out_dir}", "eval.every_epochs=-1", "run.log_every=1"]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
+
+
+def test_exception_on_one_rank_ends_the_job_and_every_rank_says_why(tmp_path):
+    proc = _run(_cmd(FAULTY, tmp_path, "raise", "1", "2"))  # would hang to the timeout if ranks waited
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: rank 1 (" in out and "RuntimeError: injected failure at step 2" in out
+    assert "error: rank 0 (" in out and "lost the connection to another rank" in out
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank_or_stops_the_run(tmp_path):
+    proc = _run(_cmd(FAULTY, tmp_path / "skip", "nan", "1", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(tmp_path / "skip" / "debug")
+    warnings = [r for r in records if r["kind"] == "warning"]
+    assert [(w["step"], w["stage"], w["ranks"]) for w in warnings] == [(3, "embeddings", [1])]
+    losses = _losses(tmp_path / "skip" / "debug")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[3] != losses[3]  # the skipped step logs NaN
+    assert all(0 < losses[s] < 1 for s in (4, 5, 6))  # training went on with finite losses
+
+    proc = _run(_cmd(FAULTY, tmp_path / "stop", "nan", "1", "2") + ["run.nonfinite=stop"])
+    assert proc.returncode == 2
+    assert "non-finite embeddings (first seen on rank 1); stopped without saving" in proc.stderr
+    assert not (tmp_path / "stop" / "debug" / "checkpoints").exists()
+
+
+def _signal_mid_run(cmd, pattern: str, sig, after_step: int = 4):
+    """Start `cmd`, wait for the progress line of `after_step`, send `sig` to the processes
+    matching `pattern`; returns (returncode, output)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split("/")[0].split()[-1]) >= after_step:
+            subprocess.run(["pkill", f"-{sig.name[3:]}", "-f", pattern])
+            break
+    try:
+        rest, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_sigterm_saves_the_last_step_and_the_rerun_continues_exactly(tmp_path):
+    full = _run(_cmd("rskdist/train.py", tmp_path / "full") + ["run.max_steps=14"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "cut"
+    cmd = _cmd("rskdist/train.py", out) + ["run.max_steps=14"]
+    # What SLURM does at preemption: SIGTERM to every rank (here: this run's ranks only).
+    code, log = _signal_mid_run(cmd, f"local_rank=.*run.output_dir={out}", signal.SIGTERM)
+    assert code == 143, log[-3000:]
+    stopped = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert (out / "debug" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    rerun = _run(cmd)
+    assert rerun.returncode == 0 and f"at step {stopped}" in rerun.stdout
+    resumed, expected = _losses(out / "debug"), _losses(tmp_path / "full" / "debug")
+    assert sorted(resumed) == list(range(1, 15))
+    for step in range(stopped + 1, 15):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = _cmd("rskdist/train.py", out) + ["run.max_steps=400", "run.save_every=2"]
+    t0 = time.time()
+    code, log = _signal_mid_run(cmd, f"local_rank=1 .*run.output_dir={out}", signal.SIGKILL, after_step=5)
+    assert code != 0 and time.time() - t0 < 240
+    latest = (out / "debug" / "checkpoints" / "latest").read_text()
+    rerun = _run(_cmd("rskdist/train.py", out) + ["run.max_steps=12", "run.save_every=2"])
+    assert rerun.returncode == 0 and f"at step {int(latest[4:])}" in rerun.stdout

@@ -8,17 +8,25 @@ concatenates the reads of a step, in order, into the rank's batch. Consequences:
 - batches do not depend on num_workers; only the rank's own images are read;
 - memory is bounded by num_workers * prefetch_factor reads, never the dataset;
 - the position is just (epoch, step): `state_dict()` / `load_state_dict()` restore it
-  and the next batch is bit-identical (augmentation is seeded by position).
+  and the next batch is bit-identical (augmentation is seeded by position);
+- an unreadable image never stops the stream: a training image is replaced by another
+  image of its class, chosen by position, an evaluation image is dropped like padding;
+  both are counted (`bad_samples`) and reported (`pop_bad_events()`, one warning each).
 Rank and world size are arguments (never read from torch.distributed here).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import struct
+import warnings
+import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .sampler import ClassBalancedPlan
@@ -26,37 +34,111 @@ from .shards import ShardReader, SplitTable, load_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train, normalize
 
 
+# What damaged bytes raise (a shard changed after indexing, a truncated copy, an NFS
+# hiccup, bit rot): OSError for I/O, short reads, PIL's UnidentifiedImageError and
+# truncated data; PIL's decoders also raise ValueError, SyntaxError, EOFError, IndexError,
+# struct.error or zlib.error on corrupt streams. Anything else is a bug and propagates.
+READ_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error, Image.DecompressionBombError,
+)
+MAX_SUBSTITUTES = 4  # other images of the class tried before a black image takes the place
+_SUBSTITUTE_STREAM = 0x5B  # seeds the substitute draw apart from the augmentation of the position
+
+
+class BadSampleWarning(UserWarning):
+    """An image could not be read or decoded (issued once per sample and loader)."""
+
+
 class _ChunkDataset(Dataset):
-    """dataset[request] -> uint8 images [n, 3, size, size] for one read request.
+    """dataset[request] -> (uint8 images [n, 3, size, size], bad events) for one read request.
 
     request = (indices int64 [n] (-1 = padding), aug_key or None for eval, position of
-    indices[0] in the batch). Image i is augmented with rng([*aug_key, position + i]):
-    independent of read_size and num_workers.
+    indices[0] in the batch, the step's whole batch of indices or None). Image i is
+    augmented with rng([*aug_key, position + i]): independent of read_size and num_workers.
+
+    A read or decode that fails is tried once more (reopening the shard). If it fails
+    again, a training image is replaced by another image of its class not in the step,
+    drawn from rng([*aug_key, position + i, _SUBSTITUTE_STREAM]) and augmented with the
+    position's own key, so every run (and a resumed one) makes the same replacement; an
+    evaluation image stays black and is reported, for the loader to mark it as padding.
+    Each such image gives one event dict: index, shard (path relative to the shard root),
+    offset, position (in the batch), reason, substitute (-1: none).
     """
 
-    def __init__(self, table: SplitTable, image_size: int, augment: dict):
+    def __init__(self, table: SplitTable, image_size: int, augment: dict, substitutes: bool):
         self.samples = table.samples
         self.reader = ShardReader(table.shard_paths)
+        self.shard_names = [os.path.relpath(p, table.root) for p in table.shard_paths]
         self.image_size, self.augment = image_size, augment  # decode_train's scale, ratio, hflip
+        if substitutes:  # class c's images: by_class[class_start[c]:class_start[c + 1]], ascending
+            labels = table.labels
+            self.by_class = np.argsort(labels, kind="stable")
+            self.class_start = np.searchsorted(labels[self.by_class], np.arange(int(labels.max(initial=-1)) + 2))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, request) -> torch.Tensor:
-        indices, aug_key, position = request
+    def __getitem__(self, request) -> tuple[torch.Tensor, list[dict]]:
+        indices, aug_key, position, batch = request
         size = self.image_size
         out = np.zeros((len(indices), 3, size, size), np.uint8)
+        bad = []
         for i, idx in enumerate(indices):
             if idx < 0:
                 continue  # padding stays black
+            idx, pos = int(idx), position + i
+            image, reason = self._decode_with_retry(idx, aug_key, pos)
+            if image is not None:
+                out[i] = image
+                continue
             row = self.samples[idx]
-            data = self.reader.read(int(row["shard"]), int(row["offset"]), int(row["size"]))
-            if aug_key is None:
-                out[i] = decode_eval(data, size)
-            else:
-                rng = np.random.default_rng([*aug_key, position + i])
-                out[i] = decode_train(data, size, rng, **self.augment)
-        return torch.from_numpy(out)
+            event = {"index": idx, "shard": self.shard_names[int(row["shard"])], "offset": int(row["offset"]),
+                     "position": pos, "reason": reason, "substitute": -1}
+            if aug_key is not None:
+                image, event["substitute"] = self._substitute(idx, aug_key, pos, batch)
+                if image is not None:
+                    out[i] = image  # else black, with the class's label
+            bad.append(event)
+        return torch.from_numpy(out), bad
+
+    def _decode(self, idx: int, aug_key: tuple | None, pos: int) -> np.ndarray:
+        row = self.samples[idx]
+        data = self.reader.read(int(row["shard"]), int(row["offset"]), int(row["size"]))
+        if aug_key is None:
+            return decode_eval(data, self.image_size)
+        return decode_train(data, self.image_size, np.random.default_rng([*aug_key, pos]), **self.augment)
+
+    def _decode_with_retry(self, idx: int, aug_key: tuple | None, pos: int) -> tuple[np.ndarray | None, str]:
+        """(image, "") or, when two reads + decodes both fail, (None, the last reason)."""
+        for _ in range(2):
+            try:
+                return self._decode(idx, aug_key, pos), ""
+            except READ_ERRORS as e:
+                # PIL's message names a BytesIO object: say what it means instead.
+                reason = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else str(e)
+                reason = f"{type(e).__name__}: {reason}"
+                self.reader.forget(int(self.samples[idx]["shard"]))
+        return None, reason
+
+    def _substitute(self, idx: int, aug_key: tuple, pos: int, batch: np.ndarray) -> tuple[np.ndarray | None, int]:
+        """A readable image of idx's class, decoded with the position's augmentation, and its index.
+
+        Candidates are the class's images outside the step's batch (so the batch keeps
+        distinct images), else its other images; up to MAX_SUBSTITUTES of them are tried.
+        """
+        label = int(self.samples[idx]["label"])
+        same = self.by_class[self.class_start[label] : self.class_start[label + 1]]
+        others = same[~np.isin(same, batch)]
+        if len(others) == 0:
+            others = same[same != idx]
+        if len(others) == 0:
+            return None, -1
+        rng = np.random.default_rng([*aug_key, pos, _SUBSTITUTE_STREAM])
+        for sub in rng.choice(others, size=min(MAX_SUBSTITUTES, len(others)), replace=False):
+            image, _ = self._decode_with_retry(int(sub), aug_key, pos)
+            if image is not None:
+                return image, int(sub)
+        return None, -1
 
 
 class _RequestSampler(Sampler):
@@ -70,8 +152,9 @@ class _RequestSampler(Sampler):
         o = self.owner
         for step in range(self.start, o.steps_per_epoch):
             indices, aug_key = o._step_request(self.epoch, step)
+            batch = indices if aug_key is not None else None  # substitutes avoid the step's images
             for c in range(0, len(indices), o.read_size):
-                yield indices[c : c + o.read_size], aug_key, c
+                yield indices[c : c + o.read_size], aug_key, c, batch
 
     def __len__(self) -> int:
         o = self.owner
@@ -79,12 +162,17 @@ class _RequestSampler(Sampler):
 
 
 class _ChunkedLoader:
-    """Shared machinery: DataLoader over read requests, reassembly into steps, position."""
+    """Shared machinery: DataLoader over read requests, reassembly into steps, position,
+    and the record of unreadable images (`bad_samples`, `pop_bad_events()`)."""
 
     steps_per_epoch: int
     batch_size: int
+    rank: int  # set by the subclass before __init__; used in messages only
 
-    def __init__(self, table, *, image_size, num_workers, mean, std, read_size, prefetch_factor, pin_memory, device, augment):
+    def __init__(
+        self, table, *, image_size, num_workers, mean, std, read_size, prefetch_factor, pin_memory, device, augment,
+        substitutes,
+    ):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if num_workers < 0:
@@ -95,8 +183,11 @@ class _ChunkedLoader:
         self.read_size = max(1, read_size)
         self.device = device
         self.epoch, self.step = 0, 0
+        self.bad_samples = 0  # images that could not be read (see the subclasses for the scope)
+        self._bad_events: list[dict] = []
+        self._reported: set[int] = set()  # sample indices already warned about
         self._sampler = _RequestSampler(self)
-        self._dataset = _ChunkDataset(table, image_size, augment)
+        self._dataset = _ChunkDataset(table, image_size, augment, substitutes)
         self._loader_kwargs = dict(
             batch_size=None,
             num_workers=num_workers,
@@ -112,22 +203,47 @@ class _ChunkedLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def _iter_steps(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yields (epoch, step, uint8 images of the step) from the current position to epoch end."""
+    def pop_bad_events(self) -> list[dict]:
+        """The unreadable images met since the last call, oldest first, as dicts: index
+        (row of the sample table), shard (path relative to the shard root), offset, epoch,
+        step, position (in this rank's batch), reason, substitute (-1: none)."""
+        events, self._bad_events = self._bad_events, []
+        return events
+
+    def _record_bad(self, events: list[dict], epoch: int, step: int, outcome) -> None:
+        """Count the step's unreadable images; warn once per sample with `outcome(event)`."""
+        for event in events:
+            event.update(epoch=epoch, step=step)
+            self.bad_samples += 1
+            self._bad_events.append(event)
+            if event["index"] not in self._reported:
+                self._reported.add(event["index"])
+                warnings.warn(
+                    f"rank {self.rank}: cannot read {self.table.split} sample {event['index']} "
+                    f"({event['shard']} at byte {event['offset']}): {event['reason']}; {outcome(event)}",
+                    BadSampleWarning,
+                    stacklevel=3,
+                )
+
+    def _iter_steps(self) -> Iterator[tuple[int, int, torch.Tensor, list[dict]]]:
+        """Yields (epoch, step, uint8 images of the step, its bad events) from the current
+        position to epoch end."""
         if self._loader is None:  # built lazily: workers start on first use, and persist
             self._loader = DataLoader(self._dataset, sampler=self._sampler, **self._loader_kwargs)
         epoch, start = self.epoch, self.step
         self._sampler.epoch, self._sampler.start = epoch, start
         num_reads = math.ceil(self.batch_size / self.read_size)
         reads: list[torch.Tensor] = []
+        bad: list[dict] = []
         step = start
-        for read in self._loader:
+        for read, read_bad in self._loader:
             # With a device, copy each (pinned) read as it arrives and concatenate there.
             reads.append(read if self.device is None else read.to(self.device, non_blocking=True))
+            bad += read_bad
             if len(reads) == num_reads:
                 images = reads[0] if num_reads == 1 else torch.cat(reads)
-                reads = []
-                yield epoch, step, images
+                yield epoch, step, images, bad
+                reads, bad = [], []
                 step += 1
 
     def close(self) -> None:
@@ -142,6 +258,12 @@ class TrainLoader(_ChunkedLoader):
     the batch laid out as classes_per_rank blocks of m images of one class. Over ranks,
     the classes of a step are distinct, so the gathered global batch has exactly m images
     per class. After the last step of an epoch the position moves to (epoch + 1, 0).
+
+    An image that cannot be read or decoded (twice) is replaced by another image of its
+    class (`_ChunkDataset`); the batch keeps its shape and labels and every rank its step
+    count. `bad_samples` counts the replacements of this run on this rank (kept in
+    `state_dict()`), `pop_bad_events()` lists them; each sample is warned about once
+    (`BadSampleWarning`, with the rank, shard path and reason).
     """
 
     def __init__(
@@ -199,6 +321,7 @@ class TrainLoader(_ChunkedLoader):
             pin_memory=pin_memory,
             device=device,
             augment={"scale": tuple(scale), "ratio": tuple(ratio), "hflip": bool(hflip)},
+            substitutes=True,
         )
 
     def _step_request(self, epoch, step):
@@ -215,9 +338,10 @@ class TrainLoader(_ChunkedLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         labels_all = self.table.labels
-        for epoch, step, images in self._iter_steps():
+        for epoch, step, images, bad in self._iter_steps():
             labels = torch.from_numpy(labels_all[self.plan.rank_batch(epoch, step, self.rank)].astype(np.int64))
-            # Advance before yielding: a checkpoint taken after this step resumes at the next one.
+            # Advance (and count) before yielding: a checkpoint taken after this step resumes at the next one.
+            self._record_bad(bad, epoch, step, _substitute_outcome)
             self.step = step + 1
             if self.step == self.steps_per_epoch:
                 self.epoch, self.step = epoch + 1, 0
@@ -238,10 +362,12 @@ class TrainLoader(_ChunkedLoader):
             "remainder": self.remainder,
             "num_samples": len(self.table),
             "steps_per_epoch": self.steps_per_epoch,
+            "bad_samples": self.bad_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position; the next batch is the one that followed when `state` was saved.
+        """Restore the position (and the count of replaced images); the next batch is the one
+        that followed when `state` was saved.
 
         The plan is a function of (labels, seed, m, classes_per_rank, world_size,
         remainder, steps_per_epoch): resuming with any of them changed would silently give other
@@ -256,6 +382,7 @@ class TrainLoader(_ChunkedLoader):
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"step {state['step']} outside [0, {self.steps_per_epoch})")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.bad_samples = int(state.get("bad_samples", 0))  # absent in checkpoints written before the count
 
 
 class EvalLoader(_ChunkedLoader):
@@ -266,6 +393,11 @@ class EvalLoader(_ChunkedLoader):
     batch_size; padding entries have index -1 (label -1, black image). Yields
     (images float32 [batch_size, 3, S, S], labels int64, index int64); the caller drops
     index < 0 and sorts by index to get the split's order.
+
+    An image that cannot be read or decoded (twice) is yielded like padding (index -1,
+    label -1, black) and so left out of the metrics; `bad_samples` counts those of the
+    current pass on this rank (reset when a pass starts), `pop_bad_events()` lists them,
+    and each is warned about once (`BadSampleWarning`).
     """
 
     def __init__(
@@ -307,6 +439,7 @@ class EvalLoader(_ChunkedLoader):
             pin_memory=pin_memory,
             device=device,
             augment={},  # eval requests carry no augmentation key
+            substitutes=False,
         )
 
     def _step_request(self, epoch, step):
@@ -316,9 +449,12 @@ class EvalLoader(_ChunkedLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self.epoch, self.step = 0, 0
+        self.bad_samples = 0
         labels_all = self.table.labels
-        for _, step, images in self._iter_steps():
+        for _, step, images, bad in self._iter_steps():
             index = torch.from_numpy(self._step_request(0, step)[0])
+            self._record_bad(bad, 0, step, lambda event: "left out of the evaluation")
+            index[[event["position"] for event in bad]] = -1  # dropped like padding
             labels = torch.full_like(index, -1)
             valid = index >= 0
             labels[valid] = torch.from_numpy(labels_all[index[valid].numpy()].astype(np.int64))
@@ -330,6 +466,12 @@ class EvalLoader(_ChunkedLoader):
     @property
     def classes(self) -> list[str]:
         return self.table.classes
+
+
+def _substitute_outcome(event: dict) -> str:
+    if event["substitute"] < 0:
+        return "no readable image of its class: a black image takes its place (label kept)"
+    return f"replaced by sample {event['substitute']} of the same class"
 
 
 def build_train_loader(

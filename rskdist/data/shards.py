@@ -216,6 +216,14 @@ class ShardReader:
             self._files.move_to_end(shard)
         return f
 
+    def forget(self, shard: int) -> None:
+        """Close the cached handle of `shard`: the next read reopens the file (after an
+        NFS hiccup a stale handle keeps failing where a fresh open may succeed)."""
+        if self._pid == os.getpid():
+            f = self._files.pop(shard, None)
+            if f is not None:
+                f.close()
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -32,8 +32,14 @@ __all__ = [
 
 def evaluate_model(model, loader, *, device, rank=0, world_size=1, group=None, amp_dtype=None, **metric_kwargs):
     """Embed ``loader`` on all ranks, then compute :func:`retrieval_metrics` with the
-    queries split over the ranks. Every rank returns the same metrics dict."""
-    emb, labels = embed_dataset(
-        model, loader, device=device, rank=rank, world_size=world_size, group=group, amp_dtype=amp_dtype
+    queries split over the ranks. Every rank returns the same metrics dict; when test
+    images could not be read (left out of the metrics), ``num_unreadable_images`` says
+    how many (the key is absent when there were none)."""
+    emb, labels, num_unreadable = embed_dataset(
+        model, loader, device=device, rank=rank, world_size=world_size, group=group, amp_dtype=amp_dtype,
+        return_num_unreadable=True,
     )
-    return retrieval_metrics(emb, labels, rank=rank, world_size=world_size, group=group, **metric_kwargs)
+    metrics = retrieval_metrics(emb, labels, rank=rank, world_size=world_size, group=group, **metric_kwargs)
+    if num_unreadable:
+        metrics["num_unreadable_images"] = num_unreadable
+    return metrics

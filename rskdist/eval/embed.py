@@ -25,7 +25,8 @@ def embed_dataset(
     group=None,
     amp_dtype: torch.dtype | None = None,
     normalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_num_unreadable: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, int]:
     """Embed this rank's share of an evaluation set and gather the whole set on every rank.
 
     ``loader`` yields ``(images, labels, index)`` where ``index`` is the global sample
@@ -33,6 +34,11 @@ def embed_dataset(
     ``(embeddings (N, d) float32, labels (N,) int64)`` on CPU, padding dropped, sorted by
     index, identical on every rank. ``normalize`` L2-normalises (cosine retrieval).
     ``rank`` is only used in messages; collectives use ``group`` and ``world_size``.
+
+    Images the loader could not read are yielded as padding; a loader that counts them
+    in ``loader.bad_samples`` (the shard EvalLoader) gets them summed over ranks, and
+    ``return_num_unreadable=True`` returns that total as a third element (0 for streams
+    without the attribute).
     """
     device = torch.device(device)
     was_training = model.training
@@ -58,12 +64,14 @@ def embed_dataset(
     emb = torch.cat(embs) if embs else torch.zeros(0, 0, device=device)
     lab = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.int64, device=device)
     idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64, device=device)
+    num_unreadable = int(getattr(loader, "bad_samples", 0))  # read after the pass: this rank's count
     if world_size > 1:
         group = dist.group.WORLD if group is None else group
         comm = comm_device(group, device)
-        # A rank may have no batch at all: agree on the embedding width first.
-        dims, _ = gather_rows(torch.tensor([dim], device=comm), group)
-        dim = int(dims.max())
+        # A rank may have no batch at all: agree on the embedding width first (with the
+        # unreadable counts in the same collective).
+        dims, _ = gather_rows(torch.tensor([[dim, num_unreadable]], device=comm), group)
+        dim, num_unreadable = int(dims[:, 0].max()), int(dims[:, 1].sum())
         if emb.shape[1] != dim:
             emb = emb.reshape(0, dim)
         emb, _ = gather_rows(emb.to(comm), group)
@@ -84,7 +92,9 @@ def embed_dataset(
             stacklevel=2,
         )
         emb, lab, idx = emb[first], lab[first], idx[first]
-    return emb, lab
+    if num_unreadable and rank == 0:
+        warnings.warn(f"{num_unreadable} unreadable evaluation image(s) left out of the metrics", stacklevel=3)
+    return (emb, lab, num_unreadable) if return_num_unreadable else (emb, lab)
 
 
 def save_embeddings(path: str | os.PathLike, embeddings, labels, **extra) -> None:

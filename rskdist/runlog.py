@@ -62,23 +62,26 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self._tb.add_scalar(key, value, record["step"])
 
-    def train_step(self, record: dict, *, total_steps: int, eta_seconds: float) -> dict:
-        """Add every rank's peak memory to a step's record (a collective: all ranks call
-        it), write it and print the progress line."""
+    def train_step(self, record: dict, *, total_steps: int, eta_seconds: float, bad_samples: int = 0) -> dict:
+        """Add every rank's peak memory and the run's count of replaced training images
+        (`bad_samples`: this rank's) to a step's record (a collective: all ranks call it),
+        write it and print the progress line."""
         mem = memory_stats(self.device)
-        mem_t = torch.tensor([[mem.get("rss_peak_mb", 0.0), mem.get("cuda_peak_mb", 0.0)]], device=self.device)
-        per_rank, _ = gather_rows(mem_t, self.group)  # (W, 2)
+        row = [mem.get("rss_peak_mb", 0.0), mem.get("cuda_peak_mb", 0.0), float(bad_samples)]
+        per_rank, _ = gather_rows(torch.tensor([row], device=self.device, dtype=torch.float64), self.group)  # (W, 3)
         per_rank = per_rank.cpu()
         record["rss_peak_mb_max"] = round(float(per_rank[:, 0].max()), 1)
         record["rss_peak_mb_per_rank"] = [round(float(v), 1) for v in per_rank[:, 0]]
         if self.device.type == "cuda":
             record["cuda_peak_mb_max"] = round(float(per_rank[:, 1].max()), 1)
+        record["bad_samples"] = int(per_rank[:, 2].sum())  # training images replaced so far, all ranks
         self.record(record)
         width = len(str(total_steps))
+        bad = f" | {record['bad_samples']} bad images replaced" if record["bad_samples"] else ""
         self.say(f"step {record['step']:>{width}}/{total_steps} | epoch {record['epoch']:.2f} | "
                  f"loss {record['loss']:.4f} | |dL/dE| {record['emb_grad_norm']:.2e} | "
                  f"{record['images_per_s']:.1f} img/s | lr {record['lr']:.2e} | "
-                 f"mem {record['rss_peak_mb_max']:.0f} MB/rank | eta {format_seconds(eta_seconds)}")
+                 f"mem {record['rss_peak_mb_max']:.0f} MB/rank{bad} | eta {format_seconds(eta_seconds)}")
         return record
 
     def evaluation(self, step: int, epoch: float, metrics: dict, *, is_best: bool) -> None:

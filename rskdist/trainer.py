@@ -106,6 +106,7 @@ class Trainer:
         self.save()
         best = self.validator.best
         summary = {"step": self.step, "last": last, "final_eval": final,
+                   "bad_samples": last.get("bad_samples", 0),
                    "best": None if best.best_step is None else best.state_dict()}
         self.log.close(summary)
         return summary
@@ -192,7 +193,9 @@ class Trainer:
             "embed_seconds": round(result.embed_seconds, 3), "loss_seconds": round(result.loss_seconds, 3),
             "backprop_seconds": round(result.backprop_seconds, 3),
         }
-        return self.log.train_step(record, total_steps=self.total_steps, eta_seconds=eta)
+        # Shard loaders replace unreadable images and count them (docs/data.md); the synthetic stream has none.
+        return self.log.train_step(record, total_steps=self.total_steps, eta_seconds=eta,
+                                   bad_samples=getattr(self.train_stream, "bad_samples", 0))
 
     def _check_saturation(self, result) -> None:
         """Warn about (or stop) a run whose loss cannot learn (rskdist/loss/saturation.py)."""

@@ -115,3 +115,31 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
     latest = (out / "debug" / "checkpoints" / "latest").read_text()
     rerun = _run(_cmd("rskdist/train.py", out) + ["run.max_steps=12", "run.save_every=2"])
     assert rerun.returncode == 0 and f"at step {int(latest[4:])}" in rerun.stdout
+
+
+def test_unreadable_images_are_counted_in_the_logs_and_the_summary(tmp_path):
+    from test_bad_bytes import corrupt_copy
+    from test_data_stream import make_shards
+
+    from rskdist.data import shards as S
+
+    clean = make_shards(tmp_path / "clean", [8] * 8, samples_per_shard=10, image_size=32, test_counts=(4, 3, 5))
+    root = corrupt_copy(clean, tmp_path / "bad", "train", [0, 7])
+    test = S.load_split(root, "test")
+    row = test.samples[2]
+    with open(test.shard_paths[row["shard"]], "r+b") as f:  # one unreadable test image too
+        f.seek(int(row["offset"]))
+        f.write(b"\0" * int(row["size"]))
+    # 8 classes x 8 images, m=4: one epoch (2 steps of 32) shows every image once, both bad ones too.
+    proc = _run([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}",
+                 "data.source=shards", f"data.root={root}", "data.num_workers=0", "data.global_batch=32",
+                 "run.max_steps=0", "run.epochs=1", "eval.every_epochs=0", "model.pretrained="])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bad images replaced" in proc.stdout
+    records = _records(tmp_path / "debug")
+    steps = [r for r in records if r["kind"] == "train"]
+    assert steps[-1]["bad_samples"] == 2
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["eval/num_unreadable_images"] == 1 and evals[-1]["eval/num_queries"] <= 11
+    summary = json.loads((tmp_path / "debug" / "summary.json").read_text())
+    assert summary["bad_samples"] == 2 and summary["final_eval"]["num_unreadable_images"] == 1

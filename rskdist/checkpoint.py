@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from rskdist.comm import broadcast_object, gather_objects
+
 POINTERS = ("latest", "best")
 
 
@@ -46,14 +48,24 @@ class CheckpointManager:
     pointers and prunes, between two barriers.
     """
 
-    def __init__(self, folder: Path, engine, *, rank: int, keep: int, barrier: Callable[[], None] = lambda: None):
+    def __init__(self, folder: Path, engine, *, rank: int, keep: int, barrier: Callable[[], None] = lambda: None,
+                 group=None):
         self.folder, self.engine, self.rank, self.keep = Path(folder), engine, rank, keep
-        self.barrier = barrier
+        self.barrier, self.group = barrier, group
         self.last_saved_step: int | None = None
 
     def save(self, step: int, client_state: dict[str, Any], *, prune: bool = True) -> str:
         tag = step_tag(step)
-        ok = self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+        try:
+            ok = self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state,
+                                             save_latest=False)
+        except OSError as exc:  # a full disk, a read-only or vanished folder
+            kept = read_pointer(self.folder, "latest")
+            raise ValueError(
+                f"checkpoint: cannot write {self.folder / tag} ({exc}); "
+                f"{'the previous checkpoint ' + kept + ' and latest are intact' if kept else 'no earlier checkpoint'}"
+                f"; free space or point run.output_dir at a writable folder, then rerun to resume"
+            ) from exc
         self.barrier()
         if self.rank == 0 and ok is not False:
             write_pointer(self.folder, "latest", tag)  # last: a crash before this keeps the previous one
@@ -82,11 +94,21 @@ class CheckpointManager:
         if resume == "never":
             return None
         if resume == "auto":
-            if read_pointer(self.folder, "latest") is None:
+            # Rank 0 decides and every rank loads that tag: nodes with their own copies of the
+            # folder never resume from different steps (no split-brain).
+            tag = broadcast_object(read_pointer(self.folder, "latest"), self.group)
+            if tag is None:
                 return None
-            folder, tag = self.folder, None
+            folder = self.folder
         else:
             folder, tag = resolve_checkpoint(resume)
+        missing = gather_objects(not (folder / tag).is_dir(), self.group)
+        if any(missing):
+            ranks = ", ".join(str(r) for r, m in enumerate(missing) if m)
+            raise ValueError(f"resume: rank 0 resumes from {tag}, which rank(s) {ranks} cannot read in their "
+                             f"checkpoints folder; "
+                             f"give every node the same checkpoints folder (a shared filesystem, or copy it) "
+                             f"or start fresh with run.resume=never")
         load_path, client = self.engine.load_checkpoint(str(folder), tag=tag)
         if load_path is None:
             raise ValueError(f"resume: no loadable checkpoint in {folder}; use run.resume=never to start fresh")

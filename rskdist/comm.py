@@ -83,6 +83,24 @@ def broadcast_flag(flag: bool, group, device: torch.device | str = "cpu") -> boo
     return bool(t.item())
 
 
+def broadcast_object(obj, group):
+    """Rank 0's picklable `obj` on every rank of `group` (small objects: a tag, a flag)."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def gather_objects(obj, group) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank of `group`."""
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for a rendezvous on this machine)."""
     with socket.socket() as s:

@@ -59,7 +59,7 @@ class Trainer:
                                                    steps_per_epoch=self.steps_per_epoch)
 
         self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
-                                             keep=cfg.run.keep_checkpoints, barrier=self._barrier)
+                                             keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
                              tensorboard=cfg.run.tensorboard)
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,

@@ -1,10 +1,13 @@
 """Checkpoint bookkeeping: `latest` moves only after a complete save, old tags are pruned
 only after a good one (never the best), and weights come back out of a run folder."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from rskdist.checkpoint import CheckpointManager, load_model_state, resolve_checkpoint
 
@@ -44,7 +47,8 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path):
     for step in (1, 2):
         ckpt.save(step, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ValueError, match=r"cannot write .*step00000003 \(disk full\); the previous checkpoint "
+                                         r"step00000002 and latest are intact; free space"):
         ckpt.save(3, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
     assert (tmp_path / "checkpoints" / "step00000001").is_dir()  # nothing pruned after a failed save
@@ -107,3 +111,38 @@ def test_resolve_and_load_errors(tmp_path):
     torch.save({"module": {"w": torch.ones(2, dtype=torch.bfloat16)}}, tag / "mp_rank_00_model_states.pt")
     state = load_model_state(tmp_path)
     assert state["w"].dtype == torch.float32 and state["w"].tolist() == [1.0, 1.0]
+
+
+def _resume_worker(rank, init_method, root, out):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        folder = Path(root) / f"node{rank}"  # each "node" has its own disk
+        ckpt = CheckpointManager(folder, FakeEngine(), rank=rank, keep=5, group=dist.group.WORLD)
+        try:
+            result = ckpt.resume("auto")[1]["trainer"]["step"]
+        except ValueError as exc:
+            result = str(exc)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _node_folders(root, tags_per_node, latest_per_node):
+    for node, (tags, latest) in enumerate(zip(tags_per_node, latest_per_node)):
+        folder = root / f"node{node}"
+        for tag in tags:
+            (folder / tag).mkdir(parents=True)
+        (folder / "latest").write_text(latest)
+
+
+@pytest.mark.distributed
+def test_rank0_decides_what_every_rank_resumes(tmp_path, rendezvous_file):
+    # Node 1's own pointer is older: it still loads rank 0's choice.
+    _node_folders(tmp_path / "a", [["step00000002", "step00000004"]] * 2, ["step00000004", "step00000002"])
+    mp.spawn(_resume_worker, args=(rendezvous_file, str(tmp_path / "a"), str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [4, 4]
+    # Node 1 lacks the checkpoint rank 0 picked: every rank stops with the same message.
+    _node_folders(tmp_path / "b", [["step00000004"], ["step00000002"]], ["step00000004", "step00000002"])
+    mp.spawn(_resume_worker, args=(rendezvous_file + "b", str(tmp_path / "b"), str(tmp_path)), nprocs=2)
+    messages = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert messages[0] == messages[1] and "rank(s) 1 cannot read" in messages[0] and "step00000004" in messages[0]

@@ -9,6 +9,9 @@
 # MASTER_ADDR / MASTER_PORT   rendezvous of rank 0 (default: first host, 29500)
 # Requirements: passwordless ssh from this node to every host, pdsh installed, the same
 # checkout and virtualenv at the same path on every node, data reachable from all.
+# Only PYTHON*/NCCL* variables and the lines of .deepspeed_env (home or this directory)
+# reach the other nodes: put HF_HUB_OFFLINE=1 there too (docs/launching.md).
+# Interrupting this command pkills every DeepSpeed launch on all hosts (docs/launching.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CONFIG:?set CONFIG=configs/<experiment>.yaml}"

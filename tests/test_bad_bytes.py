@@ -66,7 +66,7 @@ def expected_image(root, index, key) -> torch.Tensor:
 def test_corrupt_training_image_is_replaced_by_its_class(clean, tmp_path, num_workers):
     rank, step, pos = 1, 1, 3
     probe = build_train_loader(clean, rank=rank, world_size=2, num_workers=0, **TRAIN)
-    batch = probe.batch_indices(0, step)
+    batch = probe.plan.rank_batch(0, step, probe.rank)
     target = int(batch[pos])
     root = corrupt_copy(clean, tmp_path / "bad", "train", [target])
     ref, _ = run_epoch(clean, rank=rank, world_size=2)
@@ -100,7 +100,7 @@ def test_replacement_reproduced_on_resume_and_counted(clean, tmp_path):
     before or after the hit reproduces the batches and continues the count."""
     kw = dict(rank=0, world_size=1, num_workers=0, **{**TRAIN, "classes_per_rank": 4})
     probe = build_train_loader(clean, **kw)
-    target = int(probe.batch_indices(0, 2)[5])
+    target = int(probe.plan.rank_batch(0, 2, probe.rank)[5])
     root = corrupt_copy(clean, tmp_path / "bad", "train", [target])
 
     loader = build_train_loader(root, **kw)

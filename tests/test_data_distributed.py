@@ -63,7 +63,7 @@ def _small_classes_worker(rank: int, world_size: int, init_method: str, root: st
         for epoch in range(3):
             loader.set_epoch(epoch)
             for step, (_, labels) in enumerate(loader):
-                index = torch.from_numpy(loader.batch_indices(epoch, step))
+                index = torch.from_numpy(loader.plan.rank_batch(epoch, step, loader.rank))
                 gathered = [torch.empty_like(index) for _ in range(world_size)]
                 dist.all_gather(gathered, index)
                 all_index = torch.cat(gathered)

@@ -14,6 +14,7 @@ from rskdist.data import shards as S
 from rskdist.data.loader import build_eval_loader, build_train_loader
 from rskdist.data.sampler import ClassBalancedPlan
 from rskdist.data.sources import Item, Listing
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from rskdist.data.transforms import decode_eval, decode_train, normalize, random_resized_crop_params
 from rskdist.data.writer import write_shards
 from rskdist.loss import simix_plan
@@ -58,7 +59,7 @@ def _epoch(root, world_size, num_workers, classes_per_rank=2, m=2, seed=0, **kw)
             root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=m,
             image_size=SIZE, num_workers=num_workers, seed=seed, **kw,
         )
-        batches = [(x, y, loader.batch_indices(0, s)) for s, (x, y) in enumerate(loader)]
+        batches = [(x, y, loader.plan.rank_batch(0, s, rank)) for s, (x, y) in enumerate(loader)]
         assert len(batches) == loader.steps_per_epoch == len(loader)
         assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 0
         loader.close()
@@ -321,7 +322,7 @@ def test_batches_independent_of_workers_and_match_direct_decode(uneven):
     row = table.samples[idx]
     data = S.ShardReader(table.shard_paths).read(int(row["shard"]), int(row["offset"]), int(row["size"]))
     ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 1, 0]))  # (seed, epoch, step, rank, position)
-    expected = normalize(torch.from_numpy(ref[None].copy()), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = normalize(torch.from_numpy(ref[None].copy()), IMAGENET_MEAN, IMAGENET_STD)
     assert torch.equal(a[1][0][0][:1], expected)
 
 

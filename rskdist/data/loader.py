@@ -327,10 +327,6 @@ class TrainLoader(_ChunkedLoader):
     def _step_request(self, epoch, step):
         return self.plan.rank_batch(epoch, step, self.rank), (self.seed, epoch, step, self.rank)
 
-    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
-        """Sample indices (rows of the split's sample table) of this rank's batch at (epoch, step)."""
-        return self.plan.rank_batch(epoch, step, self.rank)
-
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of `epoch`; no-op if already in it (keeps a resumed mid-epoch step)."""
         if epoch != self.epoch:

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported for the loaders
 
 
 def random_resized_crop_params(

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+
 from .model import GeM, RetrievalModel
 from .weights import (
     WeightsMismatchError,
@@ -209,8 +211,8 @@ def _build_timm(
             pool_name = "token (CLS)"
     feat_dim = backbone.num_features if use_gem else getattr(backbone, "head_hidden_size", backbone.num_features)
 
-    mean = tuple(file_meta.get("mean", cfg.get("mean", (0.485, 0.456, 0.406))))
-    std = tuple(file_meta.get("std", cfg.get("std", (0.229, 0.224, 0.225))))
+    mean = tuple(file_meta.get("mean", cfg.get("mean", IMAGENET_MEAN)))
+    std = tuple(file_meta.get("std", cfg.get("std", IMAGENET_STD)))
     model = RetrievalModel(
         backbone,
         feat_dim=feat_dim,

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, timm BatchNormAct2d
 
 
@@ -67,8 +69,8 @@ class RetrievalModel(nn.Module):
         embed_dim: int = 512,
         pool: nn.Module | None = None,
         freeze_bn: bool = True,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         image_size: int = 224,
         interpolation: str = "bicubic",
         info: dict[str, Any] | None = None,

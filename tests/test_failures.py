@@ -105,6 +105,21 @@ def test_sigterm_saves_the_last_step_and_the_rerun_continues_exactly(tmp_path):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
+def test_a_kill_during_a_save_never_resumes_from_the_half_written_tag(tmp_path):
+    full = _run(_cmd("rskdist/train.py", tmp_path / "full") + ["run.max_steps=8"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "cut"
+    proc = _run(_cmd(FAULTY, out, "killsave", "1", "4") + ["run.max_steps=8", "run.save_every=2"])
+    assert proc.returncode != 0
+    ckpts = out / "debug" / "checkpoints"
+    assert (ckpts / "step00000004").is_dir() and (ckpts / "latest").read_text() == "step00000002"
+    rerun = _run(_cmd("rskdist/train.py", out) + ["run.max_steps=8", "run.save_every=2"])
+    assert rerun.returncode == 0 and "at step 2" in rerun.stdout, rerun.stderr[-3000:]
+    resumed, expected = _losses(out / "debug"), _losses(tmp_path / "full" / "debug")
+    for step in range(3, 9):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "run"

@@ -4,7 +4,8 @@
 
 FAULT is `raise` (an exception on rank RANK before step STEP), `nan` (rank RANK's
 embeddings become NaN at step STEP), `kill` (rank RANK kills itself with SIGKILL before
-step STEP) or `hang` (rank RANK sleeps before step STEP). The fault lives here, not in
+step STEP), `killsave` (rank RANK writes its part of the checkpoint of step STEP, then
+kills itself before `latest` moves) or `hang` (rank RANK sleeps before step STEP). The fault lives here, not in
 the package: the trainer is patched from outside.
 """
 
@@ -40,6 +41,19 @@ def main() -> int:
         return original_step(self, images, labels)
 
     trainer_mod.Trainer.train_step = faulty_step
+
+    import rskdist.checkpoint as checkpoint_mod
+
+    original_save = checkpoint_mod.CheckpointManager.save
+
+    def faulty_save(self, step, client_state, **kw):
+        if fault == "killsave" and rank == fault_rank and step == fault_step:
+            self.engine.save_checkpoint(str(self.folder), tag=checkpoint_mod.step_tag(step),
+                                        client_state=client_state, save_latest=False)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_save(self, step, client_state, **kw)
+
+    checkpoint_mod.CheckpointManager.save = faulty_save
     return train.main(argv)
 
 

@@ -59,10 +59,10 @@ class CheckpointManager:
         try:
             ok = self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state,
                                              save_latest=False)
-        except OSError as exc:  # a full disk, a read-only or vanished folder
+        except (OSError, RuntimeError) as exc:  # a full disk (torch.save reports it as a RuntimeError), a read-only folder
             kept = read_pointer(self.folder, "latest")
             raise ValueError(
-                f"checkpoint: cannot write {self.folder / tag} ({exc}); "
+                f"checkpoint: cannot write {self.folder / tag} ({type(exc).__name__}: {exc}); "
                 f"{'the previous checkpoint ' + kept + ' and latest are intact' if kept else 'no earlier checkpoint'}"
                 f"; free space or point run.output_dir at a writable folder, then rerun to resume"
             ) from exc

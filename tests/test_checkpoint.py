@@ -47,7 +47,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path):
     for step in (1, 2):
         ckpt.save(step, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
-    with pytest.raises(ValueError, match=r"cannot write .*step00000003 \(disk full\); the previous checkpoint "
+    with pytest.raises(ValueError, match=r"cannot write .*step00000003 \(OSError: disk full\); the previous checkpoint "
                                          r"step00000002 and latest are intact; free space"):
         ckpt.save(3, {})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"

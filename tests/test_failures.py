@@ -158,3 +158,27 @@ def test_unreadable_images_are_counted_in_the_logs_and_the_summary(tmp_path):
     assert evals[-1]["eval/num_unreadable_images"] == 1 and evals[-1]["eval/num_queries"] <= 11
     summary = json.loads((tmp_path / "debug" / "summary.json").read_text())
     assert summary["bad_samples"] == 2 and summary["final_eval"]["num_unreadable_images"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for one checkpoint of configs/debug.yaml (1.9 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(small_disk):
+    proc = _run(_cmd("rskdist/train.py", small_disk) + ["run.max_steps=8", "run.save_every=2",
+                                                         "run.tensorboard=false"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "cannot write" in out and "the previous checkpoint step00000002 and latest are intact" in out
+    assert (small_disk / "debug" / "checkpoints" / "latest").read_text() == "step00000002"

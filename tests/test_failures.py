@@ -62,6 +62,9 @@ def test_nan_on_one_rank_is_skipped_on_every_rank_or_stops_the_run(tmp_path):
     losses = _losses(tmp_path / "skip" / "debug")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[3] != losses[3]  # the skipped step logs NaN
     assert all(0 < losses[s] < 1 for s in (4, 5, 6))  # training went on with finite losses
+    report = _run([sys.executable, "tools/report.py", str(tmp_path / "skip" / "debug")])  # reads past warnings
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (tmp_path / "skip" / "debug" / "report.md").is_file()
 
     proc = _run(_cmd(FAULTY, tmp_path / "stop", "nan", "1", "2") + ["run.nonfinite=stop"])
     assert proc.returncode == 2

@@ -25,7 +25,10 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        (evals if rec.get("kind") == "eval" else train).append(rec)
+        if rec.get("kind") == "eval":
+            evals.append(rec)
+        elif rec.get("kind") == "train":
+            train.append(rec)  # warnings (saturation, non-finite steps) are neither
     # A resumed run appends: keep the last record of each step.
     train = list({r["step"]: r for r in train}.values())
     evals = list({r["step"]: r for r in evals}.values())

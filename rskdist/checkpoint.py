@@ -79,6 +79,7 @@ class CheckpointManager:
         """`best` names `tag` (an already saved checkpoint); pruning keeps it from now on."""
         if self.rank == 0:
             write_pointer(self.folder, "best", tag)
+            self.prune()  # the previous best may now be beyond `keep`
         self.barrier()
 
     def prune(self) -> None:

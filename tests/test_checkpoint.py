@@ -71,8 +71,9 @@ def test_pruning_keeps_the_best_checkpoint(tmp_path):
     assert _tags(tmp_path) == ["step00000001", "step00000004", "step00000005"]
     assert resolve_checkpoint(tmp_path, "best") == (tmp_path / "checkpoints", "step00000001")
     ckpt.mark_best("step00000005")
+    assert _tags(tmp_path) == ["step00000004", "step00000005"]  # the old best went with the move
     ckpt.save(6, {})
-    assert _tags(tmp_path) == ["step00000005", "step00000006"]  # the old best is ordinary again
+    assert _tags(tmp_path) == ["step00000005", "step00000006"]
 
 
 def test_resolve_tags_and_pointers(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rskdist.comm import gather_rows
+from rskdist.config import Config, save_config
 from rskdist.utils import memory_stats, run_metadata
 
 
@@ -26,13 +27,13 @@ class RunLogger:
         self._file = None
         self._tb = None
 
-    def open(self, config_yaml: str, info: dict, *, fresh: bool) -> None:
+    def open(self, cfg: Config, info: dict, *, fresh: bool) -> None:
         """Write config.yaml and env.json; a fresh run in a used folder moves the old
         metrics.jsonl aside, a resumed one appends to it."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_yaml)
+        save_config(cfg, self.run_dir / "config.yaml")
         (self.run_dir / "env.json").write_text(json.dumps(run_metadata(**info), indent=2))
         metrics = self.run_dir / "metrics.jsonl"
         if fresh and metrics.exists():

@@ -19,7 +19,7 @@ from rskdist.build import (
     PRECISION_DTYPE, batch_layout, build_engine, build_model, build_train_stream, make_loss_fn,
 )
 from rskdist.checkpoint import CheckpointManager, step_tag
-from rskdist.config import Config, to_dict
+from rskdist.config import Config
 from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
@@ -167,11 +167,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- records
     def _open_run_folder(self) -> None:
-        import yaml
-
         info = {"world_size": self.ctx.world_size, "model": self.model_info,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-        self.log.open(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), info, fresh=self.step == 0)
+        self.log.open(self.cfg, info, fresh=self.step == 0)
         self._barrier()
         cfg, lay = self.cfg, self.layout
         self.log.say(f"rskdist: {self.model_info}")

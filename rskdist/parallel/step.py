@@ -107,7 +107,7 @@ def two_pass_step(
     t1 = time.perf_counter()
     # Checked on every rank together (one W-long all-reduce): a NaN on one rank must not
     # raise there while the others wait in the loss's gather.
-    bad = _nonfinite_ranks(emb, rank, world_size, group)
+    bad, _ = _check_over_ranks(emb, rank, world_size, group)
     if bad:
         return StepResult(math.nan, t1 - t0, 0.0, 0.0, emb_grad_norm=math.nan, step_applied=False,
                           nonfinite_ranks=bad, nonfinite_stage="embeddings")
@@ -119,10 +119,8 @@ def two_pass_step(
     loss = loss_fn(emb, labels)
     (grad_emb,) = torch.autograd.grad(loss, emb)
     grad_emb = grad_emb.float()
-    sq_norm = grad_emb.double().square().sum()
-    if world_size > 1:
-        dist.all_reduce(sq_norm, group=group)  # a B x d gradient split over ranks: add the squares
-    bad = _nonfinite_ranks(grad_emb, rank, world_size, group)
+    # The gradient is split over ranks by rows: the squares of the global norm add up.
+    bad, sq_norm = _check_over_ranks(grad_emb, rank, world_size, group)
     if bad or not math.isfinite(float(loss.detach())):
         return StepResult(float(loss.detach()), t1 - t0, time.perf_counter() - t1, 0.0,
                           emb_grad_norm=float(sq_norm.sqrt()), step_applied=False,
@@ -144,15 +142,16 @@ def two_pass_step(
     t3 = time.perf_counter()
     # DeepSpeed reports an fp16 overflow skip here; engines without the query always apply.
     applied = getattr(engine, "was_step_applied", lambda: True)()
-    # Read back after the backprop pass is queued: float() is a host sync.
     return StepResult(float(loss.detach()), t1 - t0, t2 - t1, t3 - t2, emb_grad_norm=float(sq_norm.sqrt()),
                       step_applied=bool(applied))
 
 
-def _nonfinite_ranks(x: torch.Tensor, rank: int, world_size: int, group) -> tuple[int, ...]:
-    """The ranks whose `x` holds a NaN or an infinity (the same tuple on every rank)."""
-    flags = torch.zeros(world_size, dtype=torch.int32, device=x.device)
-    flags[rank] = int(not bool(torch.isfinite(x).all()))
+def _check_over_ranks(x: torch.Tensor, rank: int, world_size: int, group) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(the ranks whose `x` holds a NaN or an infinity, the sum of x^2 over all ranks' `x`),
+    the same on every rank, from one (W + 1)-long all-reduce."""
+    stats = torch.zeros(world_size + 1, dtype=torch.float64, device=x.device)
+    stats[rank] = float(not bool(torch.isfinite(x).all()))
+    stats[-1] = x.double().square().sum()
     if world_size > 1:
-        dist.all_reduce(flags, group=group)
-    return tuple(int(r) for r in torch.nonzero(flags).flatten())
+        dist.all_reduce(stats, group=group)
+    return tuple(int(r) for r in torch.nonzero(stats[:-1]).flatten()), stats[-1]

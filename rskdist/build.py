@@ -15,7 +15,7 @@ import torch
 
 from rskdist.comm import gather_rows
 from rskdist.config import Config
-from rskdist.loss import rsk_loss, simix_generator, simix_plan
+from rskdist.loss import simix_generator, simix_plan
 
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +46,12 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """
     from rskdist.models import param_groups
 
-    groups = param_groups(model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
+    if isinstance(model, TrainModule):  # the loss's proxies: their own LR (a multiple of optim.lr)
+        groups = param_groups(model.model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
+        groups.append({"params": list(model.criterion.parameters()), "weight_decay": cfg.weight_decay,
+                       "lr": cfg.lr * model.lr_multiplier})
+    else:
+        groups = param_groups(model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "adam":
@@ -91,27 +96,109 @@ def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
     )
 
 
-def make_loss_fn(loss_cfg, *, seed: int, step: int, group):
-    """loss_fn(local_emb, local_labels) -> RS@k (+ SiMix) loss of the global batch.
+def num_train_classes(cfg: Config) -> int:
+    """Classes of the training split (labels are 0..C-1): the size of a proxy loss's table."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return d.synthetic_classes
+    from rskdist.data.shards import load_index
 
-    The SiMix plan is drawn from the gathered labels with a generator seeded by
-    (seed, step), so every rank builds the same plan without communicating it, and a
-    resumed run draws the same plans as an uninterrupted one.
+    return len(load_index(d.root)["splits"]["train"]["classes"])
+
+
+def build_criterion(cfg: Config, *, num_classes: int | None = None) -> torch.nn.Module:
+    """The loss of the config (`rskdist.loss.make_loss`): RS@k from the loss.* fields, a
+    baseline from `loss.options` over its paper defaults. Proxy losses own parameters."""
+    from rskdist.loss import make_loss
+
+    loss = cfg.loss
+    options = dict(loss.options)
+    if loss.name == "rsk":
+        options = dict(ks=tuple(loss.ks), tau1=loss.tau1, tau2=loss.tau2, count_self=loss.count_self,
+                       block_size=loss.block_size or None, virtual_queries=loss.simix_queries, **options)
+    return make_loss(loss.name, num_classes=num_classes, embed_dim=cfg.model.embed_dim, mix=loss.mix, **options)
+
+
+class StepLoss:
+    """loss_fn(local_emb, local_labels) -> loss of the global batch, for one step.
+
+    The mix plan (SiMix or embedding mixup) is drawn from the gathered labels with a
+    generator seeded by (seed, step), so every rank builds the same plan without
+    communicating it, and a resumed run draws the same plans as an uninterrupted one.
+    A loss with parameters (class proxies) is computed by `criterion`, an fp32 copy of
+    the loss that the engine never sees, after `params_from` (the engine's loss) lends
+    it the current values: the step takes the gradient of these leaves, `param_leaves`,
+    in the loss pass and hands it to the engine's parameters in the backprop pass
+    (rskdist/parallel/step.py). Under ZeRO-3 the values are read with the partitions
+    gathered; the copy keeps the engine's hooks out of the loss pass.
     """
 
-    def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mix = None
-        if loss_cfg.simix:
-            all_labels, _ = gather_rows(labels, group)
-            pairs, alphas = simix_plan(all_labels.cpu(), per_class=loss_cfg.simix_per_class or None,
-                                       generator=simix_generator(seed, step))
-            mix = (pairs.to(labels.device), alphas.to(labels.device))
-        return rsk_loss(
-            emb, labels, ks=loss_cfg.ks, tau1=loss_cfg.tau1, tau2=loss_cfg.tau2, count_self=loss_cfg.count_self,
-            mix=mix, block_size=loss_cfg.block_size or None, virtual_queries=loss_cfg.simix_queries, group=group,
-        )
+    def __init__(self, criterion: torch.nn.Module, loss_cfg, *, seed: int, step: int, group,
+                 params_from: torch.nn.Module | None = None):
+        self.criterion, self.cfg, self.seed, self.step, self.group = criterion, loss_cfg, seed, step, group
+        self.param_leaves: list[torch.Tensor] = list(criterion.parameters())
+        if params_from is not None and self.param_leaves:
+            from deepspeed.zero import GatheredParameters
 
-    return loss_fn
+            source = list(params_from.parameters())
+            with GatheredParameters(source), torch.no_grad():
+                for leaf, value in zip(self.param_leaves, source, strict=True):
+                    leaf.copy_(value)
+
+    def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        plan = None
+        if self.cfg.mix != "none":
+            all_labels, _ = gather_rows(labels, self.group)
+            pairs, alphas = simix_plan(all_labels.cpu(), per_class=self.cfg.simix_per_class or None,
+                                       generator=simix_generator(self.seed, self.step))
+            plan = (pairs.to(labels.device), alphas.to(labels.device))
+        return self.criterion(emb, labels, group=self.group, plan=plan)
+
+
+def make_loss_fn(loss_cfg, *, seed: int, step: int, group, criterion: torch.nn.Module | None = None) -> StepLoss:
+    """The step's loss function; `criterion` defaults to the config's loss (one without
+    proxies: proxy losses need the trainer's, whose parameters live in the engine)."""
+    if criterion is None:
+        criterion = build_criterion(Config(loss=loss_cfg))
+    return StepLoss(criterion, loss_cfg, seed=seed, step=step, group=group)
+
+
+class TrainModule(torch.nn.Module):
+    """What DeepSpeed trains when the loss has parameters: the retrieval model and the
+    loss (its class proxies), so that both are optimised, sharded and checkpointed alike.
+
+    forward(images) gives the embeddings; forward(images, param_grads) also gives
+    sum_i <p_i, g_i> over the loss's parameters, whose backward hands each p_i the
+    gradient g_i of the loss pass (rskdist/parallel/step.py). A loss without parameters
+    is not wrapped: the engine trains the model itself, as checkpoints always held it.
+    """
+
+    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, *, lr_multiplier: float,
+                 zero_stage: int = 0):
+        super().__init__()
+        self.model, self.criterion, self.lr_multiplier = model, criterion, lr_multiplier
+        self.mean, self.std = model.mean, model.std
+        if zero_stage == 3:
+            # Used in this module's forward, not the criterion's: ZeRO-3 must gather them here.
+            from deepspeed.zero import register_external_parameter
+
+            for p in criterion.parameters():
+                register_external_parameter(self, p)
+
+    def forward(self, images: torch.Tensor, param_grads: list[torch.Tensor] | None = None):
+        emb = self.model(images)
+        if param_grads is None:
+            return emb
+        term = sum((p.float() * g).sum() for p, g in zip(self.criterion.parameters(), param_grads))
+        return emb, term
+
+
+def trained_module(cfg: Config, model: torch.nn.Module, criterion: torch.nn.Module) -> torch.nn.Module:
+    """The model, or model + loss parameters (TrainModule) when the loss has any."""
+    if not any(True for _ in criterion.parameters()):
+        return model
+    multiplier = cfg.loss.proxy_lr_multiplier or float(getattr(criterion, "lr_multiplier", 1.0))
+    return TrainModule(model, criterion, lr_multiplier=multiplier, zero_stage=cfg.deepspeed.zero_stage)
 
 
 def deepspeed_config(cfg: Config, *, chunk_size: int, num_chunks: int, world_size: int) -> dict:

@@ -144,7 +144,15 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, 
 
 
 def load_model_state(path: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict (fp32 where the run kept fp32 master weights)."""
+    """The model's state dict (fp32 where the run kept fp32 master weights); a run whose
+    loss had class proxies trained model + loss (rskdist.build.TrainModule): the model's part."""
+    state = _load_module_state(path, tag)
+    if any(k.startswith("criterion.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def _load_module_state(path: str | Path, tag: str | None) -> dict[str, torch.Tensor]:
     folder, tag = resolve_checkpoint(path, tag)
     tag_dir = folder / tag
     single = tag_dir / "mp_rank_00_model_states.pt"

@@ -19,7 +19,7 @@ from pathlib import Path
 def _parse(argv):
     parser = argparse.ArgumentParser(description="Train an RS@k retrieval model.", allow_abbrev=False)
     parser.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.global_batch=4096 loss.simix=false")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.global_batch=4096 loss.mix=none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from rskdist.build import (
-    PRECISION_DTYPE, batch_layout, build_engine, build_model, build_train_stream, make_loss_fn,
+    PRECISION_DTYPE, StepLoss, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
+    num_train_classes, trained_module,
 )
 from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
@@ -55,8 +56,15 @@ class Trainer:
                                                std=model.std, device=ctx.device)
         self.steps_per_epoch = self.train_stream.steps_per_epoch
         self.total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * self.steps_per_epoch))
-        self.engine, self.scheduler = build_engine(cfg, model, world_size=ctx.world_size,
+        num_classes = num_train_classes(cfg)
+        criterion = build_criterion(cfg, num_classes=num_classes)
+        _check_loss_memory(cfg, criterion, ctx.device)
+        module = trained_module(cfg, model, criterion)
+        self.engine, self.scheduler = build_engine(cfg, module, world_size=ctx.world_size,
                                                    steps_per_epoch=self.steps_per_epoch)
+        # The loss pass runs on an fp32 copy that the engine lends its proxies to (build.StepLoss).
+        self.loss_params_from = None if module is model else self.engine.module.criterion
+        self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
 
         self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
                                              keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group)
@@ -65,9 +73,10 @@ class Trainer:
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
                                    device=ctx.device, mean=model.mean, std=model.std,
                                    steps_per_epoch=self.steps_per_epoch)
-        # Watches the first steps of a fresh run only (a resumed run is past them).
+        # Watches the first steps of a fresh run only (a resumed run is past them); its
+        # thresholds are RS@k's (a loss in [0, 1]), so baselines are not checked.
         self.saturation = (SaturationCheck(cfg.loss.saturation_steps, cfg.data.global_batch)
-                           if cfg.loss.saturation != "off" else None)
+                           if cfg.loss.saturation != "off" and cfg.loss.name == "rsk" else None)
         self.step = 0
         self._nonfinite_streak = 0
         self._sigterm = False
@@ -115,11 +124,12 @@ class Trainer:
         """One optimizer step (rskdist/parallel/step.py); the step count, the LR schedule,
         the data position and every seed advance together, applied update or not."""
         cfg, ctx = self.cfg, self.ctx
-        loss_fn = make_loss_fn(cfg.loss, seed=cfg.run.seed, step=self.step, group=self.group)
+        loss_fn = StepLoss(self.criterion, cfg.loss, seed=cfg.run.seed, step=self.step, group=self.group,
+                           params_from=self.loss_params_from)
         result = two_pass_step(
             self.engine, images, labels, loss_fn=loss_fn, chunk_size=cfg.data.chunk_size,
             world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
-            input_dtype=self.input_dtype, device=ctx.device, group=self.group,
+            input_dtype=self.input_dtype, device=ctx.device, group=self.group, loss_params=loss_fn.param_leaves,
         )
         if not result.step_applied:
             # DeepSpeed skips the scheduler with an fp16 overflow-skipped update; the schedule
@@ -245,6 +255,24 @@ class Trainer:
     def _barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+
+
+def _check_loss_memory(cfg: Config, criterion: torch.nn.Module, device: torch.device) -> None:
+    """Refuse, before the first step, a baseline whose B x B matrices cannot fit
+    (every rank computes it whole); RS@k's memory is bounded (docs/loss.md)."""
+    from rskdist.loss import check_loss_fits
+
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:  # the ranks of a node share its memory
+        import os
+
+        import psutil
+
+        available = psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
+                    num_classes=getattr(criterion, "num_classes", 0) or 0, mix=cfg.loss.mix,
+                    available_bytes=available)
 
 
 class Preempted(Exception):

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data: {global_batch: 128, m: 4}\nloss: {simix: false}\n")
+    path.write_text("data: {global_batch: 128, m: 4}\nloss: {mix: none}\n")
     cfg = load_config(path, ["loss.tau2=0.05", "optim.decay_epochs=[10, 20]", "run.name=x"])
-    assert cfg.data.global_batch == 128 and cfg.loss.simix is False
+    assert cfg.data.global_batch == 128 and cfg.loss.mix == "none"
     assert cfg.loss.tau2 == 0.05 and cfg.optim.decay_epochs == [10, 20] and cfg.run.name == "x"
     assert cfg.optim.lr == Config().optim.lr  # untouched default
 
@@ -30,7 +30,9 @@ def test_int_accepted_for_float():
         ("loss.tua2=0.1", r"unknown key 'loss.tua2'; valid keys here: .*tau2"),
         ("losss.tau2=0.1", r"unknown key 'losss'; valid keys here: .*loss"),
         ("data.global_batch=big", r"data.global_batch must be an integer"),
-        ("loss.simix=3", r"loss.simix must be bool"),
+        ("loss.count_self=3", r"loss.count_self must be bool"),
+        ("loss.simix=true", r"'loss.simix' was replaced: use loss.mix=simix"),
+        ("loss.mix=cutmix", r"loss.mix='cutmix' is not one of 'simix', 'embedding', 'none'"),
         ("deepspeed.zero_stage=4", r"deepspeed.zero_stage=4 is not one of 0, 1, 2, 3"),
         ("optim.name=lamb", r"optim.name='lamb' is not one of"),
         ("nokey", r"must look like section.key=value"),
@@ -229,3 +231,11 @@ def test_entry_point_reports_an_impossible_batch_split():
 def test_configuration_doc_is_current():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc.strip() == markdown_reference().strip(), "regenerate: python -m rskdist.config --markdown > docs/configuration.md"
+
+
+def test_simix_is_refused_for_baselines_with_the_reason():
+    validate(load_config(None, ["loss.name=contrastive", "loss.mix=embedding"]), world_size=1)
+    validate(load_config(None, ["loss.name=rsk", "loss.mix=simix"]), world_size=1)
+    with pytest.raises(ValueError, match=r"loss.mix=simix does not apply to loss.name=contrastive: SiMix mixes "
+                                         r"scalar similarities.*use loss.mix=embedding"):
+        validate(load_config(None, ["loss.name=contrastive"]), world_size=1)

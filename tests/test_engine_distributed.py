@@ -41,7 +41,7 @@ def _global_batch():
 def _config(zero_stage, simix):
     cfg = Config()
     cfg.deepspeed.zero_stage = zero_stage
-    cfg.loss.simix = simix
+    cfg.loss.mix = "simix" if simix else "none"
     cfg.optim.grad_clip = 0.0
     return cfg
 

@@ -202,7 +202,7 @@ def test_best_checkpoint_survives_pruning_and_evaluates(tmp_path):
 def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
     # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
     # embedding, so every positive ranks at ~B/2 (docs/loss.md).
-    proc = _train_1proc(tmp_path, "run.max_steps=6", COLLAPSED_VIT, "loss.simix=false", "loss.saturation=stop",
+    proc = _train_1proc(tmp_path, "run.max_steps=6", COLLAPSED_VIT, "loss.mix=none", "loss.saturation=stop",
                         "loss.saturation_steps=2", "eval.every_epochs=-1", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: the RS@k loss is saturated" in proc.stderr and "model.pretrained" in proc.stderr

@@ -81,7 +81,7 @@ def _local_worker(rank, world, init, result_dir):
         cases = {
             "none": lambda x, y: rsk_loss(x, y),
             "module": lambda x, y: RSkLoss()(x, y),
-            "loss_fn": make_loss_fn(LossConfig(simix=True), seed=2, step=7, group=None),
+            "loss_fn": make_loss_fn(LossConfig(mix="simix"), seed=2, step=7, group=None),
             "world": lambda x, y: rsk_loss(x, y, group=dist.group.WORLD),
         }
         for name, fn in cases.items():
@@ -106,7 +106,7 @@ def test_group_none_is_local_inside_a_process_group(tmp_path):
     ref_global = rsk_loss(x, labels)
     ref_global.backward()
     # One process, no group: the trainer's loss_fn draws its SiMix plan from these labels alone.
-    local_fn = make_loss_fn(LossConfig(simix=True), seed=2, step=7, group=None)
+    local_fn = make_loss_fn(LossConfig(mix="simix"), seed=2, step=7, group=None)
     for rank in range(world):
         out = torch.load(tmp_path / f"local{rank}.pt")
         rows = slice(12 * rank, 12 * (rank + 1))

@@ -53,7 +53,7 @@ def _global_batch():
 def _config(precision, stage):
     cfg = Config()
     cfg.deepspeed.precision, cfg.deepspeed.zero_stage = precision, stage
-    cfg.loss.simix, cfg.loss.tau2 = False, TAU2
+    cfg.loss.mix, cfg.loss.tau2 = "none", TAU2
     cfg.optim.grad_clip = 0.0
     return cfg
 
@@ -180,7 +180,7 @@ def _trainer_config(run_dir):
     cfg.model.image_size, cfg.model.embed_dim = 16, 16
     cfg.model.backbone_kwargs = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
     cfg.data.global_batch, cfg.data.chunk_size, cfg.data.synthetic_classes = 16, 8, 8
-    cfg.loss.simix = False
+    cfg.loss.mix = "none"
     cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps = "sgd", 0.1, WARMUP
     cfg.deepspeed.precision, cfg.deepspeed.zero_stage = "fp16", 1
     # A small initial loss scale: the only overflow is the injected one.

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         grad_checkpointing=pick(args.grad_checkpointing, cfg.model.grad_checkpointing),
         embed_dim=pick(args.embed_dim, cfg.model.embed_dim),
         m=cfg.data.m,
-        simix=cfg.loss.simix,
+        simix=cfg.loss.mix != "none",
         device=args.device,
         backbone_kwargs=cfg.model.backbone_kwargs if args.backbone is None else {},
     )

@@ -73,7 +73,8 @@ def report(run_dir: Path) -> str:
     lines += [f"- model: {env.get('model', cfg.get('model', {}).get('backbone', '?'))}",
               f"- world size: {env.get('world_size', '?')}; global batch {cfg.get('data', {}).get('global_batch')}"
               f" ({cfg.get('data', {}).get('m')} per class); ZeRO-{cfg.get('deepspeed', {}).get('zero_stage')}"
-              f" {cfg.get('deepspeed', {}).get('precision')}; SiMix {cfg.get('loss', {}).get('simix')}",
+              f" {cfg.get('deepspeed', {}).get('precision')}; loss {cfg.get('loss', {}).get('name', 'rsk')}, "
+              f"mix {cfg.get('loss', {}).get('mix', 'simix')}",
               f"- git {env.get('git_sha', '?')}, torch {env.get('versions', {}).get('torch', '?')}, "
               f"deepspeed {env.get('versions', {}).get('deepspeed', '?')}", ""]
     if train:

@@ -58,7 +58,7 @@ def run_train_point(args, global_batch: int, world: int, simix: bool, out: Path)
     overrides = [f"run.output_dir={out / 'points'}", f"run.name={name}", "run.resume=never",
                  f"run.max_steps={args.steps}", "run.save_every=0", "run.log_every=1", "run.tensorboard=false",
                  f"data.global_batch={global_batch}", f"data.chunk_size={args.chunk_size}",
-                 f"data.synthetic_classes={max(global_batch // 4, 64)}", f"loss.simix={str(simix).lower()}",
+                 f"data.synthetic_classes={max(global_batch // 4, 64)}", f"loss.mix={'simix' if simix else 'none'}",
                  "eval.every_epochs=0", "eval.synthetic_size=512", "eval.ks=[1, 4]",
                  *(TINY if args.tiny else []), *args.overrides]
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "rskdist/train.py",

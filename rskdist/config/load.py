@@ -1,6 +1,6 @@
 """Load, override, validate and save experiment configs.
 
-    cfg = load_config("configs/debug.yaml", ["loss.simix=false", "data.global_batch=128"])
+    cfg = load_config("configs/debug.yaml", ["loss.mix=none", "data.global_batch=128"])
     validate(cfg, world_size=2)
 
 Unknown keys, wrong types and values outside a field's choices raise ValueError naming
@@ -68,6 +68,13 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# Keys that existed once, with what replaced them (an old config gets this, not "unknown key").
+_RENAMED = {
+    "loss.simix": "use loss.mix=simix (was loss.simix: true) or loss.mix=none (was false); "
+                  "loss.mix=embedding mixes embeddings instead (docs/loss.md)",
+}
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ValueError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
@@ -75,6 +82,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = _hints(obj)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in _RENAMED:
+            raise ValueError(f"config: '{dotted}' was replaced: {_RENAMED[dotted]}")
         if key not in fields:
             raise ValueError(f"config: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, key)
@@ -181,6 +190,14 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: optim.betas must have two values, got {optim.betas}")
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
+    if loss.mix == "simix" and loss.name != "rsk":
+        raise ValueError(
+            f"config: loss.mix=simix does not apply to loss.name={loss.name}: SiMix mixes scalar similarities inside "
+            f"RS@k's kernel, and {loss.name} computes its own similarities from the embeddings; "
+            f"use loss.mix=embedding (mixed, re-normalised embeddings) or loss.mix=none"
+        )
+    if loss.proxy_lr_multiplier < 0:
+        raise ValueError(f"config: loss.proxy_lr_multiplier must be >= 0 (0: the loss's default), got {loss.proxy_lr_multiplier}")
     if loss.saturation_steps < 1:
         raise ValueError(f"config: loss.saturation_steps must be >= 1, got {loss.saturation_steps}")
     _check_deepspeed_extra(cfg.deepspeed.extra)

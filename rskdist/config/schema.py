@@ -63,14 +63,17 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    name: Literal["rsk", "contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface"] = "rsk"  # the loss of the global batch: RS@k or a baseline (docs/loss.md, "Baseline losses")
+    mix: Literal["simix", "embedding", "none"] = "simix"  # mixup: SiMix on scalar similarities (RS@k only), mixed and re-normalised embeddings (any loss), or none
+    options: dict[str, Any] = field(default_factory=dict)  # a baseline's own options (e.g. {margin: 0.2}); unset ones take the loss's paper defaults (docs/loss.md)
+    proxy_lr_multiplier: float = 0.0  # proxy losses: LR of the class proxies over optim.lr (0: the loss's paper default, e.g. 100 for proxy_anchor)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k values of the recall@k surrogate
     tau1: float = 1.0  # temperature of the recall sigmoid
     tau2: float = 0.01  # temperature of the rank sigmoid
     count_self: bool = False  # count the query in its positives' ranks (published-code behaviour)
     block_size: int = 0  # queries per block in the kernel (0: automatic)
-    simix: bool = True  # similarity mixup
-    simix_per_class: int = 0  # virtual samples per class (0: every same-class pair)
-    simix_queries: bool = True  # virtual samples also act as queries
+    simix_per_class: int = 0  # mixed (virtual) samples per class, for either mix (0: every same-class pair)
+    simix_queries: bool = True  # loss.mix=simix: virtual samples also act as queries
     saturation: Literal["warn", "stop", "off"] = "warn"  # a loss stuck near 1 with a vanishing gradient over the first steps: warn, stop the run, or do not check
     saturation_steps: int = 20  # steps the saturation check watches from the start of training
 

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,7 @@ def two_pass_step(
     input_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     group=None,
+    loss_params: Sequence[torch.Tensor] = (),
 ) -> StepResult:
     """One optimizer step on the local batch (images, labels) of every rank.
 
@@ -88,6 +89,13 @@ def two_pass_step(
     stay in host memory: each chunk is moved to `device` when it is forwarded, so the
     device holds one chunk of images, not the local batch. `group` is the process group
     `loss_fn` gathers over (needed when world_size > 1, for `emb_grad_norm`).
+
+    `loss_params` are leaf tensors `loss_fn` uses besides the embeddings (fp32 copies of
+    a loss's class proxies, `rskdist.build.StepLoss`): their gradient is taken in the
+    loss pass and handed to the engine with the first chunk, `engine(x, grads)`, which
+    then returns (embeddings, sum <p, g>) (`rskdist.build.TrainModule`). Every rank
+    computes the same, whole proxy gradient, so DeepSpeed's average over ranks keeps it
+    unscaled (rskdist/parallel/gradients.py, 5).
     """
     if world_size > 1 and group is None:
         raise ValueError(
@@ -117,8 +125,9 @@ def two_pass_step(
     # its entries at large B would be subnormal and some flush to zero.
     emb = emb.detach().to(torch.promote_types(emb.dtype, torch.float32)).requires_grad_(True)
     loss = loss_fn(emb, labels)
-    (grad_emb,) = torch.autograd.grad(loss, emb)
+    grad_emb, *param_grads = torch.autograd.grad(loss, [emb, *loss_params], allow_unused=True)
     grad_emb = grad_emb.float()
+    param_grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(loss_params, param_grads)]
     # The gradient is split over ranks by rows: the squares of the global norm add up.
     bad, sq_norm = _check_over_ranks(grad_emb, rank, world_size, group)
     if bad or not math.isfinite(float(loss.detach())):
@@ -131,12 +140,16 @@ def two_pass_step(
 
     offset = 0
     for c, x in enumerate(chunks):
+        extra = 0.0
         with seeded_rng(chunk_seed(seed, step, rank, c), device):
-            out = engine(x.to(device, input_dtype, non_blocking=True))
+            if c == 0 and param_grads:
+                out, extra = engine(x.to(device, input_dtype, non_blocking=True), param_grads)
+            else:
+                out = engine(x.to(device, input_dtype, non_blocking=True))
         target = grad_emb[offset : offset + out.shape[0]]
         offset += out.shape[0]
         # d surrogate / d out = target, so backward pushes exactly the cached gradient.
-        surrogate = (out.float() * target).sum()
+        surrogate = (out.float() * target).sum() + extra
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
     t3 = time.perf_counter()

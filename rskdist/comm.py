@@ -49,6 +49,41 @@ def gather_rows(tensor: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([p[:c] for p, c in zip(pieces, counts)]), counts
 
 
+class _GatherRowsReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        gathered, counts = gather_rows(tensor.detach(), group)
+        rank, _ = group_rank_and_size(group)
+        ctx.rows = (sum(counts[:rank]), sum(counts[: rank + 1]))
+        return gathered if gathered is not tensor else gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, stop = ctx.rows
+        return grad[start:stop], None
+
+
+def gather_rows_replicated(tensor: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 0 (uneven row counts allowed) for a loss that every rank then
+    computes whole; backward keeps this rank's rows of the gradient, with no collective.
+
+    Exact when every rank runs the identical computation downstream of the gather (same
+    gathered batch, same plan, same parameters): then every rank holds the same full
+    gradient dL/dE, and this rank's rows of it are the gradient of its own inputs. A sum
+    over ranks (what torch.distributed.nn.all_gather's backward does) would count it W
+    times. Cost: one all-gather, and every rank computes the whole loss (W-fold redundant
+    work and memory, versus RS@k's blockwise split of the queries). Parameters used after
+    the gather (class proxies) get the full gradient dL/dP on every rank, identical
+    everywhere, so DeepSpeed's mean over ranks returns it unchanged. The W * L scaling that
+    rskdist/parallel/gradients.py applies for the embeddings' per-rank rows must therefore
+    not reach these parameters (it would multiply their gradient by W).
+    """
+    _, world = group_rank_and_size(group)
+    if world == 1:
+        return tensor
+    return _GatherRowsReplicated.apply(tensor, group)
+
+
 def sum_rows_to_owner(grad: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     """Sum (B x d) per-rank gradients over ranks and return this rank's rows."""
     rank, world = group_rank_and_size(group)

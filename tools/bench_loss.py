@@ -4,6 +4,8 @@
     python tools/bench_loss.py                       # B = 1024 4096 16384 65536, m=4, d=512
     python tools/bench_loss.py --sizes 4096 --simix
     python tools/bench_loss.py --sizes 32768 --dim 128 --impls blockwise
+    python tools/bench_loss.py --sizes 4096 --mix simix embedding none      # make_loss("rsk", mix=...)
+    python tools/bench_loss.py --sizes 1024 --loss contrastive               # a baseline, mix none
 
 Implementations measured in the same run:
   blockwise  rskdist.loss.rsk_loss (the kernel)
@@ -12,6 +14,9 @@ Implementations measured in the same run:
   floor      the arithmetic any exact method must do: three B x B x d products
              (similarities and the gradient's two) plus one sigmoid over B x P x B
              elements; "ratio_to_floor" = blockwise seconds / floor seconds.
+With --loss NAME (other than rsk) or --mix, the one implementation measured is
+  make_loss  rskdist.loss.make_loss(NAME, mix=MIX) called on the batch with a plan of all
+             same-class pairs (mix simix/embedding), once per --mix value
 Each measurement runs in its own process so that peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is that measurement's alone; "peak_added_mb" is the peak
 above what the process held once the inputs existed.
@@ -96,7 +101,20 @@ def measure(args) -> dict:
     mix = simix_plan(labels, generator=torch.Generator().manual_seed(args.seed)) if args.simix else None
     mix_factor = (args.batch + (0 if mix is None else mix[0].shape[0])) / args.batch
 
+    if args.impl == "make_loss":
+        from rskdist.loss import make_loss
+
+        classes = args.num_classes or args.batch // args.m
+        module = make_loss(args.loss, mix=args.mix_mode, num_classes=classes, embed_dim=args.dim).to(device)
+        plan = None if args.mix_mode == "none" else simix_plan(labels, generator=torch.Generator().manual_seed(args.seed))
+        mix = plan  # for the record below
+
     def run_once():
+        if args.impl == "make_loss":
+            x = emb.detach().requires_grad_(True)
+            loss = module(x, labels, plan=plan)
+            loss.backward()
+            return float(loss)
         if args.impl == "floor":
             _run_floor(emb, args.batch, args.m, mix_factor, device)
             return None
@@ -135,7 +153,7 @@ def measure(args) -> dict:
         "virtual": 0 if mix is None else int(mix[0].shape[0]), "device": device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "seconds": round(statistics.median(warm), 4),
         "first_seconds": round(times[0], 4), "peak_added_mb": round(peak_added, 1),
-        "loss": value,
+        "loss": value, **({"loss_name": args.loss, "mix": args.mix_mode} if args.impl == "make_loss" else {}),
     }
 
 
@@ -154,6 +172,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--simix", action="store_true", help="mix all same-class pairs (SiMix)")
+    parser.add_argument("--loss", default="rsk", help="loss name for make_loss (rsk or a baseline)")
+    parser.add_argument("--mix", nargs="+", default=None, choices=["none", "simix", "embedding"],
+                        help="measure make_loss(--loss, mix=...) once per value")
+    parser.add_argument("--num-classes", type=int, default=0, help="proxy losses: classes (0 = batch / m)")
     parser.add_argument("--impls", nargs="+", default=["floor", "blockwise", "dense"],
                         choices=["floor", "blockwise", "dense"])
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats after one cold call")
@@ -165,6 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mix-mode", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
@@ -174,6 +197,10 @@ def main(argv=None) -> int:
     for batch in args.sizes:
         if batch % args.m:
             parser.error(f"batch {batch} is not a multiple of m={args.m}")
+        if args.loss != "rsk" or args.mix:
+            for mix_mode in args.mix or ["none"]:
+                _emit(args, _child(args, "make_loss", batch, mix_mode))
+            continue
         mix_factor = 1.0 + ((args.m - 1) / 2 if args.simix else 0.0)
         results = {}
         for impl in args.impls:
@@ -207,10 +234,19 @@ def _cuda_available() -> bool:
         return False
 
 
-def _child(args, impl: str, batch: int) -> dict:
+def _emit(args, rec: dict) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+def _child(args, impl: str, batch: int, mix_mode: str = "none") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--batch", str(batch),
            "--m", str(args.m), "--dim", str(args.dim), "--device", args.device, "--dtype", args.dtype,
-           "--repeats", str(args.repeats), "--seed", str(args.seed)]
+           "--repeats", str(args.repeats), "--seed", str(args.seed), "--loss", args.loss, "--mix-mode", mix_mode,
+           "--num-classes", str(args.num_classes)]
     if args.simix:
         cmd.append("--simix")
     if args.block_size:

@@ -1,9 +1,13 @@
-"""RS@k loss (recall@k surrogate) with SiMix, blockwise and exact.
+"""RS@k loss (recall@k surrogate) with SiMix, blockwise and exact; baseline losses.
 
 Public API (stable):
     rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group)
     RSkLoss(...)                       nn.Module wrapper with the same options
     simix_plan(labels, *, per_class, generator) -> (pairs, alphas)
+    make_loss(name, *, num_classes, embed_dim, mix, **options) -> nn.Module whose
+        forward(embeddings, labels, group=None, plan=None) is the loss of the global
+        batch with a group, of the local rows without; LOSS_NAMES lists the names
+    loss_memory_bytes(...), check_loss_fits(...): peak memory of one loss call
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ import torch
 from torch import nn
 
 from rskdist.comm import group_rank_and_size
+from rskdist.loss.baselines import BASELINES, BaselineLoss
 from rskdist.loss.distributed import RSkFunction
+from rskdist.loss.memory import check_loss_fits, loss_memory_bytes
+from rskdist.loss.mixup import MIX_MODES, check_mix_mode, mix_embeddings, replicated_batch
 from rskdist.loss.rsk import DEFAULT_SIM_CACHE_MB, RSkOptions, rsk_forward_backward, validate_inputs
 from rskdist.loss.simix import materialise_mix, simix_generator, simix_plan
 
+LOSS_NAMES = ("rsk",) + tuple(BASELINES)
+
 __all__ = ["rsk_loss", "RSkLoss", "RSkOptions", "simix_plan", "simix_generator", "materialise_mix",
-           "rsk_forward_backward"]
+           "rsk_forward_backward", "make_loss", "LOSS_NAMES", "MIX_MODES", "BaselineLoss", "mix_embeddings",
+           "loss_memory_bytes", "check_loss_fits"]
 
 
 def rsk_loss(
@@ -74,7 +84,15 @@ def rsk_loss(
 
 
 class RSkLoss(nn.Module):
-    """nn.Module form of `rsk_loss`; options fixed at construction, `mix` per call."""
+    """nn.Module form of `rsk_loss`; options fixed at construction, the plan per call.
+
+    mix: "simix" (default here, as before: a plan given to forward is SiMix inside the
+    kernel), "embedding" (the plan's mixed embeddings are materialised, re-normalised and
+    appended; across ranks every rank then computes the whole loss, see
+    rskdist/loss/mixup.py) or "none" (a plan is an error).
+    """
+
+    lr_multiplier = 1.0  # no parameters; the attribute every loss from make_loss has
 
     def __init__(
         self,
@@ -86,6 +104,7 @@ class RSkLoss(nn.Module):
         virtual_queries: bool = True,
         sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
         group=None,
+        mix: str = "simix",
     ):
         super().__init__()
         self.options = dict(
@@ -94,9 +113,55 @@ class RSkLoss(nn.Module):
         )
         RSkOptions(ks=self.options["ks"], tau1=tau1, tau2=tau2)  # fail at construction, not at step 1
         self.group = group
+        self.mix = check_mix_mode(mix, loss_name="rsk")
 
-    def forward(self, embeddings, labels, mix=None):
-        return rsk_loss(embeddings, labels, mix=mix, group=self.group, **self.options)
+    def forward(self, embeddings, labels, group=None, plan=None):
+        """Loss of the global batch over `group` (default: the group given at construction;
+        None = the rows given). `plan` = (pairs, alphas) indexing the global batch."""
+        if isinstance(group, (tuple, list)):
+            raise ValueError("RSkLoss.forward(embeddings, labels, group=None, plan=None): the third argument is "
+                             "the process group; pass the mix plan as plan=(pairs, alphas)")
+        group = self.group if group is None else group
+        if plan is not None and self.mix == "none":
+            raise ValueError("loss.name=rsk was built with mix=none but got a mix plan; "
+                             "build it with mix=simix or mix=embedding, or pass plan=None")
+        if self.mix != "embedding":
+            return rsk_loss(embeddings, labels, mix=plan, group=group, **self.options)
+        validate_inputs(embeddings, labels, None)
+        # Every rank gathers, mixes and computes the whole loss (correct, W-fold redundant):
+        # the materialised mixed rows are not split over ranks.
+        emb, labs = replicated_batch(embeddings if embeddings.dtype == torch.float64 else embeddings.float(),
+                                     labels.long(), group)
+        if plan is not None:
+            emb, labs = mix_embeddings(emb, labs, plan)
+        return rsk_loss(emb, labs, group=None, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v}" for k, v in {**self.options, "mix": self.mix}.items())
+
+
+_RSK_OPTIONS = ("ks", "tau1", "tau2", "count_self", "block_size", "virtual_queries", "sim_cache_mb")
+
+
+def make_loss(name: str, *, num_classes: int | None = None, embed_dim: int | None = None, mix: str = "none",
+              **options) -> nn.Module:
+    """The loss `name` (one of LOSS_NAMES) as a module: forward(embeddings, labels, group=None, plan=None).
+
+    With a group the value is the loss of the global batch (every rank's rows
+    concatenated in rank order) and the gradient reaches this rank's rows exactly; without
+    one it is the loss of the rows given. num_classes and embed_dim are needed by the
+    proxy losses (proxy_anchor, norm_softmax, arcface) and ignored by the others. mix is
+    "none", "embedding" or (rsk only) "simix". `options` override the paper defaults
+    (rskdist/loss/baselines.py, docs/loss.md). Every module has `lr_multiplier`, the
+    learning-rate factor for its parameters (class proxies; 1 where there are none).
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss.name={name!r} is not one of {', '.join(LOSS_NAMES)}")
+    check_mix_mode(mix, loss_name=name)
+    if name == "rsk":
+        unknown = sorted(set(options) - set(_RSK_OPTIONS))
+        if unknown:
+            raise ValueError(f"loss.name=rsk: unknown option(s) {', '.join(unknown)}; valid options: "
+                             f"{', '.join(_RSK_OPTIONS)}")
+        return RSkLoss(mix=mix, **options)
+    return BaselineLoss(name, num_classes=num_classes, embed_dim=embed_dim, mix=mix, **options)

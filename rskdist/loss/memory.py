@@ -1,0 +1,115 @@
+"""Peak added memory of one loss call (forward + backward) on a global batch, and the
+start-up check that refuses a loss that would not fit.
+
+PML's losses hold whole pair (N x N), triplet or (N x N x N) tensors; RS@k's kernel holds
+capped blocks (linear in N). N is the number of rows entering the loss: the global batch
+B, plus its mixed samples with mix="embedding". The model per loss is
+
+    bytes = n2 * N^2 + n3 * N^3 [smooth_ap; triplet while N^3 < 2^31] + t * T [triplet]
+            + nc * N * C [proxy losses] + 16 * N * d   (gathered rows, their gradient,
+                                                        mixed rows, a normalised copy)
+
+with T = sum over classes of n_c (n_c - 1) (N - n_c) the (anchor, positive, negative)
+triplets PML enumerates, and the constants measured with tools/bench_loss.py (peak
+resident memory above the inputs, CPU, fp32, m = 4, d = 512; docs/loss.md gives the
+runs); each is the largest ratio over the measured batch sizes, so the estimate leans high.
+"""
+
+from __future__ import annotations
+
+from rskdist.loss.rsk import DEFAULT_BLOCK_ELEMS, DEFAULT_PANEL_ELEMS, DEFAULT_SIM_CACHE_MB
+
+GB = 1e9
+
+# Measured bytes per unit of each term (docs/loss.md, "Memory of the baselines").
+MEMORY_COEFFICIENTS: dict[str, dict[str, float]] = {
+    "contrastive": {"n2": 0.0},
+    "multi_similarity": {"n2": 0.0},
+    "triplet": {"n3": 1.0, "triplets": 0.0, "n2": 0.0},
+    "smooth_ap": {"n3": 0.0},
+    "proxy_anchor": {"nc": 0.0},
+    "norm_softmax": {"nc": 0.0},
+    "arcface": {"nc": 0.0},
+}
+
+# PML enumerates all triplets in one N x N x N boolean tensor below this many elements,
+# and anchor by anchor above it (pytorch_metric_learning.utils.loss_and_miner_utils).
+_PML_VECTORISED_TRIPLETS = 2**31 - 1
+
+
+def loss_items(batch: int, *, per_class: int = 4, mix: str = "none",
+               mix_pairs_per_class: int | None = None) -> tuple[int, int]:
+    """(N, n) rows entering the loss and rows per class: the batch, plus the mixed samples
+    (all same-class pairs, or `mix_pairs_per_class` of them) with mix="embedding"."""
+    n = per_class
+    if mix == "embedding":
+        pairs = per_class * (per_class - 1) // 2
+        n += pairs if mix_pairs_per_class is None else min(pairs, mix_pairs_per_class)
+    return batch // per_class * n, n
+
+
+def loss_memory_bytes(name: str, batch: int, *, embed_dim: int, num_classes: int = 0, mix: str = "none",
+                      per_class: int = 4, mix_pairs_per_class: int | None = None, world_size: int = 1) -> float:
+    """Estimated peak memory one loss call adds, in bytes, for a global batch of `batch`
+    with `per_class` images per class. `world_size` only matters for RS@k without
+    embedding mixup (each rank then holds its share of the queries); every other loss is
+    computed whole on every rank."""
+    items, n = loss_items(batch, per_class=per_class, mix=mix, mix_pairs_per_class=mix_pairs_per_class)
+    linear = 16.0 * items * embed_dim
+    if name == "rsk":
+        # Capped kernel temporaries plus S and dS (one process, small batch) or a panel of rows.
+        temps = 3 * DEFAULT_BLOCK_ELEMS * 4
+        dense = 2 * items * items * 4
+        if (world_size == 1 or mix == "embedding") and dense <= DEFAULT_SIM_CACHE_MB * 2**20:
+            return float(linear + temps + dense)
+        return float(linear + temps + 2 * DEFAULT_PANEL_ELEMS * 4)
+    if name not in MEMORY_COEFFICIENTS:
+        raise ValueError(f"loss_memory_bytes: unknown loss {name!r}; known: rsk, {', '.join(MEMORY_COEFFICIENTS)}")
+    c = MEMORY_COEFFICIENTS[name]
+    total = linear + c.get("n2", 0.0) * items**2 + c.get("nc", 0.0) * items * max(num_classes, 1)
+    if name == "triplet":
+        triplets = items * (n - 1) * (items - n)
+        cube = items**3
+        total += c["triplets"] * triplets + (c["n3"] * cube if cube < _PML_VECTORISED_TRIPLETS else 0.0)
+    else:
+        total += c.get("n3", 0.0) * items**3
+    return float(total)
+
+
+def check_loss_fits(name: str, batch: int, *, embed_dim: int, num_classes: int = 0, mix: str = "none",
+                    available_bytes: float, per_class: int = 4, mix_pairs_per_class: int | None = None,
+                    world_size: int = 1) -> float:
+    """Raise ValueError, with the numbers, when one loss call on this global batch needs
+    more than `available_bytes`; return the estimate otherwise."""
+    kw = dict(embed_dim=embed_dim, num_classes=num_classes, mix=mix, per_class=per_class,
+              mix_pairs_per_class=mix_pairs_per_class, world_size=world_size)
+    need = loss_memory_bytes(name, batch, **kw)
+    if need <= available_bytes:
+        return need
+    largest = largest_fitting_batch(name, available_bytes=available_bytes, **kw)
+    what = {"smooth_ap": "its N x N x N tensors", "proxy_anchor": "its batch x classes matrices",
+            "norm_softmax": "its batch x classes matrices", "arcface": "its batch x classes matrices",
+            "triplet": "its triplet lists"}.get(name, "its B x B matrices")
+    mixed = f" ({loss_items(batch, per_class=per_class, mix=mix, mix_pairs_per_class=mix_pairs_per_class)[0]} rows " \
+            "with the mixed samples)" if mix == "embedding" else ""
+    raise ValueError(
+        f"loss.name={name} on a global batch of {batch}{mixed} needs about {need / GB:.1f} GB for {what}, "
+        f"more than the {available_bytes / GB:.1f} GB available; the largest batch that fits is {largest}; "
+        "use loss.name=rsk (linear memory) or a smaller data.global_batch"
+    )
+
+
+def largest_fitting_batch(name: str, *, available_bytes: float, per_class: int = 4, **kw) -> int:
+    """The largest global batch (a multiple of per_class) whose estimate fits; 0 if none."""
+    def fits(b: int) -> bool:
+        return loss_memory_bytes(name, b, per_class=per_class, **kw) <= available_bytes
+
+    lo, hi = 0, 1
+    while fits(hi * per_class):
+        lo, hi = hi, hi * 2
+        if hi > 2**40:
+            break
+    while hi - lo > 1:  # invariant: lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * per_class) else (lo, mid)
+    return lo * per_class

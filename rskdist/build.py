@@ -138,10 +138,10 @@ class StepLoss:
         self.criterion, self.cfg, self.seed, self.step, self.group = criterion, loss_cfg, seed, step, group
         self.param_leaves: list[torch.Tensor] = list(criterion.parameters())
         if params_from is not None and self.param_leaves:
-            from deepspeed.zero import GatheredParameters
+            from deepspeed import zero
 
             source = list(params_from.parameters())
-            with GatheredParameters(source), torch.no_grad():
+            with zero.GatheredParameters(source), torch.no_grad():
                 for leaf, value in zip(self.param_leaves, source, strict=True):
                     leaf.copy_(value)
 
@@ -180,10 +180,10 @@ class TrainModule(torch.nn.Module):
         self.mean, self.std = model.mean, model.std
         if zero_stage == 3:
             # Used in this module's forward, not the criterion's: ZeRO-3 must gather them here.
-            from deepspeed.zero import register_external_parameter
+            from deepspeed import zero
 
             for p in criterion.parameters():
-                register_external_parameter(self, p)
+                zero.register_external_parameter(self, p)
 
     def forward(self, images: torch.Tensor, param_grads: list[torch.Tensor] | None = None):
         emb = self.model(images)

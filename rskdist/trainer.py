@@ -272,7 +272,9 @@ def _check_loss_memory(cfg: Config, criterion: torch.nn.Module, device: torch.de
         available = psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
                     num_classes=getattr(criterion, "num_classes", 0) or 0, mix=cfg.loss.mix,
-                    available_bytes=available)
+                    available_bytes=available, per_class=cfg.data.m,
+                    mix_pairs_per_class=cfg.loss.simix_per_class or None,
+                    world_size=dist.get_world_size() if dist.is_initialized() else 1)
 
 
 class Preempted(Exception):

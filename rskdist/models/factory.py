@@ -391,10 +391,10 @@ def _open_clip_configs_like(tower_state: dict) -> list[str]:
     """open_clip config names whose native ViT tower has this state's width, depth and patch size."""
     import open_clip
 
-    from .weights import _count_blocks
+    from .weights import count_blocks
 
     width = tower_state["class_embedding"].shape[-1]
-    layers = _count_blocks(tower_state, "transformer.resblocks.")
+    layers = count_blocks(tower_state, "transformer.resblocks.")
     patch = tower_state["conv1.weight"].shape[-1]
     out = []
     for model_name in open_clip.list_models():

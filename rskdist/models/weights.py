@@ -238,7 +238,7 @@ def layout_summary(state: Mapping[str, torch.Tensor]) -> str:
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         return "a whole CLIP model (image + text towers); image tower: " + layout_summary(visual)
     if "class_embedding" in state and "conv1.weight" in state:
-        width, layers = state["class_embedding"].shape[-1], _count_blocks(state, "transformer.resblocks.")
+        width, layers = state["class_embedding"].shape[-1], count_blocks(state, "transformer.resblocks.")
         patch = state["conv1.weight"].shape[-1]
         grid = _grid(state.get("positional_embedding"), 1)
         proj = f", projection to {state['proj'].shape[-1]}" if "proj" in state else ""
@@ -246,7 +246,7 @@ def layout_summary(state: Mapping[str, torch.Tensor]) -> str:
                 f"patch {patch}, {grid} grid{proj})")
     if "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state):
         width, patch = state["patch_embed.proj.weight"].shape[0], state["patch_embed.proj.weight"].shape[-1]
-        facts = [f"width {width}", f"depth {_count_blocks(state, 'blocks.')}", f"patch {patch}"]
+        facts = [f"width {width}", f"depth {count_blocks(state, 'blocks.')}", f"patch {patch}"]
         facts.append("LayerScale" if any(re.search(r"\.ls1\.(gamma|weight)$", k) for k in state) else "no LayerScale")
         registers = state.get("reg_token", state.get("register_tokens"))
         if registers is not None:
@@ -262,7 +262,7 @@ def layout_summary(state: Mapping[str, torch.Tensor]) -> str:
     return f"a state dict of {len(state)} tensors (first keys: {sorted(state)[:4]})"
 
 
-def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     found = {m.group(1) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return len(found)
 

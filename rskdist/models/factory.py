@@ -5,7 +5,11 @@ Weight sources (`pretrained`):
 - a file path: safetensors or torch checkpoint (loaded with weights_only=True) holding
   either a whole RetrievalModel ("backbone.*" + "head.*") or the backbone alone (a timm
   state dict, an open_clip visual tower, or a full CLIP checkpoint whose "visual.*"
-  part is used).
+  part is used). The preprocessing the weights were trained with (mean, std, native image
+  size, interpolation; QuickGELU for open_clip) is read from the file's own config: the
+  metadata fetch_weights writes into it, else the config file the library's hub layout keeps
+  beside it (timm config.json, open_clip_config.json), else the registry entry of the tag
+  in the backbone name (timm) or of the file's recorded tag (open_clip).
 - "hub" (timm's default tag of the architecture, or the tag in the backbone name) or a
   hub tag ("augreg_in21k" for timm, "openai"/"laion2b_s32b_b82k" for open_clip):
   downloaded via the Hugging Face Hub cache. Offline and not cached -> WeightsNotFoundError
@@ -36,13 +40,16 @@ from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 
 from .model import GeM, RetrievalModel
 from .weights import (
+    WeightsConfig,
     WeightsMismatchError,
     WeightsNotFoundError,
     hub_offline,
     is_unavailable_error,
+    layout_summary,
     load_strict,
     looks_like_path,
     read_state_dict,
+    read_weights_config,
     split_retrieval_state,
 )
 
@@ -144,15 +151,17 @@ def _build_timm(
         raise ValueError(f"unknown timm model {arch!r}; close matches: {close}")
 
     file_state = head_state = None
-    file_meta: dict = {}
+    weights_cfg: WeightsConfig | None = None
     hub_tag = None
     from_hub = pretrained is not None and not looks_like_path(pretrained)
     source = "random init"
     if pretrained is not None:
         if not from_hub:
             file_state, file_meta = read_state_dict(pretrained)
+            weights_cfg = read_weights_config(pretrained, file_meta, "timm")
             file_state, head_state = split_retrieval_state(file_state)
             source = f"file {pretrained}"
+            _check_recorded_backbone(weights_cfg, name, pretrained, library="timm")
         else:
             hub_tag = tag if pretrained == "hub" else pretrained
             if pretrained != "hub" and tag and tag != pretrained:
@@ -170,21 +179,29 @@ def _build_timm(
         kwargs["drop_path_rate"] = drop_path_rate
     if pool not in ("auto", "gem"):
         kwargs["global_pool"] = pool
-    if image_size is not None and tag_cfg is not None and tag_cfg.fixed_input_size:
+    # The size the weights were trained at, where the file records it (DINOv2: 518; a
+    # fine-tuned export: its own); the model is built for it when image_size is None.
+    weights_size = weights_cfg.image_size if weights_cfg else None
+    build_size = image_size or weights_size
+    if build_size is not None and tag_cfg is not None and tag_cfg.fixed_input_size:
         # timm's own rule: models marked fixed_input_size take img_size; building at the target
         # size lets timm resample loaded position embeddings once, straight to this grid.
         # Other models (CNNs) take any input size.
-        kwargs["img_size"] = image_size
+        kwargs["img_size"] = build_size
     kwargs.update(backbone_kwargs)
 
     if from_hub:
         backbone = _timm_from_hub(arch, timm_name, tag_cfg, kwargs)
         source = f"hub {backbone.pretrained_cfg.get('hf_hub_id') or backbone.pretrained_cfg.get('url')}"
     else:
-        backbone = _timm_create(timm_name, kwargs, file_state, tag_cfg, source)
+        backbone = _timm_create(timm_name, kwargs, file_state, tag_cfg, source, weights_cfg)
+        if file_state is not None:
+            _warn_other_architecture(weights_cfg, name, pretrained)
 
     cfg = dict(backbone.pretrained_cfg)
-    native_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    # The registry's size, not the built one (img_size above changes pretrained_cfg's input_size).
+    registry_size = tag_cfg.input_size[-1] if tag_cfg is not None else cfg.get("input_size", (3, 224, 224))[-1]
+    native_size = int(weights_size or registry_size)
 
     # GeM replaces the model's own global pool only where that pool is a plain 2D pool
     # applied to the last feature map with nothing after it but the (removed) classifier.
@@ -211,8 +228,15 @@ def _build_timm(
             pool_name = "token (CLS)"
     feat_dim = backbone.num_features if use_gem else getattr(backbone, "head_hidden_size", backbone.num_features)
 
-    mean = tuple(file_meta.get("mean", cfg.get("mean", IMAGENET_MEAN)))
-    std = tuple(file_meta.get("std", cfg.get("std", IMAGENET_STD)))
+    recorded = weights_cfg or WeightsConfig(source="")
+    mean = tuple(recorded.mean or cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(recorded.std or cfg.get("std", IMAGENET_STD))
+    if recorded.mean or recorded.std:
+        preprocessing = recorded.source
+    elif tag_cfg is not None:
+        preprocessing = f"timm pretrained_cfg of {timm_name if tag else f'{arch} (default tag {tag_cfg.tag})'}"
+    else:
+        preprocessing = "ImageNet defaults (no pretrained_cfg)"
     model = RetrievalModel(
         backbone,
         feat_dim=feat_dim,
@@ -222,8 +246,9 @@ def _build_timm(
         mean=mean,
         std=std,
         image_size=image_size or native_size,
-        interpolation=cfg.get("interpolation", "bicubic"),
-        info=dict(backbone=name, library="timm", weights=source, pool=pool_name),
+        interpolation=recorded.interpolation or cfg.get("interpolation", "bicubic"),
+        info=dict(backbone=name, library="timm", weights=source, pool=pool_name,
+                  native_image_size=native_size, preprocessing=preprocessing),
     )
     if head_state is not None:
         load_strict(
@@ -245,7 +270,8 @@ def _timm_pretrained_cfg(arch: str, timm_name: str):
 
 
 def _timm_create(
-    timm_name: str, kwargs: dict[str, Any], state: dict | None, tag_cfg, source: str
+    timm_name: str, kwargs: dict[str, Any], state: dict | None, tag_cfg, source: str,
+    weights_cfg: WeightsConfig | None = None,
 ) -> nn.Module:
     """timm.create_model, loading `state` (a timm-layout backbone state dict) when given.
 
@@ -258,6 +284,7 @@ def _timm_create(
 
     overlay = None
     if state is not None:
+        file_layout = layout_summary(state)  # before timm converts the layout
         state = dict(state)
         if kwargs.get("num_classes") == 0:
             # The backbone has no classifier (num_classes=0), so drop one the file may carry
@@ -285,8 +312,9 @@ def _timm_create(
         raise WeightsMismatchError(
             f"weights from {source} do not fit the timm backbone {timm_name} "
             f"(timm's strict load after its checkpoint filter):\n{details}\n"
-            "  Check that the file was made for this backbone (same model name and backbone_kwargs). "
-            "python -m rskdist.models.fetch_weights writes a file in timm's layout."
+            f"  the file holds   {file_layout}\n"
+            f"  the backbone is  {_timm_layout(timm_name, kwargs)}\n"
+            + _mismatch_fix(timm_name, state, weights_cfg, library="timm")
         ) from err
     if state is not None:
         # timm deep-copies the state dict into the model's pretrained_cfg (dataclasses.asdict):
@@ -294,6 +322,86 @@ def _timm_create(
         # kept for the model's lifetime unless dropped here.
         backbone.pretrained_cfg.pop("state_dict", None)
     return backbone
+
+
+def _timm_layout(timm_name: str, kwargs: dict[str, Any]) -> str:
+    """layout_summary of a timm model's own state dict, built on the meta device (no memory)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return layout_summary(timm.create_model(timm_name, **kwargs).state_dict())
+    except Exception as err:  # only for a message; never hide the real error
+        return f"(not described: {type(err).__name__}: {err})"
+
+
+def _check_recorded_backbone(weights_cfg: WeightsConfig | None, name: str, path: str, *, library: str) -> None:
+    """The file's own config names the backbone it was made for: refuse another library's file."""
+    recorded = weights_cfg.backbone if weights_cfg else None
+    if not recorded:
+        return
+    recorded_library = "open_clip" if recorded.startswith(OPEN_CLIP_PREFIX) else "timm"
+    shown = name if library == "timm" else f"{OPEN_CLIP_PREFIX}{name}"
+    if recorded_library != library:
+        raise WeightsMismatchError(
+            f"weights file {path} was made for the {recorded_library} backbone {recorded} "
+            f"({weights_cfg.source}), but model.backbone is the {library} backbone {shown}.\n"
+            f"  Set model.backbone={recorded}, or fetch weights for {shown}: "
+            f"python -m rskdist.models.fetch_weights {shown} --out FILE.safetensors"
+        )
+
+
+def _warn_other_architecture(weights_cfg: WeightsConfig | None, shown: str, path: str) -> None:
+    """Called once the file has loaded: its config names another architecture whose layout fits
+    this one (e.g. a 224 px ViT-B/16 file into a 384 px ViT-B/16); say so, it may be a slip."""
+    recorded = weights_cfg.backbone if weights_cfg else None
+    if not recorded:
+        return
+
+    def arch(backbone: str) -> str:  # timm name without tag; open_clip config without -quickgelu
+        return backbone.removeprefix(OPEN_CLIP_PREFIX).partition(".")[0].removesuffix("-quickgelu")
+
+    if arch(recorded) != arch(shown):
+        warnings.warn(
+            f"weights file {path} was made for {recorded} ({weights_cfg.source}), model.backbone is {shown}; "
+            "it loaded since the layouts agree. Set model.backbone to the file's architecture if "
+            "that was not intended.",
+            stacklevel=5,
+        )
+
+
+def _mismatch_fix(target: str, state: dict, weights_cfg: WeightsConfig | None, *, library: str) -> str:
+    """The last lines of a layout-mismatch error: what to change, given what the file is."""
+    lines = []
+    if weights_cfg is not None and weights_cfg.backbone:
+        lines.append(f"  The file's config ({weights_cfg.source}) says it was made for {weights_cfg.backbone}: "
+                     f"set model.backbone={weights_cfg.backbone} (and the backbone_kwargs it was saved with).")
+    clip_like = {k.removeprefix("visual."): v for k, v in state.items()} if library == "timm" else state
+    if library == "timm" and "class_embedding" in clip_like and "conv1.weight" in clip_like:
+        names = _open_clip_configs_like(clip_like)
+        lines.append("  This is an open_clip / OpenAI CLIP layout: use model.backbone=open_clip:<config>"
+                     + (f" ({', '.join(names)} match its tower)" if names else ""))
+    lines.append("  Check that the file was made for this backbone (same model name and backbone_kwargs), "
+                 f"or fetch weights for it: python -m rskdist.models.fetch_weights "
+                 f"{target if library == 'timm' else OPEN_CLIP_PREFIX + target} --out FILE.safetensors")
+    return "\n".join(lines)
+
+
+def _open_clip_configs_like(tower_state: dict) -> list[str]:
+    """open_clip config names whose native ViT tower has this state's width, depth and patch size."""
+    import open_clip
+
+    from .weights import count_blocks
+
+    width = tower_state["class_embedding"].shape[-1]
+    layers = count_blocks(tower_state, "transformer.resblocks.")
+    patch = tower_state["conv1.weight"].shape[-1]
+    out = []
+    for model_name in open_clip.list_models():
+        vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+        if (vision.get("width"), vision.get("layers"), vision.get("patch_size")) == (width, layers, patch):
+            out.append(f"open_clip:{model_name}")
+    return out[:6]
 
 
 def _timm_from_hub(arch: str, timm_name: str, cfg, kwargs: dict[str, Any]) -> nn.Module:
@@ -382,7 +490,7 @@ def _build_open_clip(
     vision_cfg = dict(model_cfg["vision_cfg"])
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
     tag_cfg: dict[str, Any] = {}
-    meta: dict = {}
+    weights_cfg: WeightsConfig | None = None
 
     state = head_state = None
     source = "random init"
@@ -401,9 +509,12 @@ def _build_open_clip(
             path = _open_clip_download(name, pretrained, tag_cfg)
             source = f"hub {name}/{pretrained}"
         state, meta = read_state_dict(path)
-        if meta.get("open_clip_tag"):
-            tag_cfg = open_clip.get_pretrained_cfg(name, meta["open_clip_tag"])
-        quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+        weights_cfg = read_weights_config(path, meta, "open_clip")
+        _check_recorded_backbone(weights_cfg, name, path, library="open_clip")
+        if weights_cfg is not None and weights_cfg.tag:
+            tag_cfg = open_clip.get_pretrained_cfg(name, weights_cfg.tag)
+        quick_gelu = (quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+                      or bool(weights_cfg is not None and weights_cfg.quick_gelu))
         state, head_state = split_retrieval_state(state)
         if head_state is None and any(k.startswith("visual.") for k in state):
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -411,8 +522,12 @@ def _build_open_clip(
     overrides = dict(backbone_kwargs)
     quick_gelu = bool(overrides.pop("quick_gelu", quick_gelu))
     vision_cfg.update(overrides)
-    if image_size is not None:
-        vision_cfg["image_size"] = image_size
+    # Native size: the one the file records (its position grid), else the config's.
+    native_size = (weights_cfg.image_size if weights_cfg else None) or vision_cfg.get("image_size")
+    if native_size is not None:
+        native_size = int(native_size[-1] if isinstance(native_size, (tuple, list)) else native_size)
+    if image_size is not None or native_size is not None:
+        vision_cfg["image_size"] = image_size or native_size
     if drop_path_rate:
         if not vision_cfg.get("timm_model_name"):
             raise ValueError(
@@ -422,9 +537,17 @@ def _build_open_clip(
         vision_cfg["timm_drop_path"] = drop_path_rate
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # weights come only from `pretrained`
-    # Preprocessing the weights expect: the tag's (from fetch_weights metadata or the hub tag),
-    # then mean/std stored in the file; open_clip merges them over its defaults (OpenAI mean/std).
-    preprocess = {**tag_cfg, **{k: meta[k] for k in ("mean", "std") if k in meta}}
+    # Preprocessing the weights expect: the tag's (hub tag, or the tag the file records), then what
+    # the file's own config records; open_clip merges them over its defaults (OpenAI mean/std).
+    recorded = weights_cfg or WeightsConfig(source="")
+    preprocess = {**tag_cfg, **{k: v for k, v in (("mean", recorded.mean), ("std", recorded.std),
+                                                  ("interpolation", recorded.interpolation)) if v}}
+    if recorded.mean or recorded.std:
+        preprocessing = recorded.source
+    elif tag_cfg:
+        preprocessing = f"open_clip tag {weights_cfg.tag if weights_cfg and weights_cfg.tag else pretrained}"
+    else:
+        preprocessing = "open_clip defaults (OpenAI mean/std)"
     root_logger = logging.getLogger()
     root_logger.addFilter(_hide_random_init_notice)
     try:
@@ -456,8 +579,14 @@ def _build_open_clip(
         root_logger.removeFilter(_hide_random_init_notice)
 
     if state is not None:
+        file_layout = layout_summary(state)
         _resample_open_clip_pos_embed(state, clip)
-        load_strict(clip.visual, state, f"open_clip visual tower {name}", source)
+        load_strict(
+            clip.visual, state, f"open_clip visual tower {name}", source,
+            hint=f"the file holds   {file_layout}\n  the backbone is  {layout_summary(clip.visual.state_dict())}\n"
+            + _mismatch_fix(name, state, weights_cfg, library="open_clip"),
+        )
+        _warn_other_architecture(weights_cfg, f"{OPEN_CLIP_PREFIX}{name}", path)
 
     preprocess = open_clip.get_model_preprocess_cfg(clip)
     size = preprocess["size"]  # the tower's image size, int or (h, w)
@@ -479,6 +608,8 @@ def _build_open_clip(
             weights=source,
             pool="open_clip tower output (projected)",
             quick_gelu=quick_gelu,
+            native_image_size=native_size or size,
+            preprocessing=preprocessing,
             # ModifiedResNet.set_grad_checkpointing exists but does nothing.
             supports_grad_checkpointing=not isinstance(visual, ModifiedResNet),
         ),

@@ -167,9 +167,12 @@ def describe(model: nn.Module) -> str:
         f"weights={info.get('weights', 'random init')}",
         f"pool={info.get('pool', type(model.pool).__name__)}",
         f"head=LayerNorm({model.feat_dim})->Linear({model.feat_dim},{model.embed_dim})->L2",
-        f"image_size={model.image_size}",
+        f"image_size={model.image_size}"
+        + (f" (weights trained at {info['native_image_size']}: position grid resampled)"
+           if info.get("native_image_size", model.image_size) != model.image_size else ""),
         f"mean={tuple(round(m, 4) for m in model.mean)}",
         f"std={tuple(round(s, 4) for s in model.std)}",
+        *([f"preprocessing from {info['preprocessing']}"] if info.get("preprocessing") else []),
         f"params={_human(total)} (trainable {_human(trainable)}, backbone {_human(count_params(model.backbone))})",
         f"grad_checkpointing={model.grad_checkpointing}",
         f"freeze_bn={model.freeze_bn}",

@@ -10,8 +10,12 @@ both are undone here.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +25,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".npz
 _NEST_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 METADATA_KEY = "rskdist"  # safetensors metadata written by rskdist.models.fetch_weights
+# The config file each library's Hugging Face Hub layout keeps beside its weights (one model per folder):
+# timm: model.safetensors / pytorch_model.bin + config.json ({"architecture", "pretrained_cfg": {...}});
+# open_clip: open_clip_model.safetensors / open_clip_pytorch_model.bin + open_clip_config.json
+# ({"model_cfg": {...}, "preprocess_cfg": {...}}).
+SIDECAR_CONFIGS = {"timm": "config.json", "open_clip": "open_clip_config.json"}
 
 
 class WeightsNotFoundError(ValueError):
@@ -72,9 +81,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if raw:
             metadata = json.loads(raw)
     else:
+        if _is_torchscript(path):
+            raise ValueError(
+                f"{str(path)!r} is a TorchScript archive (e.g. OpenAI's original CLIP .pt files); "
+                "loading it would run its code. Re-save its state dict once, on a machine where you "
+                "trust the file: python -c \"import torch, safetensors.torch as st; "
+                "sd = torch.jit.load('IN.pt', map_location='cpu').state_dict(); "
+                "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\" "
+                "(for CLIP its visual.* part is used), or fetch the open_clip file instead: "
+                "python -m rskdist.models.fetch_weights open_clip:ViT-B-16 --pretrained openai --out OUT.safetensors"
+            )
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError, RuntimeError for TorchScript archives, ...
+        except Exception as err:  # UnpicklingError, ...
             raise ValueError(
                 f"cannot load {str(path)!r} safely with torch.load(weights_only=True): {err}\n"
                 "It holds more than tensors (pickled objects or TorchScript). Re-save only the "
@@ -84,6 +103,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 "on a machine where you trust the file."
             ) from err
     return _flatten(state, str(path)), metadata
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A torch.jit.save archive: a zip whose entries include the model's code/ folder."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(re.fullmatch(r"[^/]+/code/.*", name) for name in archive.namelist())
 
 
 def _flatten(obj, where: str) -> dict[str, torch.Tensor]:
@@ -111,6 +138,140 @@ def _flatten(obj, where: str) -> dict[str, torch.Tensor]:
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 changed = True
     return state
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """What a weights file records about itself; None where it records nothing.
+
+    Read from fetch_weights' metadata inside the file, else from the config file that the
+    library's hub layout keeps beside it (SIDECAR_CONFIGS). create_model takes the
+    preprocessing (mean, std, native image size, interpolation) from here before the
+    model library's registry, so the data pipeline normalises as the weights were trained.
+    """
+
+    source: str  # where it was read, for messages and describe()
+    backbone: str | None = None  # timm name (with tag) or "open_clip:<config>"
+    tag: str | None = None  # timm pretrained tag or open_clip pretrained tag
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    image_size: int | None = None  # the resolution the weights were trained at (their position grid)
+    interpolation: str | None = None
+    quick_gelu: bool | None = None  # open_clip: the activation the weights were trained with
+    vision_cfg: dict | None = None  # open_clip: the image tower's config
+
+
+def read_weights_config(path: str | os.PathLike, metadata: dict, library: str) -> WeightsConfig | None:
+    """The WeightsConfig of a weights file: its fetch_weights `metadata`, else the `library`'s
+    config file in the same folder (config.json for timm, open_clip_config.json for open_clip),
+    else None. A config.json of another kind (no "architecture" key) is ignored."""
+    if metadata:
+        backbone = metadata.get("backbone")
+        tag = metadata.get("open_clip_tag") or (
+            backbone.partition(".")[2] if backbone and not backbone.startswith("open_clip:") else None
+        )
+        return WeightsConfig(
+            source=f"metadata in {os.fspath(path)}",
+            backbone=backbone,
+            tag=tag or None,
+            mean=_floats(metadata.get("mean")),
+            std=_floats(metadata.get("std")),
+            image_size=_side(metadata.get("image_size")),
+            quick_gelu=metadata.get("quick_gelu"),
+        )
+    sidecar = Path(os.path.expanduser(os.fspath(path))).parent / SIDECAR_CONFIGS[library]
+    if not sidecar.is_file():
+        return None
+    try:
+        cfg = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{sidecar}: cannot read the weights' config ({err}); fix or remove the file") from err
+    if not isinstance(cfg, dict):
+        return None
+    if library == "timm":
+        if not isinstance(cfg.get("architecture"), str):
+            return None  # not timm's (e.g. a transformers config.json)
+        pcfg = cfg.get("pretrained_cfg", cfg)  # timm's older exports keep a single flat dict
+        tag = pcfg.get("tag") or None
+        input_size = pcfg.get("input_size")
+        return WeightsConfig(
+            source=str(sidecar),
+            backbone=f"{cfg['architecture']}.{tag}" if tag else cfg["architecture"],
+            tag=tag,
+            mean=_floats(pcfg.get("mean")),
+            std=_floats(pcfg.get("std")),
+            image_size=_side(input_size[-1] if input_size else None),
+            interpolation=pcfg.get("interpolation"),
+        )
+    if "model_cfg" not in cfg:
+        return None
+    model_cfg, pre = cfg["model_cfg"] or {}, cfg.get("preprocess_cfg") or {}
+    vision_cfg = dict(model_cfg.get("vision_cfg") or {})
+    size = pre.get("size", vision_cfg.get("image_size"))
+    return WeightsConfig(
+        source=str(sidecar),
+        mean=_floats(pre.get("mean")),
+        std=_floats(pre.get("std")),
+        image_size=_side(size[-1] if isinstance(size, (list, tuple)) else size),
+        interpolation=pre.get("interpolation"),
+        quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+        vision_cfg=vision_cfg or None,
+    )
+
+
+def _floats(values) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def _side(size) -> int | None:
+    return None if size is None else int(size)
+
+
+def layout_summary(state: Mapping[str, torch.Tensor]) -> str:
+    """One line saying what architecture a state dict holds, read from its key names and shapes.
+
+    Used in WeightsMismatchError messages, where the file's layout and the backbone's are
+    put side by side (this module imports no model library, so the backbone's state dict
+    is passed in the same way).
+    """
+    if any(k.startswith("visual.") for k in state):
+        visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        return "a whole CLIP model (image + text towers); image tower: " + layout_summary(visual)
+    if "class_embedding" in state and "conv1.weight" in state:
+        width, layers = state["class_embedding"].shape[-1], count_blocks(state, "transformer.resblocks.")
+        patch = state["conv1.weight"].shape[-1]
+        grid = _grid(state.get("positional_embedding"), 1)
+        proj = f", projection to {state['proj'].shape[-1]}" if "proj" in state else ""
+        return (f"an open_clip / OpenAI CLIP ViT image tower (width {width}, {layers} layers, "
+                f"patch {patch}, {grid} grid{proj})")
+    if "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state):
+        width, patch = state["patch_embed.proj.weight"].shape[0], state["patch_embed.proj.weight"].shape[-1]
+        facts = [f"width {width}", f"depth {count_blocks(state, 'blocks.')}", f"patch {patch}"]
+        facts.append("LayerScale" if any(re.search(r"\.ls1\.(gamma|weight)$", k) for k in state) else "no LayerScale")
+        registers = state.get("reg_token", state.get("register_tokens"))
+        if registers is not None:
+            facts.append(f"{registers.shape[1]} register tokens")
+        if "pos_embed" in state:
+            facts.append(f"{state['pos_embed'].shape[1]} position tokens")
+        if "head.weight" in state:
+            facts.append(f"classifier of {state['head.weight'].shape[0]} classes")
+        kind = "DINOv2 ViT in Meta's original layout (mask_token)" if "mask_token" in state else "timm ViT"
+        return f"a {kind} ({', '.join(facts)})"
+    if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
+        return f"a ResNet-style CNN ({len(state)} tensors)"
+    return f"a state dict of {len(state)} tensors (first keys: {sorted(state)[:4]})"
+
+
+def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    found = {m.group(1) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return len(found)
+
+
+def _grid(pos: torch.Tensor | None, num_prefix: int) -> str:
+    if pos is None:
+        return "no position"
+    side = math.isqrt(pos.shape[-2] - num_prefix)
+    return f"{side}x{side}" if side * side == pos.shape[-2] - num_prefix else f"{pos.shape[-2]}-token"
 
 
 def split_retrieval_state(

@@ -56,6 +56,7 @@ def test_proxies_under_zero3_resume_with_the_model(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+@pytest.mark.slow  # the same path is checked for exactness in tests/test_loss_params_distributed.py
 def test_embedding_mixup_with_a_pair_loss_under_zero2(tmp_path):
     proc = _train(tmp_path, "loss.name=multi_similarity", "loss.mix=embedding", "run.max_steps=2")
     losses = _losses(tmp_path / "debug")

@@ -468,8 +468,8 @@ def plot(study: Study, rows: list[dict], path: Path) -> bool:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(others, combo)) or metric
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
         xs_all = [float(yaml.safe_load(v)) for v in dict(study.axes)[key]]
-        if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
-            ax.set_xscale("log", base=2)
+        if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:  # batch sizes, temperatures: spread over decades
+            ax.set_xscale("log", base=2 if all(x.is_integer() for x in xs_all) else 10)
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {metric} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
@@ -544,6 +544,10 @@ def submit_slurm(study: Study, state: dict) -> None:
     print(f"study: when the jobs finish: python tools/study.py --collect --out {study.out}")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -604,6 +608,9 @@ def main(argv=None) -> int:
     if study.launcher == "slurm":
         submit_slurm(study, state)
         return 0
+    # SIGTERM (a scheduler's time limit, `timeout`) ends the study like Ctrl-C: the running cell's
+    # ranks live in their own session and would otherwise outlive it.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run_local(study, state, args.timeout)
     except KeyboardInterrupt:

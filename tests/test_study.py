@@ -142,6 +142,14 @@ def test_done_cells_are_skipped_and_a_failure_does_not_stop_the_study(tmp_path, 
     study_tool.run_local(study, state, timeout=10, launch=lambda st, cell, t: launched.append(cell.name) or 1)
     assert launched == [cells[1].name]  # only the failed one is retried
 
+    def interrupted(st, cell, timeout):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study_tool.run_local(study, state, timeout=10, launch=interrupted)
+    assert state[cells[1].name]["status"] == "interrupted"
+    assert study_tool.collect(study, state)[1]["status"] == "interrupted"
+
 
 # ----------------------------------------------------------------------------- aggregation
 def test_report_means_stds_and_best_cell_from_run_folders(tmp_path):

@@ -24,7 +24,6 @@ import csv
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shlex
@@ -41,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rskdist.config import evaluated_metrics, load_config, to_dict, validate  # noqa: E402
+from rskdist.config import load_config, to_dict, validate  # noqa: E402
 
 # The study owns these: each run's folder, its seed and how it resumes.
 OWNED_KEYS = {"run.output_dir": "--out", "run.name": "--out", "run.seed": "--seeds", "run.resume": "the study (auto)"}
@@ -416,7 +415,8 @@ def write_report(study: Study, rows: list[dict], path: Path, plot_name: str | No
     for c in cells:
         st, n = c["stats"], c["done"]
         cols = [*(str(c["values"][k]) for k in keys), f"{n}/{c['seeds']}", *(_fmt(st.get(m), n) for m in metrics),
-                _fmt(st.get("best_value"), n), _fmt(st.get("images_per_s"), n, 1), _fmt(st.get("rss_peak_mb_max"), n, 0),
+                _fmt(st.get("best_value"), n), _fmt(st.get("images_per_s"), n, 1),
+                _fmt(st.get("rss_peak_mb_max"), n, 0),
                 "**best**" if c["cell"] == winner else ""]
         lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
@@ -512,9 +512,15 @@ def run_local(study: Study, state: dict, timeout: float, launch=launch_local) ->
             continue
         print(f"{tag}: start ({time.perf_counter() - t_study:.0f} s into the study)", flush=True)
         t0 = time.perf_counter()
-        code = launch(study, cell, timeout)
-        seconds = round(time.perf_counter() - t0, 1)
         previous = state.get(cell.name, {}).get("wall_seconds", 0.0) or 0.0  # a resumed cell adds up its launches
+        try:
+            code = launch(study, cell, timeout)
+        except KeyboardInterrupt:
+            state[cell.name] = {"status": "interrupted", "exit_code": 130, "log": str(study.log_path(cell)),
+                                "wall_seconds": round(previous + time.perf_counter() - t0, 1)}
+            save_state(study, state)
+            raise
+        seconds = round(time.perf_counter() - t0, 1)
         record = {"exit_code": code, "wall_seconds": round(previous + seconds, 1), "log": str(study.log_path(cell))}
         if code == 0 and is_done(study, cell):
             record["status"] = "done"
@@ -600,7 +606,7 @@ def main(argv=None) -> int:
             cmd = slurm_command(study, cell) if study.launcher == "slurm" else local_command(study, cell, "FREE_PORT")
             done = " (done already)" if is_done(study, cell) else ""
             print(f"{cell.name}{done}\n  {shlex.join(cmd)}")
-        print(f"study: {len(study.cells)} runs; --dry-run: nothing started (each local run gets a free port as FREE_PORT)")
+        print(f"study: {len(study.cells)} runs; --dry-run: nothing started (a local run gets a free port as FREE_PORT)")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     study.save()

@@ -190,12 +190,12 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: optim.betas must have two values, got {optim.betas}")
     if sorted(optim.decay_epochs) != list(optim.decay_epochs):
         raise ValueError(f"config: optim.decay_epochs must be increasing, got {optim.decay_epochs}")
-    if loss.mix == "simix" and loss.name != "rsk":
-        raise ValueError(
-            f"config: loss.mix=simix does not apply to loss.name={loss.name}: SiMix mixes scalar similarities inside "
-            f"RS@k's kernel, and {loss.name} computes its own similarities from the embeddings; "
-            f"use loss.mix=embedding (mixed, re-normalised embeddings) or loss.mix=none"
-        )
+    from rskdist.loss.mixup import check_mix_mode  # the loss's own rule: SiMix is RS@k's
+
+    try:
+        check_mix_mode(loss.mix, loss_name=loss.name)
+    except ValueError as exc:
+        raise ValueError(f"config: {exc}") from None
     if loss.proxy_lr_multiplier < 0:
         raise ValueError(f"config: loss.proxy_lr_multiplier must be >= 0 (0: the loss's default), got {loss.proxy_lr_multiplier}")
     if loss.saturation_steps < 1:

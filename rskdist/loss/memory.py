@@ -12,7 +12,7 @@ B, plus its mixed samples with mix="embedding". The model per loss is
 with T = sum over classes of n_c (n_c - 1) (N - n_c) the (anchor, positive, negative)
 triplets PML enumerates, and the constants measured with tools/bench_loss.py (peak
 resident memory above the inputs, CPU, fp32, m = 4, d = 512; docs/loss.md gives the
-runs); each is the largest ratio over the measured batch sizes, so the estimate leans high.
+runs); each is the ratio at the largest measured batch, where its term dominates.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ GB = 1e9
 
 # Measured bytes per unit of each term (docs/loss.md, "Memory of the baselines").
 MEMORY_COEFFICIENTS: dict[str, dict[str, float]] = {
-    "contrastive": {"n2": 0.0},
-    "multi_similarity": {"n2": 0.0},
-    "triplet": {"n3": 1.0, "triplets": 0.0, "n2": 0.0},
-    "smooth_ap": {"n3": 0.0},
-    "proxy_anchor": {"nc": 0.0},
-    "norm_softmax": {"nc": 0.0},
-    "arcface": {"nc": 0.0},
+    "contrastive": {"n2": 40.1},  # 160.5 MB at B = 2048
+    "multi_similarity": {"n2": 92.8},  # 371.2 MB at B = 2048 (loss + miner)
+    "triplet": {"n3": 1.0, "triplets": 66.8},  # boolean N^3 grid below 1290 rows; 799.6 MB at B = 2048
+    "smooth_ap": {"n3": 22.6},  # 361.7 MB at B = 256, 2745.5 MB at 512
+    "proxy_anchor": {"nc": 46.6},  # 1489.5 MB at B = 4096, C = 8192
+    "norm_softmax": {"nc": 17.3},  # 551.9 MB at B = 4096, C = 8192
+    "arcface": {"nc": 20.4},  # 650.3 MB at B = 4096, C = 8192
 }
 
 # PML enumerates all triplets in one N x N x N boolean tensor below this many elements,

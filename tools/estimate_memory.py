@@ -22,6 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _num_classes(cfg) -> int:
+    """Training classes (proxy losses' table), when the shard index is at hand."""
+    from rskdist.build import num_train_classes
+
+    try:
+        return num_train_classes(cfg)
+    except (OSError, ValueError, KeyError):
+        return 0
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="experiment YAML; its settings are the defaults")
@@ -63,7 +72,10 @@ def main(argv=None) -> int:
         grad_checkpointing=pick(args.grad_checkpointing, cfg.model.grad_checkpointing),
         embed_dim=pick(args.embed_dim, cfg.model.embed_dim),
         m=cfg.data.m,
-        simix=cfg.loss.mix != "none",
+        simix=cfg.loss.mix == "simix",
+        loss_name=cfg.loss.name,
+        mix=cfg.loss.mix,
+        num_classes=_num_classes(cfg),
         device=args.device,
         backbone_kwargs=cfg.model.backbone_kwargs if args.backbone is None else {},
     )

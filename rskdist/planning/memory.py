@@ -262,8 +262,15 @@ def estimate_memory(
     backbone_kwargs: dict | None = None,
     runtime_mb: float | None = None,
     deepspeed_config: dict | None = None,
+    loss_name: str = "rsk",
+    mix: str | None = None,
+    num_classes: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of one rank; see the module docstring for the parts.
+
+    RS@k's part is its blockwise kernel (`loss_bytes`, with `simix`); a baseline loss, or
+    any loss with `mix="embedding"`, is computed whole on every rank and takes
+    `rskdist.loss.loss_memory_bytes` (its B x B matrices; `num_classes` for proxy losses).
 
     `deepspeed_config` is the config the trainer generates (rskdist.build.deepspeed_config);
     its zero_optimization bucket settings size the gradient bucket. Without it, DeepSpeed's
@@ -312,13 +319,23 @@ def estimate_memory(
         **{name: b / MB for name, b in states.items()},
         "activations": per_image * chunk / MB,
         "images": held_images * image_bytes / MB,
-        "loss": loss_bytes(global_batch=global_batch, embed_dim=embed_dim, world_size=world_size, m=m,
-                           simix=simix) / MB,
+        "loss": _loss_part(loss_name, mix, simix=simix, global_batch=global_batch, embed_dim=embed_dim,
+                           world_size=world_size, m=m, num_classes=num_classes) / MB,
     }
     facts = {"num_params": num_params, "activation_mb_per_image": round(per_image / MB, 3),
              "local_batch": local_batch, "chunk": chunk, "chunks": math.ceil(local_batch / chunk),
              "reduce_bucket_size": zero.reduce_bucket_size, "overlap_comm": zero.overlap_comm}
     return MemoryEstimate(parts, facts)
+
+
+def _loss_part(loss_name: str, mix: str | None, *, simix: bool, global_batch: int, embed_dim: int,
+               world_size: int, m: int, num_classes: int) -> float:
+    if loss_name == "rsk" and mix != "embedding":
+        return loss_bytes(global_batch=global_batch, embed_dim=embed_dim, world_size=world_size, m=m, simix=simix)
+    from rskdist.loss import loss_memory_bytes
+
+    return loss_memory_bytes(loss_name, global_batch, embed_dim=embed_dim, num_classes=num_classes,
+                             mix=mix or "none", per_class=m, world_size=world_size)
 
 
 _RUNTIME_PROBE = """

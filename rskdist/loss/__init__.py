@@ -1,7 +1,7 @@
 """RS@k loss (recall@k surrogate) with SiMix, blockwise and exact.
 
 Public API (stable):
-    rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group)
+    rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group, impl)
     RSkLoss(...)                       nn.Module wrapper with the same options
     simix_plan(labels, *, per_class, generator) -> (pairs, alphas)
 """
@@ -15,6 +15,7 @@ from torch import nn
 
 from rskdist.comm import group_rank_and_size
 from rskdist.loss.distributed import RSkFunction
+from rskdist.loss.fused import IMPLS, resolve_impl
 from rskdist.loss.rsk import DEFAULT_SIM_CACHE_MB, RSkOptions, rsk_forward_backward, validate_inputs
 from rskdist.loss.simix import materialise_mix, simix_generator, simix_plan
 
@@ -35,6 +36,7 @@ def rsk_loss(
     virtual_queries: bool = True,
     sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
     group=None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """RS@k loss of a batch, leave-one-out, as in docs/method.md section 1.
 
@@ -55,6 +57,10 @@ def rsk_loss(
             concatenated in order) and the gradient is this rank's slice of the global
             gradient. None (default) is the one-process loss of the rows given, with no
             collective, even inside an initialised process group.
+        impl: block backend: "eager" (unfused), "compiled" (torch.compile of the fused
+            passes), "triton" (hand-written kernel, CUDA), or "auto" (the fastest measured
+            for the device, docs/loss.md). An unavailable backend falls back to "eager"
+            with a one-line warning.
 
     Returns:
         Scalar float32 loss (float64 for float64 inputs); 0 if no sample has a positive.
@@ -69,8 +75,9 @@ def rsk_loss(
         ks=(int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks),
         tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
     )
+    impl = resolve_impl(impl, embeddings.device)  # a bad name fails here, before any gather
     labels = labels.long()
-    return RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
+    return RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group, impl)
 
 
 class RSkLoss(nn.Module):
@@ -86,13 +93,16 @@ class RSkLoss(nn.Module):
         virtual_queries: bool = True,
         sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
         group=None,
+        impl: str = "auto",
     ):
         super().__init__()
         self.options = dict(
             ks=tuple(ks), tau1=tau1, tau2=tau2, count_self=count_self, block_size=block_size,
-            virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb,
+            virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb, impl=impl,
         )
         RSkOptions(ks=self.options["ks"], tau1=tau1, tau2=tau2)  # fail at construction, not at step 1
+        if impl not in IMPLS:
+            raise ValueError(f"RS@k: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.group = group
 
     def forward(self, embeddings, labels, mix=None):

@@ -239,3 +239,20 @@ def test_torch_compile_matches_reference(dtype, monkeypatch):
         torch.testing.assert_close(grad.double(), ref_grad, atol=tol * max(1.0, 10 * float(ref_grad.abs().max())),
                                    rtol=0)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_on_cuda_matches_reference(impl, dtype, monkeypatch):
+    monkeypatch.setattr(fused, "_FAILED", set())
+    emb, labels = _batch(300, 32, 60, seed=15)
+    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(4))
+    ref_loss, ref_grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(count_self=True), pairs=pairs,
+                                                 alphas=alphas.double(), impl="eager")
+    loss, grad, _ = rsk_forward_backward(emb.cuda().to(dtype), labels.cuda(), opts=RSkOptions(count_self=True),
+                                         pairs=pairs.cuda(), alphas=alphas.cuda(), block_size=37, impl=impl)
+    assert (impl, "cuda") not in fused._FAILED, f"{impl} fell back to eager"
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, atol=tol, rtol=0)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, atol=tol * 100 * float(ref_grad.abs().max()), rtol=0)

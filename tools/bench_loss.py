@@ -8,7 +8,11 @@
     python tools/bench_loss.py --sizes 1024 --loss contrastive               # a baseline, mix none
 
 Implementations measured in the same run:
-  blockwise  rskdist.loss.rsk_loss (the kernel)
+  blockwise  rskdist.loss.rsk_loss with impl="auto" (what training runs)
+  eager, compiled, triton
+             rsk_loss with that block backend (docs/loss.md, "Fused kernel"); "compiled"
+             and "triton" compile first on a 256-sample batch and report it as
+             "compile_seconds" (not in "first_seconds" nor in the peak)
   dense      the plain vectorised autograd form (one B x P x B tensor), skipped where its
              estimated memory exceeds --dense-max-gb
   floor      the arithmetic any exact method must do: three B x B x d products
@@ -33,11 +37,26 @@ import subprocess
 import sys
 import time
 
+KERNEL_IMPLS = ("blockwise", "eager", "compiled", "triton")  # rsk_loss itself, by impl=
 PUBLISHED_PER_QUERY_SECONDS = 195.0  # docs/method.md: published code, B=4000, m=4, d=512, 2 CPU cores
 
 
 def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory: VmHWM (resettable, see _reset_rss_peak) where Linux has it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_rss_peak() -> None:
+    """Forget the peak so far (Linux: "5" to clear_refs), e.g. the compiler's, once per process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _rss_now_mb() -> float:
@@ -91,6 +110,7 @@ def measure(args) -> dict:
     import torch
 
     from rskdist.loss import rsk_loss, simix_plan
+    from rskdist.loss.fused import resolve_impl
     from rskdist.loss.reference import rsk_loss_dense
     from rskdist.loss.simix import materialise_mix
 
@@ -119,8 +139,9 @@ def measure(args) -> dict:
             _run_floor(emb, args.batch, args.m, mix_factor, device)
             return None
         x = emb.detach().requires_grad_(True)
-        if args.impl == "blockwise":
-            loss = rsk_loss(x, labels, mix=mix, block_size=args.block_size)
+        if args.impl in KERNEL_IMPLS:
+            impl = "auto" if args.impl == "blockwise" else args.impl
+            loss = rsk_loss(x, labels, mix=mix, block_size=args.block_size, impl=impl)
         else:
             feats, labs = x.float(), labels
             if mix is not None:
@@ -130,6 +151,17 @@ def measure(args) -> dict:
         loss.backward()
         return float(loss)
 
+    compile_seconds = None
+    if args.impl in ("compiled", "triton"):
+        # Compile once on a small batch (dynamic shapes: the same code serves every size), so
+        # times and peak memory are the kernel's; the one-off cost is reported on its own.
+        t0 = time.perf_counter()
+        small = emb[:256].detach().requires_grad_(True)
+        # block_size 96 != 256 items: equal sizes would share one symbol and recompile later.
+        rsk_loss(small, labels[:256], impl=args.impl, block_size=96).backward()
+        _sync(device)
+        compile_seconds = round(time.perf_counter() - t0, 2)
+        _reset_rss_peak()
     _sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -154,6 +186,9 @@ def measure(args) -> dict:
         "threads": torch.get_num_threads(), "seconds": round(statistics.median(warm), 4),
         "first_seconds": round(times[0], 4), "peak_added_mb": round(peak_added, 1),
         "loss": value, **({"loss_name": args.loss, "mix": args.mix_mode} if args.impl == "make_loss" else {}),
+        **({"compile_seconds": compile_seconds} if compile_seconds is not None else {}),
+        **({"runs": resolve_impl("auto" if args.impl == "blockwise" else args.impl, torch.device(device))}
+           if args.impl in KERNEL_IMPLS else {}),
     }
 
 
@@ -177,7 +212,7 @@ def main(argv=None) -> int:
                         help="measure make_loss(--loss, mix=...) once per value")
     parser.add_argument("--num-classes", type=int, default=0, help="proxy losses: classes (0 = batch / m)")
     parser.add_argument("--impls", nargs="+", default=["floor", "blockwise", "dense"],
-                        choices=["floor", "blockwise", "dense"])
+                        choices=["floor", "blockwise", "eager", "compiled", "triton", "dense"])
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats after one cold call")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--dense-max-gb", type=float, default=8.0)
@@ -210,7 +245,7 @@ def main(argv=None) -> int:
             else:
                 rec = _child(args, impl, batch)
             results[impl] = rec
-            if impl == "blockwise" and "seconds" in rec:
+            if impl in KERNEL_IMPLS and "seconds" in rec:
                 if "floor" in results and "seconds" in results["floor"]:
                     rec["floor_seconds"] = results["floor"]["seconds"]
                     rec["ratio_to_floor"] = round(rec["seconds"] / results["floor"]["seconds"], 3)

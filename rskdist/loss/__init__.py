@@ -1,7 +1,7 @@
 """RS@k loss (recall@k surrogate) with SiMix, blockwise and exact; baseline losses.
 
 Public API (stable):
-    rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group)
+    rsk_loss(embeddings, labels, *, ks, tau1, tau2, count_self, mix, block_size, group, impl)
     RSkLoss(...)                       nn.Module wrapper with the same options
     simix_plan(labels, *, per_class, generator) -> (pairs, alphas)
     make_loss(name, *, num_classes, embed_dim, mix, **options) -> nn.Module whose
@@ -20,6 +20,7 @@ from torch import nn
 from rskdist.comm import group_rank_and_size
 from rskdist.loss.baselines import BASELINES, BaselineLoss
 from rskdist.loss.distributed import RSkFunction
+from rskdist.loss.fused import IMPLS, resolve_impl
 from rskdist.loss.memory import check_loss_fits, loss_memory_bytes
 from rskdist.loss.mixup import MIX_MODES, check_mix_mode, mix_embeddings, replicated_batch
 from rskdist.loss.rsk import DEFAULT_SIM_CACHE_MB, RSkOptions, rsk_forward_backward, validate_inputs
@@ -45,6 +46,7 @@ def rsk_loss(
     virtual_queries: bool = True,
     sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
     group=None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """RS@k loss of a batch, leave-one-out, as in docs/method.md section 1.
 
@@ -65,6 +67,10 @@ def rsk_loss(
             concatenated in order) and the gradient is this rank's slice of the global
             gradient. None (default) is the one-process loss of the rows given, with no
             collective, even inside an initialised process group.
+        impl: block backend: "eager" (unfused), "compiled" (torch.compile of the fused
+            passes), "triton" (hand-written kernel, CUDA), or "auto" (the fastest measured
+            for the device, docs/loss.md). An unavailable backend falls back to "eager"
+            with a one-line warning.
 
     Returns:
         Scalar float32 loss (float64 for float64 inputs); 0 if no sample has a positive.
@@ -79,8 +85,9 @@ def rsk_loss(
         ks=(int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks),
         tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
     )
+    impl = resolve_impl(impl, embeddings.device)  # a bad name fails here, before any gather
     labels = labels.long()
-    return RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group)
+    return RSkFunction.apply(embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group, impl)
 
 
 class RSkLoss(nn.Module):
@@ -105,13 +112,16 @@ class RSkLoss(nn.Module):
         sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
         group=None,
         mix: str = "simix",
+        impl: str = "auto",
     ):
         super().__init__()
         self.options = dict(
             ks=tuple(ks), tau1=tau1, tau2=tau2, count_self=count_self, block_size=block_size,
-            virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb,
+            virtual_queries=virtual_queries, sim_cache_mb=sim_cache_mb, impl=impl,
         )
         RSkOptions(ks=self.options["ks"], tau1=tau1, tau2=tau2)  # fail at construction, not at step 1
+        if impl not in IMPLS:
+            raise ValueError(f"RS@k: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.group = group
         self.mix = check_mix_mode(mix, loss_name="rsk")
 
@@ -140,7 +150,7 @@ class RSkLoss(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in {**self.options, "mix": self.mix}.items())
 
 
-_RSK_OPTIONS = ("ks", "tau1", "tau2", "count_self", "block_size", "virtual_queries", "sim_cache_mb")
+_RSK_OPTIONS = ("ks", "tau1", "tau2", "count_self", "block_size", "virtual_queries", "sim_cache_mb", "impl")
 
 
 def make_loss(name: str, *, num_classes: int | None = None, embed_dim: int | None = None, mix: str = "none",

@@ -19,13 +19,13 @@ class RSkFunction(torch.autograd.Function):
     """Loss value in forward; the gradient is computed there too and replayed in backward."""
 
     @staticmethod
-    def forward(ctx, embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group):
+    def forward(ctx, embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group, impl="auto"):
         need_grad = ctx.needs_input_grad[0]
         rank, world = group_rank_and_size(group)
         if world == 1:
             loss, grad, _ = rsk_forward_backward(
                 embeddings, labels, opts=opts, pairs=pairs, alphas=alphas,
-                block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad,
+                block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad, impl=impl,
             )
         else:
             # Gather in float32 at least: the loss needs full-precision similarities.
@@ -42,7 +42,7 @@ class RSkFunction(torch.autograd.Function):
                 queries = torch.cat([queries, torch.arange(v0, v1, device=labels.device) + keys.shape[0]])
             loss, grad, _ = rsk_forward_backward(
                 keys, all_labels, opts=opts, pairs=pairs, alphas=alphas, queries=queries,
-                block_size=block_size, need_grad=need_grad,
+                block_size=block_size, need_grad=need_grad, impl=impl,
             )
             dist.all_reduce(loss, group=group)
             if need_grad:
@@ -60,4 +60,4 @@ class RSkFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # Scale first, round to the input dtype last (autograd would cast it anyway).
         grad_in = (grad * grad_out.to(grad.dtype)).to(ctx.input_dtype)
-        return grad_in, None, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None, None, None

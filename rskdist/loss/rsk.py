@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from rskdist.loss.fused import FusedKernel, default_block_rows, recall_surrogate, resolve_impl
+
 # Elements of the (block x P x N) sigmoid tensor per block when block_size is None:
 # 2M float32 = 8 MB, small enough to stay near the cache on CPU, large enough for GPUs.
 DEFAULT_BLOCK_ELEMS = 1 << 21
@@ -164,18 +166,9 @@ def _block_loss_and_grad(
     if not opts.count_self:
         sig.scatter_(2, q[:, None, None].expand(-1, sig.shape[1], 1), 0.0)
     rank = sig.sum(-1).add_(1.0)
-
-    # R_k(q) = min(hits_qk, k) / min(k, |P(q)|), hits_qk = sum_p sigmoid((k - rank_qp) / tau1).
-    ks = torch.tensor(opts.ks, dtype=sim_qx.dtype, device=sim_qx.device)
-    sk_qpk = torch.sigmoid((ks - rank[:, :, None]) / opts.tau1) * valid[:, :, None]
-    hits_qk = sk_qpk.sum(1)
-    denom_qk = torch.minimum(num_pos[:, None].to(ks.dtype), ks)
-    loss = (1.0 - (torch.clamp(hits_qk, max=ks) / denom_qk).mean(1)).sum() * scale
+    loss, g_qp = recall_surrogate(rank, valid, num_pos, opts, scale, need_grad)
     if not need_grad:
         return loss, None
-    # d loss / d hits (clamp passes the gradient while hits <= k), then through the sigmoid.
-    dhits_qk = (hits_qk <= ks).to(ks.dtype) * (-scale / len(opts.ks)) / denom_qk
-    g_qp = (dhits_qk[:, None, :] * sk_qpk * (1.0 - sk_qpk)).sum(-1) * (-1.0 / opts.tau1)
 
     # d rank_qp / d s_qz = sig'_qpz / tau2 (z != p), d rank_qp / d s_qp = -sum_z sig'_qpz / tau2.
     sig.addcmul_(sig, sig, value=-1.0)  # sig' = sig (1 - sig); masked entries stay 0
@@ -183,6 +176,19 @@ def _block_loss_and_grad(
     dsim_qx = torch.bmm(coef_qp[:, None, :], sig).squeeze(1)
     dsim_qx.scatter_add_(1, pos, -coef_qp * sig.sum(-1))
     return loss, dsim_qx
+
+
+def _eager_block_in_chunks(sim_qx, q, pos, valid, num_pos, opts, scale, need_grad):
+    """The eager block function over row chunks of its own default size (the fallback of a
+    fused backend, whose blocks are larger: memory O(block x N) instead of O(block x P x N))."""
+    rows = max(1, DEFAULT_BLOCK_ELEMS // (pos.shape[1] * sim_qx.shape[1]))
+    parts = [
+        _block_loss_and_grad(sim_qx[r : r + rows], q[r : r + rows], pos[r : r + rows], valid[r : r + rows],
+                             num_pos[r : r + rows], opts, scale, need_grad)
+        for r in range(0, q.numel(), rows)
+    ]
+    loss = sum(part[0] for part in parts)
+    return loss, (torch.cat([part[1] for part in parts]) if need_grad else None)
 
 
 def rsk_forward_backward(
@@ -196,6 +202,7 @@ def rsk_forward_backward(
     block_size: int | None = None,
     sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
     need_grad: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The kernel: part of the RS@k loss of (keys, labels) and its gradient w.r.t. keys.
 
@@ -208,6 +215,8 @@ def rsk_forward_backward(
             a data-parallel job passes its own rows (and its share of virtual rows).
         block_size: queries per block; None picks one for DEFAULT_BLOCK_ELEMS.
         sim_cache_mb: allow the dense path when 2 x B x B similarities fit in this.
+        impl: block backend, "auto" | "eager" | "compiled" | "triton" (rskdist/loss/fused.py);
+            an unavailable one falls back to "eager" with a warning.
 
     Returns:
         loss_part: sum over `queries` of the per-query loss divided by the number of
@@ -219,6 +228,7 @@ def rsk_forward_backward(
     compute_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
     emb = keys.detach().to(compute_dtype)
     num_real = emb.shape[0]
+    impl = resolve_impl(impl, emb.device)
     items = _ExtendedItems(labels, pairs, alphas, compute_dtype)
     query_mask = items.is_query(opts.virtual_queries)
     num_queries = int(query_mask.sum())
@@ -232,8 +242,14 @@ def rsk_forward_backward(
     if num_queries == 0 or mine.numel() == 0:
         return emb.new_zeros(()), grad, num_queries
 
-    if block_size is None:
+    if impl == "eager":
+        block_fn = _block_loss_and_grad
+    else:
+        block_fn = FusedKernel(impl, emb.device, fallback=_eager_block_in_chunks)
+    if block_size is None and impl == "eager":
         block_size = max(1, DEFAULT_BLOCK_ELEMS // (max(items.max_pos, 1) * items.num))
+    elif block_size is None:
+        block_size = default_block_rows(impl, emb.device, items.num)
     elif block_size < 1:
         raise ValueError(f"RS@k: block_size must be >= 1, got {block_size}")
     cache_bytes = 2 * num_real * num_real * emb.element_size()
@@ -256,7 +272,7 @@ def rsk_forward_backward(
                 q = panel.ids[b0 : b0 + block_size]
                 rows = slice(b0, b0 + q.numel())
                 pos, valid, num_pos = items.positives(q)
-                loss_b, dsim_qx = _block_loss_and_grad(
+                loss_b, dsim_qx = block_fn(
                     items.extend_columns(source.rows(rows)), q, pos, valid, num_pos, opts, scale, need_grad
                 )
                 total += loss_b

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,6 +78,78 @@ def collective_timeout_message(exc: BaseException, timeout_minutes: float, rank:
             f"(evaluation, checkpointing), raise run.timeout_minutes")
 
 
+# Command lines of the processes that launch ranks: DeepSpeed's runner (`deepspeed`) and its
+# per-node `deepspeed.launcher.launch`, torchrun (`torch.distributed.run`), and the shell
+# that pdsh runs them in on a remote node.
+LAUNCHER_MARKS = ("deepspeed", "torchrun", "torch.distributed.run")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def launcher_chain(pid: int | None = None) -> list[tuple[int, int, str]]:
+    """The launcher processes above process `pid` (default: this one), nearest first, as
+    (pid, start time, command line): its parent, the parent's parent, ... while their command
+    line names a launcher (LAUNCHER_MARKS). Empty off Linux or for a plain `python` run."""
+    stat = _proc_stat(os.getpid() if pid is None else pid)
+    chain = []
+    while stat is not None and stat[1] > 1:
+        parent = stat[1]
+        stat, cmd = _proc_stat(parent), _cmdline(parent)
+        if stat is None or not any(mark in cmd for mark in LAUNCHER_MARKS):
+            break
+        chain.append((parent, stat[2], cmd))
+    return chain
+
+
+def watch_launchers(rank: int, interval_s: float = 1.0) -> threading.Thread | None:
+    """Turn the death of a launcher above this rank into SIGTERM to this rank.
+
+    DeepSpeed's runner passes SIGTERM on to its ranks only in pdsh mode: a single-node (or
+    `--no_ssh`) `deepspeed` command that is terminated dies alone, and its ranks train on as
+    orphans. A daemon thread checks once per `interval_s` that every process of
+    `launcher_chain()` is still the same living process (pid and start time, not a zombie); when
+    one is gone it sends SIGTERM to this rank once, which the trainer turns into "finish the
+    step, save it, exit 143" on every rank. Returns None (nothing to watch) for a rank not
+    started by a launcher."""
+    chain = launcher_chain()
+    if not chain:
+        return None
+
+    def alive(pid: int, start: int) -> bool:
+        stat = _proc_stat(pid)
+        return stat is not None and stat[2] == start and stat[0] not in "ZX"
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            for pid, start, cmd in chain:
+                if not alive(pid, start):
+                    print(f"warning: rank {rank}: its launcher (pid {pid}: {cmd[:80]}) is gone; stopping as on "
+                          f"SIGTERM (finish the step, save it, exit)", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+    thread = threading.Thread(target=watch, name="rskdist-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     # Everything a user can get wrong in the config is checked here, before any
@@ -115,6 +190,7 @@ def main(argv=None) -> int:
     # a message naming run.timeout_minutes instead of hanging (or gloo's 10-minute default).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
                                timeout=timedelta(minutes=cfg.run.timeout_minutes))
+    watch_launchers(dist.get_rank())
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)
     try:

@@ -65,3 +65,48 @@ def test_bench_eval_runs_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["n"] == 300 and rec["peak_rss_mb"] > 0 and 0 <= rec["metrics"]["recall@1"] <= 1
+
+
+def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypatch):
+    """--checkpoint on shards with one corrupt test image: the image is left out, the count is
+    in the results, and the metrics are those of the clean embeddings without that row."""
+    import torch
+    from test_data_stream import make_shards
+
+    import rskdist.checkpoint
+    from rskdist.build import build_model
+    from rskdist.config import load_config
+    from rskdist.data import shards as S
+    from rskdist.eval import load_embeddings
+
+    clean = make_shards(tmp_path / "clean", [4] * 4, samples_per_shard=10, image_size=32, test_counts=(4, 3, 5))
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(clean, bad)
+    test = S.load_split(str(bad), "test")
+    row = test.samples[2]
+    with open(test.shard_paths[row["shard"]], "r+b") as f:  # zeros instead of the JPEG: undecodable
+        f.seek(int(row["offset"]))
+        f.write(b"\0" * int(row["size"]))
+
+    common = ["model.pretrained=", "data.num_workers=0", "data.source=shards"]
+    state = build_model(load_config(str(ROOT / "configs/debug.yaml"), common + [f"data.root={clean}"]),
+                        pretrained=False).state_dict()
+    monkeypatch.setattr(rskdist.checkpoint, "load_model_state", lambda path, tag=None: state)  # one fixed model
+
+    def evaluate_shards(root, name):
+        argv = ["--checkpoint", str(tmp_path / "run"), "--config", str(ROOT / "configs/debug.yaml"), "--ks", "1", "2",
+                "--backend", "torch", "--save-embeddings", str(tmp_path / f"{name}.pt")]
+        argv += [f"--override={o}" for o in common + [f"data.root={root}"]]
+        return evaluate.main(argv), load_embeddings(str(tmp_path / f"{name}.pt"))
+
+    with pytest.warns(UserWarning, match="1 unreadable evaluation image"):
+        got, (emb_bad, lab_bad) = evaluate_shards(bad, "bad")
+    want, (emb, lab) = evaluate_shards(clean, "clean")
+    assert "num_unreadable_images" not in want["results"] and len(lab) == 12
+    assert got["results"]["num_unreadable_images"] == 1
+    keep = [i for i in range(len(lab)) if i != 2]  # the stream keeps the split's order
+    torch.testing.assert_close(torch.as_tensor(emb_bad), torch.as_tensor(emb)[keep])
+    expected = retrieval_metrics(torch.as_tensor(emb)[keep], torch.as_tensor(lab)[keep], ks=(1, 2), backend="torch")
+    assert {k: v for k, v in got["results"].items() if k != "num_unreadable_images"} == expected

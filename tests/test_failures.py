@@ -108,6 +108,32 @@ def test_sigterm_saves_the_last_step_and_the_rerun_continues_exactly(tmp_path):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
+def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
+    """A scheduler (or `kill PID`) that signals only the `deepspeed` command: DeepSpeed's
+    single-node runner dies without passing it on; the ranks see their launcher gone, finish
+    the step, save it and exit 143, and the rerun resumes from that step."""
+    out = tmp_path / "run"
+    cmd = _cmd("rskdist/train.py", out) + ["run.max_steps=400", "run.save_every=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split("/")[0].split()[-1]) >= 4:
+            proc.send_signal(signal.SIGTERM)  # the launcher process only, not its group
+            break
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # the runner dies at once, the ranks live on
+    t0 = time.time()
+    log = "".join(lines) + proc.stdout.read()  # EOF: every rank (and the per-node launcher) has exited
+    assert time.time() - t0 < 120, log[-3000:]
+    assert "its launcher (pid" in log and "is gone; stopping as on SIGTERM" in log, log[-3000:]
+    stopped = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 4 <= stopped < 400
+    assert (out / "debug" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    rerun = _run(_cmd("rskdist/train.py", out) + [f"run.max_steps={stopped + 2}"])
+    assert rerun.returncode == 0 and f"at step {stopped}" in rerun.stdout, rerun.stderr[-3000:]
+    assert sorted(_losses(out / "debug"))[-1] == stopped + 2
+
+
 def test_a_kill_during_a_save_never_resumes_from_the_half_written_tag(tmp_path):
     full = _run(_cmd("rskdist/train.py", tmp_path / "full") + ["run.max_steps=8"])
     assert full.returncode == 0, full.stderr[-3000:]

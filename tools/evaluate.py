@@ -96,7 +96,9 @@ def checkpoint_config(args):
 
 
 def embed_checkpoint(args, cfg) -> tuple:
-    """Embed the config's test split with the checkpoint's model, in this process."""
+    """Embed the config's test split with the checkpoint's model, in this process:
+    ``(embeddings, labels, num_unreadable)``; unreadable test images are left out, as in the
+    trainer's evaluation."""
     from rskdist.checkpoint import load_model_state
     from rskdist.eval import embed_dataset, save_embeddings
     from rskdist.build import build_eval_stream, build_model
@@ -106,10 +108,10 @@ def embed_checkpoint(args, cfg) -> tuple:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     stream = build_eval_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std)
-    emb, labels = embed_dataset(model, stream, device=device)
+    emb, labels, num_unreadable = embed_dataset(model, stream, device=device, return_num_unreadable=True)
     if args.save_embeddings:
         save_embeddings(args.save_embeddings, emb, labels)
-    return emb, labels
+    return emb, labels, num_unreadable
 
 
 def load_inputs(args) -> dict:
@@ -133,17 +135,19 @@ def compute(inputs: dict, *, ks, metrics, backend, device=None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespace], tuple] | None = None) -> dict:
-    """CLI entry. ``embed_fn(args) -> (embeddings, labels)`` replaces file loading
-    (how ``--config/--checkpoint`` evaluation plugs in)."""
+    """CLI entry. ``embed_fn(args) -> (embeddings, labels[, num_unreadable])`` replaces file
+    loading (how ``--config/--checkpoint`` evaluation plugs in). Test images that could not be
+    read are reported as ``num_unreadable_images`` in the results, as the trainer does."""
     args = build_parser().parse_args(argv)
-    cfg = None
+    cfg, num_unreadable = None, 0
     try:
         if args.checkpoint and embed_fn is None:
             cfg = checkpoint_config(args)
             embed_fn = lambda a: embed_checkpoint(a, cfg)  # noqa: E731
         ks = resolve_ks(args, cfg)
         if embed_fn is not None:
-            emb, lab = embed_fn(args)
+            emb, lab, *rest = embed_fn(args)
+            num_unreadable = int(rest[0]) if rest else 0
             inputs = {"embeddings": emb, "labels": lab}
         else:
             inputs = load_inputs(args)
@@ -153,6 +157,8 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
     t0 = time.perf_counter()
     results = compute(inputs, ks=ks, metrics=args.metrics, backend=args.backend, device=args.device)
     seconds = time.perf_counter() - t0
+    if num_unreadable:  # left out of the metrics: say so next to them (absent when none, as in training)
+        results["num_unreadable_images"] = num_unreadable
     n, d = tuple(torch.as_tensor(inputs["embeddings"]).shape)
     print(format_metrics_table(results, title=f"{n} x {d} embeddings, {seconds:.1f} s"))
 

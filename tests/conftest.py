@@ -20,3 +20,21 @@ def pytest_collection_modifyitems(config, items):
 def rendezvous_file(tmp_path):
     """A file:// init_method for torch.distributed in spawned test processes."""
     return f"file://{os.path.join(str(tmp_path), 'rdzv')}"
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Offline hub + empty HF cache + sockets that refuse to connect: nothing can hang."""
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)

@@ -9,39 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from rskdist.build import StepLoss, build_optimizer, deepspeed_config, trained_module
 from rskdist.config import Config
 from rskdist.loss import make_loss, simix_generator, simix_plan
+from test_engine_distributed import CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch
 
 pytestmark = pytest.mark.distributed
 
-GLOBAL_BATCH = 24  # 6 classes x 4
-NUM_CLASSES = 6
-CHUNK = 5  # does not divide the local batch: ragged last chunk
-LR = 0.5
-SEED = 3
+NUM_CLASSES = 6  # the global batch of tests/test_engine_distributed.py: 6 classes x 4
 # (loss, mix): a proxy loss (its proxies are engine parameters), a pair loss with mixed embeddings.
 LOSSES = [("proxy_anchor", "none"), ("norm_softmax", "embedding"), ("multi_similarity", "embedding")]
-
-
-class TinyEmbedder(nn.Module):
-    mean, std = (0.5,) * 3, (0.5,) * 3
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.GELU(), nn.Linear(32, 16))
-
-    def forward(self, x):
-        return nn.functional.normalize(self.body(x), dim=1)
-
-
-def _global_batch():
-    gen = torch.Generator().manual_seed(11)
-    images = torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=gen)
-    labels = (torch.arange(GLOBAL_BATCH) // 4)[torch.randperm(GLOBAL_BATCH, generator=gen)]
-    return images, labels
 
 
 def _parts(name, mix):
@@ -119,7 +97,7 @@ def _worker(rank, world, init, out_dir, cases):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2])  # CI time: 1 rank in the slow tier
 def test_loss_parameters_train_exactly_in_the_engine(tmp_path, world):
     cases = [(name, mix, z) for name, mix in LOSSES for z in (0, 2, 3)]
     mp.spawn(_worker, args=(world, f"file://{tmp_path / 'rdzv'}", str(tmp_path), cases), nprocs=world, join=True)

@@ -114,6 +114,19 @@ def test_resolve_and_load_errors(tmp_path):
     assert state["w"].dtype == torch.float32 and state["w"].tolist() == [1.0, 1.0]
 
 
+def test_a_run_with_loss_proxies_evaluates_its_model_part(tmp_path):
+    """A proxy loss trains model + loss (rskdist.build.TrainModule): evaluation takes the model."""
+    tag = tmp_path / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    module = {"model.head.weight": torch.ones(2), "model.model.0.bias": torch.zeros(1),
+              "criterion.proxies": torch.full((3, 2), 5.0)}
+    torch.save({"module": module}, tag / "mp_rank_00_model_states.pt")
+    state = load_model_state(tmp_path)
+    assert sorted(state) == ["head.weight", "model.0.bias"]
+    assert state["head.weight"].tolist() == [1.0, 1.0]
+
+
 def _resume_worker(rank, init_method, root, out):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:

@@ -74,7 +74,7 @@ class LossConfig:
     block_size: int = 0  # queries per block in the kernel (0: automatic)
     simix_per_class: int = 0  # mixed (virtual) samples per class, for either mix (0: every same-class pair)
     simix_queries: bool = True  # loss.mix=simix: virtual samples also act as queries
-    saturation: Literal["warn", "stop", "off"] = "warn"  # a loss stuck near 1 with a vanishing gradient over the first steps: warn, stop the run, or do not check
+    saturation: Literal["warn", "stop", "off"] = "warn"  # RS@k: a loss stuck near 1 with a vanishing gradient over the first steps: warn, stop the run, or do not check (baselines are not checked)
     saturation_steps: int = 20  # steps the saturation check watches from the start of training
 
 

@@ -201,17 +201,15 @@ def _overflow_worker(rank, world, init, run_dir):
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     _allow_fp16_on_cpu()
-    make_loss_fn = trainer_mod.make_loss_fn
 
-    def make_overflowing_loss_fn(loss_cfg, *, seed, step, group):
-        loss_fn = make_loss_fn(loss_cfg, seed=seed, step=step, group=group)
-        if step != INF_STEP:
-            return loss_fn
-        # A finite loss whose fp16 parameter gradients overflow: DeepSpeed's own overflow check must
-        # skip the update (an inf/NaN loss is caught before, by run.nonfinite: tests/test_failures.py).
-        return lambda emb, labels: loss_fn(emb, labels) * 1e30
+    class OverflowingStepLoss(trainer_mod.StepLoss):
+        def __call__(self, emb, labels):
+            loss = super().__call__(emb, labels)
+            # A finite loss whose fp16 parameter gradients overflow: DeepSpeed's own overflow check must
+            # skip the update (an inf/NaN loss is caught before, by run.nonfinite: tests/test_failures.py).
+            return loss * 1e30 if self.step == INF_STEP else loss
 
-    trainer_mod.make_loss_fn = make_overflowing_loss_fn
+    trainer_mod.StepLoss = OverflowingStepLoss
     run_dir = Path(run_dir)
     cfg = _trainer_config(run_dir)
     validate(cfg, world_size=world, check_paths=False)

@@ -202,14 +202,14 @@ def _row_matches(line: str, study, cell_id: str) -> bool:
 
 
 def test_single_seed_cells_show_no_spread_and_non_numeric_axes_draw_nothing(tmp_path):
-    study = _study(tmp_path, ["loss.simix=true,false"])
+    study = _study(tmp_path, ["loss.mix=simix,none"])
     Path(study.out).mkdir(parents=True)
     for cell, r1 in zip(study.cells, (0.3, 0.5)):
         _fake_run(study, cell, r1)
     rows = study_tool.write_outputs(study, {})
     assert [r["status"] for r in rows] == ["done", "done"]
     report = (Path(study.out) / "report.md").read_text()
-    assert "| false | 1/1 | 0.5000 | 0.6000 |" in report and "±" not in report.split("## Failures")[0].split("|---")[1]
+    assert "| none | 1/1 | 0.5000 | 0.6000 |" in report and "±" not in report.split("## Failures")[0].split("|---")[1]
     assert "None: every run finished." in report
     assert not (Path(study.out) / "study.png").exists()
 

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -192,30 +192,36 @@ def latest(out: Path) -> str | None:
     return pointer.read_text() if pointer.is_file() else None
 
 
+def _deepspeed_layout(out: Path, extra=()) -> list:
+    return [deepspeed_cmd("rskdist/train.py", out, extra=extra)]
+
+
 @dataclass
 class Drill:
     work: Path
-    reference: dict[int, float] | None = None
+    references: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def uninterrupted(self) -> dict[int, float]:
-        """Losses of the same run without faults, once per drill."""
-        if self.reference is None:
-            out = self.work / "reference"
-            job = Job([deepspeed_cmd("rskdist/train.py", out, extra=["run.save_every=100"])])
+    def uninterrupted(self, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout) -> dict[int, float]:
+        """Losses of the same run without faults, once per drill and launch layout: a layout
+        with another number of processes per node (threads per rank) rounds differently."""
+        if layout not in self.references:
+            out = self.work / f"reference-{layout}"
+            job = Job(make_cmds(out, ("run.save_every=100",)))
             job.finish()
-            if job.codes != [0]:
-                raise RuntimeError(f"the uninterrupted reference run failed:\n{job.log[-3000:]}")
-            self.reference = losses(out / "debug")
-        return self.reference
+            if any(job.codes):
+                raise RuntimeError(f"the uninterrupted {layout} reference run failed:\n{job.log[-3000:]}")
+            self.references[layout] = losses(out / "debug")
+        return self.references[layout]
 
-    def resume(self, out: Path, cmds: list) -> str:
-        """Rerun the same command(s): the step resumed from and the losses against the reference."""
+    def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout) -> str:
+        """Rerun the same command(s): the step resumed from and the losses against an
+        uninterrupted run of the same layout."""
         rerun = Job(cmds)
         rerun.finish()
         match = re.search(r"resumed from \S+ at step (\d+)", rerun.log)
         if rerun.codes != [0] * len(cmds) or not match:
             return f"rerun failed (exit {rerun.codes}): {' / '.join(key_lines(rerun.log))}"
-        step, got, want = int(match.group(1)), losses(out / "debug"), self.uninterrupted()
+        step, got, want = int(match.group(1)), losses(out / "debug"), self.uninterrupted(layout, make_cmds)
         diff = max(abs(got[s] - want[s]) for s in range(step + 1, STEPS + 1))
         verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
         return f"from step {step}; {verdict} (max diff {diff:.1e})"
@@ -243,15 +249,16 @@ def _time_of_line(job: Job, pattern: str) -> float:
 
 
 def kill_fault(make_cmds: Callable[[Path], list], sig=signal.SIGKILL, rank: int | None = 1, launcher=False,
-               save_every: int = 2) -> Callable[[Drill, Path], dict]:
+               save_every: int = 2, layout: str = "deepspeed") -> Callable[[Drill, Path], dict]:
     def run(drill: Drill, out: Path) -> dict:
-        drill.uninterrupted()
+        drill.uninterrupted(layout, make_cmds)
         cmds = make_cmds(out, (f"run.save_every={save_every}",))
         job = Job(cmds)
         t_fault = _inject(job, out, sig, rank, launcher)
         ended = job.finish() - t_fault
         return dict(ended_s=round(ended, 1), exit_codes=job.codes, messages=key_lines(job.log),
-                    latest=latest(out), resume=drill.resume(out, make_cmds(out, (f"run.save_every={save_every}",))))
+                    latest=latest(out), resume=drill.resume(out, make_cmds(out, (f"run.save_every={save_every}",)),
+                                                            layout, make_cmds))
     return run
 
 
@@ -318,11 +325,11 @@ FAULTS: dict[str, tuple[str, Callable[[Drill, Path], dict]]] = {
     "kill": (f"SIGKILL of rank 1 at step {FAULT_STEP}, one node (`deepspeed --num_gpus 2`)",
              kill_fault(lambda out, extra: [deepspeed_cmd("rskdist/train.py", out, extra=extra)])),
     "kill_no_ssh": (f"SIGKILL of rank 1 at step {FAULT_STEP}, two `--no_ssh` nodes on loopback",
-                    kill_fault(lambda out, extra: no_ssh_cmds(out, out.parent, extra))),
+                    kill_fault(lambda out, extra: no_ssh_cmds(out, out.parent, extra), layout="no-ssh-2nodes")),
     "kill_torchrun": (f"SIGKILL of rank 1 at step {FAULT_STEP}, `launchers/torchrun.sh` (one node, 2 processes)",
                       kill_fault(lambda out, extra: torchrun_cmds(out, 1, extra))),
     "kill_torchrun_2nodes": (f"SIGKILL of rank 1 at step {FAULT_STEP}, two torchrun nodes (`--nnodes 2`) on "
-                             f"loopback", kill_fault(lambda out, extra: torchrun_cmds(out, 2, extra))),
+                             f"loopback", kill_fault(lambda out, extra: torchrun_cmds(out, 2, extra), layout="torchrun-2nodes")),
     "sigterm_ranks": (f"SIGTERM to every rank at step {FAULT_STEP} (what SLURM does)",
                       kill_fault(lambda out, extra: [deepspeed_cmd("rskdist/train.py", out, extra=extra)],
                                  sig=signal.SIGTERM, rank=None, save_every=100)),

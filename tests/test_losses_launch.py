@@ -43,6 +43,14 @@ def test_every_baseline_trains_two_steps_under_zero2(tmp_path, name, mix):
     assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(losses.values()))))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["proxy_anchor", "norm_softmax", "arcface"])
+def test_every_proxy_loss_trains_two_steps_under_zero3(tmp_path, name):
+    _train(tmp_path, f"loss.name={name}", "loss.mix=embedding", "run.max_steps=2", "deepspeed.zero_stage=3")
+    losses = _losses(tmp_path / "debug")
+    assert sorted(losses) == [1, 2] and losses[1] != losses[2]
+
+
 def test_proxies_under_zero3_resume_with_the_model(tmp_path):
     args = ["loss.name=proxy_anchor", "loss.mix=none", "deepspeed.zero_stage=3"]
     _train(tmp_path / "full", *args, "run.max_steps=4")  # saves step 2 and step 4

@@ -67,17 +67,25 @@ def _reference_params(simix):
     return {k: v.clone() for k, v in model.state_dict().items()}, float(loss.detach()), float(grad_emb.norm())
 
 
-def _worker(rank, world, init, out_dir, cases):
+def start_rank(rank, world, init):
+    """Join the gloo group and DeepSpeed; this rank's rows of the global batch and its size."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     import deepspeed
-
-    from rskdist.parallel.step import two_pass_step
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     images, labels = _global_batch()
     local = GLOBAL_BATCH // world
     sl = slice(rank * local, (rank + 1) * local)
+    return images[sl], labels[sl], local
+
+
+def _worker(rank, world, init, out_dir, cases):
+    import deepspeed
+
+    from rskdist.parallel.step import two_pass_step
+
+    images, labels, local = start_rank(rank, world, init)
     results = {}
     for zero_stage, simix in cases:
         torch.manual_seed(0)
@@ -90,7 +98,7 @@ def _worker(rank, world, init, out_dir, cases):
         )
         group = dist.group.WORLD if world > 1 else None
         result = two_pass_step(
-            engine, images[sl], labels[sl], chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
+            engine, images, labels, chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
             loss_fn=make_loss_fn(cfg.loss, seed=SEED, step=0, group=group), group=group,
         )
         assert engine.global_steps == 1, "the optimizer must step once per global batch"

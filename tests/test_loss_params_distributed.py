@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from rskdist.build import StepLoss, build_optimizer, deepspeed_config, trained_module
 from rskdist.config import Config
 from rskdist.loss import make_loss, simix_generator, simix_plan
-from test_engine_distributed import CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch
+from test_engine_distributed import CHUNK, LR, SEED, TinyEmbedder, _global_batch, start_rank
 
 pytestmark = pytest.mark.distributed
 
@@ -59,16 +59,11 @@ def _reference(name, mix):
 
 
 def _worker(rank, world, init, out_dir, cases):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     import deepspeed
 
     from rskdist.parallel.step import two_pass_step
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    images, labels = _global_batch()
-    local = GLOBAL_BATCH // world
-    sl = slice(rank * local, (rank + 1) * local)
+    images, labels, local = start_rank(rank, world, init)
     group = dist.group.WORLD if world > 1 else None
     results = {}
     for name, mix, zero_stage in cases:
@@ -84,7 +79,7 @@ def _worker(rank, world, init, out_dir, cases):
         loss_fn = StepLoss(shadow, cfg.loss, seed=SEED, step=0, group=group,
                            params_from=None if module is model else engine.module.criterion)
         result = two_pass_step(
-            engine, images[sl], labels[sl], chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
+            engine, images, labels, chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
             loss_fn=loss_fn, group=group, loss_params=loss_fn.param_leaves,
         )
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):

@@ -155,12 +155,10 @@ class StepLoss:
         return self.criterion(emb, labels, group=self.group, plan=plan)
 
 
-def make_loss_fn(loss_cfg, *, seed: int, step: int, group, criterion: torch.nn.Module | None = None) -> StepLoss:
-    """The step's loss function; `criterion` defaults to the config's loss (one without
-    proxies: proxy losses need the trainer's, whose parameters live in the engine)."""
-    if criterion is None:
-        criterion = build_criterion(Config(loss=loss_cfg))
-    return StepLoss(criterion, loss_cfg, seed=seed, step=step, group=group)
+def make_loss_fn(loss_cfg, *, seed: int, step: int, group) -> StepLoss:
+    """The step's loss function of a loss config without proxies (those need the trainer's
+    loss, whose parameters live in the engine)."""
+    return StepLoss(build_criterion(Config(loss=loss_cfg)), loss_cfg, seed=seed, step=step, group=group)
 
 
 class TrainModule(torch.nn.Module):
@@ -177,7 +175,6 @@ class TrainModule(torch.nn.Module):
                  zero_stage: int = 0):
         super().__init__()
         self.model, self.criterion, self.lr_multiplier = model, criterion, lr_multiplier
-        self.mean, self.std = model.mean, model.std
         if zero_stage == 3:
             # Used in this module's forward, not the criterion's: ZeRO-3 must gather them here.
             from deepspeed import zero
@@ -197,7 +194,7 @@ def trained_module(cfg: Config, model: torch.nn.Module, criterion: torch.nn.Modu
     """The model, or model + loss parameters (TrainModule) when the loss has any."""
     if not any(True for _ in criterion.parameters()):
         return model
-    multiplier = cfg.loss.proxy_lr_multiplier or float(getattr(criterion, "lr_multiplier", 1.0))
+    multiplier = cfg.loss.proxy_lr_multiplier or float(criterion.lr_multiplier)
     return TrainModule(model, criterion, lr_multiplier=multiplier, zero_stage=cfg.deepspeed.zero_stage)
 
 

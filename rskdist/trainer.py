@@ -58,7 +58,7 @@ class Trainer:
         self.total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * self.steps_per_epoch))
         num_classes = num_train_classes(cfg)
         criterion = build_criterion(cfg, num_classes=num_classes)
-        _check_loss_memory(cfg, criterion, ctx.device)
+        _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device)
         module = trained_module(cfg, model, criterion)
         self.engine, self.scheduler = build_engine(cfg, module, world_size=ctx.world_size,
                                                    steps_per_epoch=self.steps_per_epoch)
@@ -257,7 +257,7 @@ class Trainer:
             dist.barrier(group=self.group)
 
 
-def _check_loss_memory(cfg: Config, criterion: torch.nn.Module, device: torch.device) -> None:
+def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device: torch.device) -> None:
     """Refuse, before the first step, a baseline whose B x B matrices cannot fit
     (every rank computes it whole); RS@k's memory is bounded (docs/loss.md)."""
     from rskdist.loss import check_loss_fits
@@ -271,10 +271,8 @@ def _check_loss_memory(cfg: Config, criterion: torch.nn.Module, device: torch.de
 
         available = psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
-                    num_classes=getattr(criterion, "num_classes", 0) or 0, mix=cfg.loss.mix,
-                    available_bytes=available, per_class=cfg.data.m,
-                    mix_pairs_per_class=cfg.loss.simix_per_class or None,
-                    world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                    num_classes=num_classes, mix=cfg.loss.mix, available_bytes=available, per_class=cfg.data.m,
+                    mix_pairs_per_class=cfg.loss.simix_per_class or None, world_size=world_size)
 
 
 class Preempted(Exception):

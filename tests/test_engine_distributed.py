@@ -23,8 +23,6 @@ SEED = 3
 
 
 class TinyEmbedder(nn.Module):
-    mean, std = (0.5,) * 3, (0.5,) * 3  # what a retrieval model reports (rskdist.build.TrainModule reads them)
-
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 16))

@@ -252,11 +252,7 @@ def main(argv=None) -> int:
                 rec["speedup_vs_published_per_query"] = round(PUBLISHED_PER_QUERY_SECONDS / rec["seconds"], 1)
             if impl == "dense" and "seconds" in rec and "seconds" in results.get("blockwise", {}):
                 rec["blockwise_speedup"] = round(rec["seconds"] / results["blockwise"]["seconds"], 3)
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            _emit(args, rec)
     return 0
 
 

@@ -183,8 +183,9 @@ def key_lines(log: str, limit: int = 3) -> list[str]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    from report import read_records  # tools/report.py, next to this file
+
+    return {r["step"]: r["loss"] for r in read_records(run_dir)[0]}
 
 
 def latest(out: Path) -> str | None:

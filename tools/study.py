@@ -38,8 +38,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from report import read_records  # noqa: E402
 from rskdist.config import load_config, to_dict, validate  # noqa: E402
 
 # The study owns these: each run's folder, its seed and how it resumes.
@@ -276,11 +277,8 @@ def launch_local(study: Study, cell: Cell, timeout: float) -> int:
 def read_run(run_dir: Path) -> dict:
     """What a run folder says: final metrics, best, throughput, peak memory per rank."""
     summary_path = run_dir / SUMMARY
-    records = []
-    if (run_dir / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    # A resumed run appends; the last record of a step is the one that counted.
-    train = sorted({r["step"]: r for r in records if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
+    # One record per step (a resumed run appends; the last record of a step counted).
+    train = read_records(run_dir)[0] if (run_dir / "metrics.jsonl").is_file() else []
     row: dict = {}
     if train:
         steady = train[1:] or train  # the first step carries start-up costs

@@ -114,7 +114,7 @@ def test_fused_float32_within_float32_tolerance(torch_passes):
 
 def test_bad_impl_is_a_clear_error():
     emb, labels = _batch(8, 4, 3, seed=0)
-    with pytest.raises(ValueError, match="impl must be one of auto, eager, compiled, triton"):
+    with pytest.raises(ValueError, match="impl must be one of auto, eager, native, compiled, triton"):
         rsk_loss(emb, labels, impl="fast")
     with pytest.raises(ValueError, match="impl must be one of"):
         RSkLoss(impl="cuda")
@@ -128,7 +128,7 @@ def test_unavailable_backend_falls_back_with_a_note(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"impl='triton' is unavailable on cpu .*needs CUDA.*using the eager"):
         got = _loss_and_grad(emb, labels, impl="triton")
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    assert fused.resolve_impl("auto", torch.device("cpu")) in ("eager", "compiled")
+    assert fused.resolve_impl("auto", torch.device("cpu")) in ("eager", "native")
 
 
 def test_backend_failing_on_first_call_falls_back(monkeypatch):

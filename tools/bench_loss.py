@@ -9,9 +9,9 @@
 
 Implementations measured in the same run:
   blockwise  rskdist.loss.rsk_loss with impl="auto" (what training runs)
-  eager, compiled, triton
-             rsk_loss with that block backend (docs/loss.md, "Fused kernel"); "compiled"
-             and "triton" compile first on a 256-sample batch and report it as
+  eager, native, compiled, triton
+             rsk_loss with that block backend (docs/loss.md, "Fused kernel"); "native",
+             "compiled" and "triton" compile first on a 256-sample batch and report it as
              "compile_seconds" (not in "first_seconds" nor in the peak)
   dense      the plain vectorised autograd form (one B x P x B tensor), skipped where its
              estimated memory exceeds --dense-max-gb
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-KERNEL_IMPLS = ("blockwise", "eager", "compiled", "triton")  # rsk_loss itself, by impl=
+KERNEL_IMPLS = ("blockwise", "eager", "native", "compiled", "triton")  # rsk_loss itself, by impl=
 PUBLISHED_PER_QUERY_SECONDS = 195.0  # docs/method.md: published code, B=4000, m=4, d=512, 2 CPU cores
 
 
@@ -151,8 +151,12 @@ def measure(args) -> dict:
         loss.backward()
         return float(loss)
 
+    if args.keep_max_mb is not None:
+        from rskdist.loss import native
+
+        native.KEEP_MAX_BYTES = int(args.keep_max_mb * 2**20)
     compile_seconds = None
-    if args.impl in ("compiled", "triton"):
+    if args.impl in ("native", "compiled", "triton"):
         # Compile once on a small batch (dynamic shapes: the same code serves every size), so
         # times and peak memory are the kernel's; the one-off cost is reported on its own.
         t0 = time.perf_counter()
@@ -212,9 +216,11 @@ def main(argv=None) -> int:
                         help="measure make_loss(--loss, mix=...) once per value")
     parser.add_argument("--num-classes", type=int, default=0, help="proxy losses: classes (0 = batch / m)")
     parser.add_argument("--impls", nargs="+", default=["floor", "blockwise", "dense"],
-                        choices=["floor", "blockwise", "eager", "compiled", "triton", "dense"])
+                        choices=["floor", "blockwise", "eager", "native", "compiled", "triton", "dense"])
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats after one cold call")
     parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--keep-max-mb", type=float, default=None,
+                        help="native: keep sigma' of a query while its P x N values fit in this (0 = never)")
     parser.add_argument("--dense-max-gb", type=float, default=8.0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     parser.add_argument("--seed", type=int, default=0)
@@ -282,6 +288,8 @@ def _child(args, impl: str, batch: int, mix_mode: str = "none") -> dict:
         cmd.append("--simix")
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    if args.keep_max_mb is not None:
+        cmd += ["--keep-max-mb", str(args.keep_max_mb)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:

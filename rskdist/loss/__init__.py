@@ -67,9 +67,9 @@ def rsk_loss(
             concatenated in order) and the gradient is this rank's slice of the global
             gradient. None (default) is the one-process loss of the rows given, with no
             collective, even inside an initialised process group.
-        impl: block backend: "eager" (unfused), "compiled" (torch.compile of the fused
-            passes), "triton" (hand-written kernel, CUDA), or "auto" (the fastest measured
-            for the device, docs/loss.md). An unavailable backend falls back to "eager"
+        impl: block backend: "eager" (unfused), "native" (fused C kernel built for this
+            CPU), "compiled" (torch.compile of the fused passes), "triton" (hand-written
+            kernel, CUDA), or "auto" (the fastest measured for the device, docs/loss.md). An unavailable backend falls back to "eager"
             with a one-line warning.
 
     Returns:

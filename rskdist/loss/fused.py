@@ -17,6 +17,8 @@ Backends of the two passes (`rank_sums`, `grad_rows`):
   per process and per dtype/count_self (shapes are dynamic).
 - "triton": the hand-written kernels of rskdist/loss/triton_kernels.py (CUDA; on CPU only
   under TRITON_INTERPRET=1, for tests).
+- "native": a C kernel built for this CPU (rskdist/loss/native.py, csrc/rsk_rows.c) that
+  also builds the SiMix columns and folds them back, one query at a time.
 - "eager": not fused; today's blockwise kernel (`_block_loss_and_grad` in rsk.py).
 "auto" picks per device what was fastest where measured (docs/loss.md); a backend that is
 unavailable, or fails on its first call, falls back to "eager" with a one-line warning.
@@ -24,6 +26,7 @@ unavailable, or fails on its first call, falls back to "eager" with a one-line w
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -31,12 +34,15 @@ from typing import Callable
 
 import torch
 
-IMPLS = ("auto", "eager", "compiled", "triton")
-# What "auto" runs on a CPU: eager, measured faster than compiled on 2 cores (docs/loss.md).
-AUTO_CPU = "eager"
+IMPLS = ("auto", "eager", "native", "compiled", "triton")
+# What "auto" runs on a CPU: native, measured fastest on 2 cores (docs/loss.md).
+AUTO_CPU = "native"
 # Similarity-row elements per fused block when block_size is None: three (bq, N) buffers
 # (rows, scaled rows, their gradient) of this many elements, 8 MB each in float32 on CPU.
 FUSED_BLOCK_ELEMS = {"cpu": 1 << 21, "cuda": 1 << 24}
+# The native kernel keeps nothing of size N per row but the rows and their gradient (real
+# columns only); larger blocks mean fewer calls from Python: 4M elements, 16 MB each.
+NATIVE_BLOCK_ELEMS = 1 << 22
 
 _NOTED: set[str] = set()
 _FAILED: set[tuple[str, str]] = set()  # (impl, device type) whose first call failed in this process
@@ -141,6 +147,12 @@ def _unavailable(impl: str, device: torch.device) -> str | None:
     kind = device.type
     if (impl, kind) in _FAILED:
         return "it failed on its first call in this process"
+    if impl == "native":
+        if kind != "cpu":
+            return "it is a CPU kernel"
+        from rskdist.loss import native
+
+        return native.available()
     if impl == "compiled":
         if kind == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
             return "torch.compile needs a C++ compiler (g++ or clang++) on CPU"
@@ -163,7 +175,7 @@ def _unavailable(impl: str, device: torch.device) -> str | None:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The backend that will run: "eager", "compiled" or "triton" (never fails for a valid name)."""
+    """The backend that will run: "eager", "native", "compiled" or "triton" (never fails for a valid name)."""
     if impl not in IMPLS:
         raise ValueError(f"RS@k: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if impl == "auto":
@@ -182,23 +194,46 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def default_block_rows(impl: str, device: torch.device, num_items: int) -> int:
     """Queries per fused block when block_size is None."""
-    return max(1, FUSED_BLOCK_ELEMS.get(device.type, FUSED_BLOCK_ELEMS["cpu"]) // max(num_items, 1))
+    elems = NATIVE_BLOCK_ELEMS if impl == "native" else FUSED_BLOCK_ELEMS.get(device.type, FUSED_BLOCK_ELEMS["cpu"])
+    return max(1, elems // max(num_items, 1))
+
+
+def on_extended_rows(block_fn: Callable) -> Callable:
+    """A block function of extended rows (bq, N = B + V) as one of real rows (bq, B): the
+    SiMix columns are appended before it and folded back onto their parents after."""
+
+    def run(sim_qr, q, items, opts, scale, need_grad, out=None):  # out: see FusedKernel
+        pos, valid, num_pos = items.positives(q)
+        loss, dsim_qx = block_fn(items.extend_columns(sim_qr), q, pos, valid, num_pos, opts, scale, need_grad)
+        return loss, (items.fold_columns(dsim_qx) if need_grad else None)
+
+    return run
 
 
 class FusedKernel:
-    """Block function of a fused backend; if its first call in this process fails (no
-    compiler, a Triton build error), it warns once and runs `fallback` from then on."""
+    """Block function of a fused backend, on real similarity rows (bq, B); if its first
+    call in this process fails (no compiler, a build error), it warns once and runs
+    `fallback` from then on."""
 
     def __init__(self, impl: str, device: torch.device, fallback: Callable):
         self.impl, self.kind, self.fallback = impl, device.type, fallback
-        self.passes = _compiled_passes() if impl == "compiled" else _triton_passes()
+        if impl == "native":
+            from rskdist.loss import native
 
-    def __call__(self, sim_qx, q, pos, valid, num_pos, opts, scale, need_grad):
+            self.block = native.block_loss_and_grad
+        else:
+            rank_sums, grad_rows = _compiled_passes() if impl == "compiled" else _triton_passes()
+            self.block = on_extended_rows(functools.partial(fused_block_loss_and_grad, rank_sums=rank_sums,
+                                                            grad_rows=grad_rows))
+
+    def __call__(self, sim_qr, q, items, opts, scale, need_grad, out=None):
+        """`out`: where the caller would like d loss / d sim_qr written (a backend may use
+        it, saving a copy, or return its own tensor)."""
         if (self.impl, self.kind) in _FAILED:
-            return self.fallback(sim_qx, q, pos, valid, num_pos, opts, scale, need_grad)
-        key = (self.impl, self.kind, opts.count_self, sim_qx.dtype)
+            return self.fallback(sim_qr, q, items, opts, scale, need_grad)
+        key = (self.impl, self.kind, opts.count_self, sim_qr.dtype)
         try:
-            out = fused_block_loss_and_grad(sim_qx, q, pos, valid, num_pos, opts, scale, need_grad, *self.passes)
+            result = self.block(sim_qr, q, items, opts, scale, need_grad, out=out)
         except Exception as err:  # a backend that cannot build; once it has run, errors are real
             if key in _PROVEN:
                 raise
@@ -206,9 +241,9 @@ class FusedKernel:
             first = (str(err).strip().splitlines() or [""])[0][:160]
             _note_once(f"RS@k: impl={self.impl!r} failed on {self.kind} ({type(err).__name__}: {first}); "
                        "using the eager kernel")
-            return self.fallback(sim_qx, q, pos, valid, num_pos, opts, scale, need_grad)
+            return self.fallback(sim_qr, q, items, opts, scale, need_grad)
         _PROVEN.add(key)
-        return out
+        return result
 
 
 _PROVEN: set = set()  # (impl, device type, count_self, dtype) that have run once

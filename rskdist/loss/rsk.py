@@ -19,14 +19,18 @@ How it is computed
 - The gradient with respect to the embeddings is computed during the forward call
   (the loss is always followed by its backward in training) and handed to autograd.
 - Similarity rows come from one of two sources, behind one small interface (`begin` a
-  panel of query rows, `rows` of a block, `push` its d loss / d similarity back, `end`
-  the panel, `gradient` at the end), so the block loop reads once for both; query rows
-  are real samples (`_RealRows`) or SiMix mixtures of two real rows (`_MixedRows`):
+  panel, `rows` of a block of its real queries, `mixed_rows` of a block of its virtual
+  queries, `push`/`push_mixed` their d loss / d similarity back, `end` the panel,
+  `gradient` at the end), so the block loop reads once for both. A panel (`_Panel`) is
+  a set of real rows holding whole classes; a virtual (SiMix) query's row is the mixture
+  a row(i) + (1 - a) row(j) of its parents' rows in the panel of its class, and its
+  gradient flows back to them the same way:
   * "dense": S = E E^T is kept whole, d loss / d S is accumulated whole, and the
     embedding gradient is one product (dS + dS^T) E. Two B x B x d products in all;
     used when both B x B buffers fit in `sim_cache_mb` and every real row is a query.
-  * "stream": rows are recomputed per block (Q E^T) and gradients pushed out per block
-    (dS_q E and dS_q^T Q): three products, memory O(block x P x N + B x d).
+  * "stream": rows are formed per panel (E_p E^T) and gradients pushed out per panel
+    (dS_p E and dS_p^T E_p): three products over real rows only (virtual queries cost
+    none), memory O(panel x B + block x P x N + B x d).
 - Everything is accumulated in float32 (or float64 when the embeddings are float64):
   with tau2 = 0.01, bf16 similarities are far too coarse for the sigmoid.
 """
@@ -36,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from rskdist.loss.fused import FusedKernel, default_block_rows, recall_surrogate, resolve_impl
+from rskdist.loss.fused import FusedKernel, default_block_rows, on_extended_rows, recall_surrogate, resolve_impl
 
 # Elements of the (block x P x N) sigmoid tensor per block when block_size is None:
 # 2M float32 = 8 MB, small enough to stay near the cache on CPU, large enough for GPUs.
@@ -79,6 +83,7 @@ class _ExtendedItems:
             self.beta = 1 - self.alpha
             labels_x = torch.cat([labels, labels[self.first]])
         self.num = labels_x.numel()
+        self.labels = labels
         # Groups of equal label in sorted order: every item knows where its class starts
         # in `order`, how many items the class has and where the item itself sits.
         order = torch.argsort(labels_x, stable=True)
@@ -136,13 +141,6 @@ class _ExtendedItems:
         dsim_qr.scatter_add_(1, self.first[None, :].expand(bq, -1), dsim_qv * self.alpha)
         dsim_qr.scatter_add_(1, self.second[None, :].expand(bq, -1), dsim_qv * self.beta)
         return dsim_qr
-
-    def virtual_rows(self, q: torch.Tensor) -> "_MixedRows":
-        """Virtual queries (all of q >= B) as mixtures of their real parents' rows."""
-        if q.numel() == 0:
-            return _MixedRows(q, q, q, q, q)
-        v = q - self.num_real
-        return _MixedRows(q, self.first[v], self.second[v], self.alpha[v], self.beta[v])
 
 
 def _block_loss_and_grad(
@@ -215,7 +213,7 @@ def rsk_forward_backward(
             a data-parallel job passes its own rows (and its share of virtual rows).
         block_size: queries per block; None picks one for DEFAULT_BLOCK_ELEMS.
         sim_cache_mb: allow the dense path when 2 x B x B similarities fit in this.
-        impl: block backend, "auto" | "eager" | "compiled" | "triton" (rskdist/loss/fused.py);
+        impl: block backend, "auto" | "eager" | "native" | "compiled" | "triton" (rskdist/loss/fused.py);
             an unavailable one falls back to "eager" with a warning.
 
     Returns:
@@ -243,9 +241,9 @@ def rsk_forward_backward(
         return emb.new_zeros(()), grad, num_queries
 
     if impl == "eager":
-        block_fn = _block_loss_and_grad
+        block_fn = on_extended_rows(_block_loss_and_grad)
     else:
-        block_fn = FusedKernel(impl, emb.device, fallback=_eager_block_in_chunks)
+        block_fn = FusedKernel(impl, emb.device, fallback=on_extended_rows(_eager_block_in_chunks))
     if block_size is None and impl == "eager":
         block_size = max(1, DEFAULT_BLOCK_ELEMS // (max(items.max_pos, 1) * items.num))
     elif block_size is None:
@@ -255,81 +253,116 @@ def rsk_forward_backward(
     cache_bytes = 2 * num_real * num_real * emb.element_size()
     if all_rows and cache_bytes <= sim_cache_mb * 2**20:
         source = _DenseSimilarity(emb, query_mask[:num_real], need_grad)
+        panels = [_Panel.whole(items, mine)]
     else:
         source = _StreamSimilarity(emb, need_grad)
+        panels = _Panel.by_class(items, mine, max(block_size, DEFAULT_PANEL_ELEMS // max(num_real, 1)))
 
     scale = 1.0 / num_queries
     total = emb.new_zeros(())
-    # Real queries first, then virtual ones (a panel never mixes the two), panel by panel,
-    # block by block: the source gives each block's similarity rows and takes back its
-    # d loss / d similarity.
-    for part in (_RealRows(mine[mine < num_real]), items.virtual_rows(mine[mine >= num_real])):
-        step = source.panel_rows(len(part), block_size)
-        for p0 in range(0, len(part), step):
-            panel = part[p0 : p0 + step]
-            source.begin(panel)
-            for b0 in range(0, len(panel), block_size):
-                q = panel.ids[b0 : b0 + block_size]
-                rows = slice(b0, b0 + q.numel())
-                pos, valid, num_pos = items.positives(q)
-                loss_b, dsim_qx = block_fn(
-                    items.extend_columns(source.rows(rows)), q, pos, valid, num_pos, opts, scale, need_grad
-                )
-                total += loss_b
-                if need_grad:
-                    source.push(rows, items.fold_columns(dsim_qx))
-            source.end()
+    # Panel by panel (real rows whose similarities are formed together, whole classes), block
+    # by block: real queries first, then the virtual ones mixed from the panel's rows. The
+    # source gives each block's similarity rows and takes back its d loss / d similarity.
+    for panel in panels:
+        source.begin(panel)
+        for b0 in range(0, panel.num_real_queries, block_size):
+            rows = slice(b0, min(b0 + block_size, panel.num_real_queries))
+            out = source.out_rows(rows)
+            loss_b, dsim_qr = block_fn(source.rows(rows), panel.real_queries[rows], items, opts, scale, need_grad,
+                                       out=out)
+            total += loss_b
+            if need_grad:
+                source.push(rows, dsim_qr)
+        for b0 in range(0, panel.num_virtual_queries, block_size):
+            rows = slice(b0, b0 + block_size)
+            loss_b, dsim_qr = block_fn(source.mixed_rows(rows), panel.virtual_queries[rows], items, opts, scale,
+                                       need_grad)
+            total += loss_b
+            if need_grad:
+                source.push_mixed(rows, dsim_qr)
+        source.end()
     return total, source.gradient(), num_queries
 
 
-class _RealRows:
-    """A panel of real query rows: row i of any per-sample matrix is its row ids[i]."""
+class _Panel:
+    """Real rows whose similarity rows are formed together, the real queries among them
+    (local rows 0..num_real_queries-1 unless `whole`) and the virtual (SiMix) queries mixed
+    from them: a virtual row is alpha row(first) + (1 - alpha) row(second), parents given
+    as local rows. Panels hold whole classes, so a virtual query's parents are always in
+    the panel of its class."""
 
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
+    def __init__(self, ids, real_queries, real_local, virtual_queries, first_local, second_local, alpha, beta):
+        self.ids = ids  # global real rows of the panel, by local row
+        self.real_queries, self.real_local = real_queries, real_local
+        self.virtual_queries, self.first_local, self.second_local = virtual_queries, first_local, second_local
+        self.alpha, self.beta = alpha, beta
+        self.num_real_queries, self.num_virtual_queries = real_queries.numel(), virtual_queries.numel()
 
-    def __len__(self) -> int:
-        return self.ids.numel()
+    @classmethod
+    def whole(cls, items: _ExtendedItems, mine: torch.Tensor) -> "_Panel":
+        """Every real row, in order (the dense source: local rows are global rows)."""
+        real, virtual = mine[mine < items.num_real], mine[mine >= items.num_real]
+        ids = torch.arange(items.num_real, device=mine.device)
+        return cls(ids, real, real, virtual, *_parents(items, virtual))
 
-    def __getitem__(self, rows: slice) -> "_RealRows":
-        return _RealRows(self.ids[rows])
+    @classmethod
+    def by_class(cls, items: _ExtendedItems, mine: torch.Tensor, max_rows: int) -> list["_Panel"]:
+        """The real queries of `mine` and the parents of its virtual queries, sorted by class
+        and cut into panels of at most max_rows rows, at a class boundary unless one class
+        alone is larger. A virtual query goes to the panel of its first parent; its second
+        parent, if elsewhere (split classes only), joins that panel too as an extra row.
+        Each panel's real queries come first (local rows 0..), rows that are only parents
+        after them."""
+        num_real, device = items.num_real, mine.device
+        real, virtual = mine[mine < num_real], mine[mine >= num_real]
+        first, second, _, _ = _parents(items, virtual)
+        rows = torch.unique(torch.cat([real, first, second]))
+        rows = rows[torch.argsort(items.labels[rows], stable=True)]
+        row_labels = items.labels[rows].tolist()
+        cuts, start = [0], 0
+        while start < len(rows):
+            end = min(start + max_rows, len(rows))
+            if end < len(rows) and row_labels[end] == row_labels[end - 1]:
+                back = end - 1
+                while back > start and row_labels[back - 1] == row_labels[end - 1]:
+                    back -= 1
+                end = back if back > start else end  # a class larger than a panel is split
+            cuts.append(end)
+            start = end
+        panel_of = torch.full((num_real,), -1, dtype=torch.long, device=device)
+        for k in range(len(cuts) - 1):
+            panel_of[rows[cuts[k] : cuts[k + 1]]] = k
+        virtual = virtual[torch.argsort(panel_of[first], stable=True)]
+        first, second, alpha, beta = _parents(items, virtual)
+        v_cuts = [0] + torch.cumsum(torch.bincount(panel_of[first], minlength=len(cuts) - 1), 0).tolist()
+        is_query = torch.zeros(num_real, dtype=torch.bool, device=device)
+        is_query[real] = True
+        local = torch.empty(num_real, dtype=torch.long, device=device)
+        panels = []
+        for k in range(len(cuts) - 1):
+            own = rows[cuts[k] : cuts[k + 1]]
+            v = slice(v_cuts[k], v_cuts[k + 1])
+            away = second[v][panel_of[second[v]] != k]
+            ids = torch.cat([own[is_query[own]], own[~is_query[own]], torch.unique(away)])
+            local[ids] = torch.arange(ids.numel(), device=device)
+            n_real = int(is_query[own].sum())
+            panels.append(cls(ids, ids[:n_real], torch.arange(n_real, device=device), virtual[v], local[first[v]],
+                              local[second[v]], alpha[v], beta[v]))
+        return panels
 
-    def take(self, mat: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return mat[self.ids[rows]]
 
-    def add_to(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
-        out.index_add_(0, self.ids[rows], values)
-
-    def put(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Write rows that nothing wrote before (cheaper than adding into zeros)."""
-        out.index_copy_(0, self.ids[rows], values)
-
-
-class _MixedRows:
-    """A panel of virtual (SiMix) query rows: row i is a_i row(first_i) + b_i row(second_i)
-    of any per-sample matrix, and what flows back to it splits over the parents the same way."""
-
-    def __init__(self, ids, first, second, alpha, beta):
-        self.ids, self.first, self.second, self.alpha, self.beta = ids, first, second, alpha, beta
-
-    def __len__(self) -> int:
-        return self.ids.numel()
-
-    def __getitem__(self, rows: slice) -> "_MixedRows":
-        return _MixedRows(self.ids[rows], self.first[rows], self.second[rows], self.alpha[rows], self.beta[rows])
-
-    def take(self, mat: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return mat[self.first[rows]] * self.alpha[rows, None] + mat[self.second[rows]] * self.beta[rows, None]
-
-    def add_to(self, out: torch.Tensor, values: torch.Tensor, rows: slice = slice(None)) -> None:
-        out.index_add_(0, self.first[rows], values * self.alpha[rows, None])
-        out.index_add_(0, self.second[rows], values * self.beta[rows, None])
-
-    put = add_to  # parents are real rows, already written: always add
+def _parents(items: _ExtendedItems, virtual: torch.Tensor):
+    """Global parent rows and weights of virtual queries (extended indices >= num_real)."""
+    if virtual.numel() == 0:
+        none, weights = virtual.new_empty(0), torch.empty(0, device=virtual.device)
+        return none, none, weights, weights
+    v = virtual - items.num_real
+    return items.first[v], items.second[v], items.alpha[v], items.beta[v]
 
 
 class _DenseSimilarity:
-    """S = E E^T and d loss / d S kept whole (one process, every real row a query).
+    """S = E E^T and d loss / d S kept whole (one process, every real row a query); one
+    panel of all rows, local rows = global rows.
 
     Two B x B x d products in all: S, then (dS + dS^T) E at the end (S is symmetric).
     """
@@ -338,22 +371,28 @@ class _DenseSimilarity:
         self.emb, self.need_grad = emb, need_grad
         self.sim = emb @ emb.T
         if need_grad:
-            # Rows of real queries are written whole by `put`; only the others need zeros.
+            # Rows of real queries are written whole by `push`; only the others need zeros.
             self.dsim = torch.empty_like(self.sim)
             if bool((~real_is_query).any()):
                 self.dsim[~real_is_query] = 0
 
-    def panel_rows(self, num_rows: int, block_size: int) -> int:
-        return max(num_rows, 1)  # S is whole: one panel
-
-    def begin(self, panel) -> None:
+    def begin(self, panel: _Panel) -> None:
         self.panel = panel
 
     def rows(self, rows: slice) -> torch.Tensor:
-        return self.panel.take(self.sim, rows)
+        return self.sim[self.panel.real_local[rows]]
+
+    def out_rows(self, rows: slice) -> None:
+        return None  # rows are scattered in S: written by `push`
 
     def push(self, rows: slice, dsim_qr: torch.Tensor) -> None:
-        self.panel.put(self.dsim, dsim_qr, rows)
+        self.dsim.index_copy_(0, self.panel.real_local[rows], dsim_qr)
+
+    def mixed_rows(self, rows: slice) -> torch.Tensor:
+        return _mix(self.sim, self.panel, rows)
+
+    def push_mixed(self, rows: slice, dsim_qr: torch.Tensor) -> None:
+        _unmix(self.dsim, self.panel, rows, dsim_qr)
 
     def end(self) -> None:
         pass
@@ -365,39 +404,68 @@ class _DenseSimilarity:
 
 
 class _StreamSimilarity:
-    """Similarity rows recomputed per panel (Q E^T), gradients pushed out per panel
-    (dS_q^T Q to the keys, dS_q E to the queries): three products, memory O(panel x B).
+    """Similarity rows formed per panel (E_p E^T), gradients pushed out per panel (dS_p^T E_p
+    to the keys, dS_p E to the panel's rows): three products over the panels' real rows,
+    memory O(panel x B). Virtual queries mix rows of their panel, so they cost no product.
 
-    Panels group many blocks so the products are few and large instead of many and thin.
+    Panels group many blocks so the products are few and large instead of many and thin;
+    the panel buffers are allocated once and reused.
     """
 
     def __init__(self, emb: torch.Tensor, need_grad: bool):
         self.emb, self.need_grad = emb, need_grad
         self.grad = torch.zeros_like(emb) if need_grad else None
+        self.buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def panel_rows(self, num_rows: int, block_size: int) -> int:
-        return max(block_size, DEFAULT_PANEL_ELEMS // max(self.emb.shape[0], 1))
-
-    def begin(self, panel) -> None:
+    def begin(self, panel: _Panel) -> None:
         self.panel = panel
-        self.emb_p = panel.take(self.emb)
-        self.sim_pr = self.emb_p @ self.emb.T
-        self.dsim_pr = torch.empty_like(self.sim_pr) if self.need_grad else None
+        n = panel.ids.numel()
+        if self.buffers is None or self.buffers[0].shape[0] < n:
+            width = self.emb.shape[0]
+            self.buffers = (self.emb.new_empty(n, width), self.emb.new_empty(n, width) if self.need_grad else None)
+        self.emb_p = self.emb[panel.ids]
+        self.sim_pr = torch.mm(self.emb_p, self.emb.T, out=self.buffers[0][:n])
+        if self.need_grad:
+            self.dsim_pr = self.buffers[1][:n]
+            self.dsim_pr[panel.num_real_queries :] = 0  # rows that only parents receive
 
     def rows(self, rows: slice) -> torch.Tensor:
-        return self.sim_pr[rows]
+        return self.sim_pr[rows]  # the panel's real queries are its first rows
+
+    def out_rows(self, rows: slice) -> torch.Tensor | None:
+        return self.dsim_pr[rows] if self.need_grad else None
 
     def push(self, rows: slice, dsim_qr: torch.Tensor) -> None:
-        self.dsim_pr[rows] = dsim_qr
+        target = self.dsim_pr[rows]
+        if dsim_qr.data_ptr() != target.data_ptr():
+            target.copy_(dsim_qr)
+
+    def mixed_rows(self, rows: slice) -> torch.Tensor:
+        return _mix(self.sim_pr, self.panel, rows)
+
+    def push_mixed(self, rows: slice, dsim_qr: torch.Tensor) -> None:
+        _unmix(self.dsim_pr, self.panel, rows, dsim_qr)
 
     def end(self) -> None:
         if self.need_grad:
-            # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q; then the queries' side.
+            # Keys side: s_qz = <emb_q, emb_z>  ->  d emb_z += dsim_qz * emb_q; then the rows' side.
             self.grad.addmm_(self.dsim_pr.T, self.emb_p)
-            self.panel.add_to(self.grad, self.dsim_pr @ self.emb)
+            self.grad.index_add_(0, self.panel.ids, self.dsim_pr @ self.emb)
 
     def gradient(self) -> torch.Tensor | None:
         return self.grad
+
+
+def _mix(mat: torch.Tensor, panel: _Panel, rows: slice) -> torch.Tensor:
+    """Similarity rows of a block of the panel's virtual queries, from its rows of `mat`."""
+    alpha, beta = panel.alpha[rows, None], panel.beta[rows, None]
+    return mat[panel.first_local[rows]] * alpha + mat[panel.second_local[rows]] * beta
+
+
+def _unmix(dmat: torch.Tensor, panel: _Panel, rows: slice, dsim_qr: torch.Tensor) -> None:
+    """Adjoint of _mix: a virtual row's gradient flows to its parents' rows."""
+    dmat.index_add_(0, panel.first_local[rows], dsim_qr * panel.alpha[rows, None])
+    dmat.index_add_(0, panel.second_local[rows], dsim_qr * panel.beta[rows, None])
 
 
 def _symmetrise_(mat: torch.Tensor, out: torch.Tensor, tile: int = 256) -> torch.Tensor:

@@ -1,0 +1,66 @@
+/* The fused RS@k block on CPU: loss and d loss / d similarity of a block of query rows,
+ * one query at a time, without the (block x P x N) tensor (rskdist/loss/native.py loads
+ * this file; docs/loss.md, "Fused kernel", explains the passes).
+ *
+ * Per query q with real similarity rows s (n_real) and positives p (docs/method.md 1):
+ *   t_z   = s_qz / tau2, virtual items z = B + v: t_z = alpha_v t_first + (1 - alpha_v) t_second
+ *   pass 1 over z, per p: above_p = sum_z sigma(t_z - t_p), dsum_p = sum_z sigma'(t_z - t_p)
+ *          (z == p always left out, z == q unless count_self)
+ *   recall: rank_p = 1 + above_p, R_k, the query's loss, coef_p = d loss / d rank_p / tau2
+ *   pass 2 over z: g_z = sum_p coef_p sigma'(t_z - t_p); g_p -= coef_p dsum_p
+ *   fold:  virtual g_z flows to its two real parents with weights alpha, 1 - alpha.
+ * Pass 2 either reads sigma' kept by pass 1 in a (P x N) scratch row ("keep", which fits
+ * the cache for the N of one query) or evaluates it again.
+ *
+ * The file is compiled once per element type: rsk_rows_impl.h is included for float and
+ * for double with REAL, EXP and NAME set below.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* sigma(x) for |x| > 80 is 0 or 1 in either type; clamping keeps exp finite. */
+#define RSK_CLAMP 80
+
+/* exp(x) for |x| <= 88 in float, branch-free so that loops over it vectorise (8 lanes on
+ * AVX2): x = n ln2 + r with |r| <= ln2 / 2, exp(r) = 1 + r + r^2 P(r) with P a degree-5
+ * minimax polynomial (relative error about 1e-7, float's own rounding), 2^n built from
+ * the exponent bits. */
+static inline float exp_f32(float x) {
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln2 split so n * hi is exact */
+    float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static inline double exp_f64(double x) { return exp(x); }
+
+#define REAL float
+#define EXP exp_f32
+#define NAME(name) name##_f32
+#include "rsk_rows_impl.h"
+#undef REAL
+#undef EXP
+#undef NAME
+
+#define REAL double
+#define EXP exp_f64
+#define NAME(name) name##_f64
+#include "rsk_rows_impl.h"
+#undef REAL
+#undef EXP
+#undef NAME
+
+/* For the loader: the version of this interface. */
+int rsk_rows_abi(void) { return 1; }

@@ -1,0 +1,188 @@
+"""The native C kernel (impl="native", rskdist/loss/native.py) against the float64 references.
+
+It is built once per test session into a fresh cache (about a second), so these tests
+also check the build itself; the build's own failure modes are tested with a private cache.
+"""
+
+import os
+
+import pytest
+import torch
+
+import rskdist.loss.fused as fused
+from rskdist.loss import native, simix_plan
+from rskdist.loss.rsk import RSkOptions, rsk_forward_backward
+from test_loss_fused import CASES, _batch, _loss_and_grad, _reference
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_build(tmp_path_factory):
+    """Build the kernel into an empty cache for this module, then restore the loaded one."""
+    saved, env = list(native._LIBRARY), os.environ.get("RSKDIST_KERNEL_CACHE")
+    native._LIBRARY.clear()
+    os.environ["RSKDIST_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
+    try:
+        native.load()
+        yield
+    finally:
+        native._LIBRARY[:] = saved
+        if env is None:
+            os.environ.pop("RSKDIST_KERNEL_CACHE", None)
+        else:
+            os.environ["RSKDIST_KERNEL_CACHE"] = env
+
+
+@pytest.fixture
+def keep(request, monkeypatch):
+    """Both forms of the second pass: sigma' kept from the first, or evaluated again."""
+    monkeypatch.setattr(native, "KEEP_MAX_BYTES", (1 << 40) if request.param else 0)
+    monkeypatch.setattr(fused, "_FAILED", set())
+    return request.param
+
+
+@pytest.mark.parametrize("keep", [True, False], indirect=True, ids=["keep", "recompute"])
+@pytest.mark.parametrize("count_self,simix,virtual_queries,block_size,sim_cache_mb,hyper", CASES)
+def test_native_matches_float64_reference(keep, count_self, simix, virtual_queries, block_size, sim_cache_mb,
+                                          hyper):
+    emb, labels = _batch(27, 6, 7, seed=3)  # singletons, uneven classes
+    mix = simix_plan(labels, generator=torch.Generator().manual_seed(1)) if simix else None
+    if mix is not None:
+        mix = (mix[0], mix[1].double())
+    ref_loss, ref_grad = _reference(emb, labels, mix, virtual_queries, count_self=count_self, **hyper)
+    loss, grad = _loss_and_grad(emb, labels, mix=mix, count_self=count_self, block_size=block_size,
+                                sim_cache_mb=sim_cache_mb, virtual_queries=virtual_queries, impl="native", **hyper)
+    assert ("native", "cpu") not in fused._FAILED, "the native kernel fell back to eager"
+    assert ref_grad.abs().max() > 1e-4  # the comparison below means something
+    torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=0)
+
+
+# Batches the polynomial exp and the clamp must survive: collapsed embeddings (every
+# difference near 0), a small tau2 (differences of +-2000, far past the clamp at 80), and
+# a plain trained-like batch.
+SPREADS = {
+    "collapsed": dict(noise=1e-3, tau2=0.01, num=16),  # few items: ranks ~N/2 stay within reach of k
+    "clamped": dict(noise=1.0, tau2=0.001, num=60),
+    "plain": dict(noise=1.0, tau2=0.01, num=60),
+}
+
+
+@pytest.mark.parametrize("keep", [True, False], indirect=True, ids=["keep", "recompute"])
+@pytest.mark.parametrize("spread", SPREADS)
+def test_native_float32_within_float32_tolerance(keep, spread):
+    case = SPREADS[spread]
+    gen = torch.Generator().manual_seed(8)
+    centre = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    noise = case["noise"] * torch.randn(case["num"], 16, generator=gen, dtype=torch.float64)
+    emb = torch.nn.functional.normalize(centre + noise, dim=1)
+    labels = torch.randint(0, case["num"] // 4, (case["num"],), generator=gen)
+    pairs, alphas = simix_plan(labels, per_class=1, generator=torch.Generator().manual_seed(2))
+    mix = (pairs, alphas.double())
+    ref_loss, ref_grad = _reference(emb, labels, mix, True, tau2=case["tau2"])
+    loss, grad = _loss_and_grad(emb.float(), labels, mix=mix, tau2=case["tau2"], block_size=11, impl="native")
+    assert ("native", "cpu") not in fused._FAILED
+    assert torch.isfinite(grad).all()
+    assert ref_grad.abs().max() > 1e-3, "a batch whose gradient vanishes tests nothing"
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
+
+
+def test_native_query_subsets_add_up():
+    """Disjoint query sets (what the ranks of a distributed job pass) sum to the whole."""
+    emb, labels = _batch(30, 6, 6, seed=5)
+    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
+    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl="native")
+    whole, grad_whole, n = rsk_forward_backward(emb, labels, **kw)
+    eager, grad_eager, _ = rsk_forward_backward(emb, labels, **{**kw, "impl": "eager"})
+    torch.testing.assert_close(whole, eager, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_whole, grad_eager, atol=1e-12, rtol=0)
+    num = labels.numel() + pairs.shape[0]
+    parts = [rsk_forward_backward(emb, labels, queries=idx, **kw) for idx in
+             (torch.arange(0, 11), torch.arange(11, 30), torch.arange(30, num))]
+    torch.testing.assert_close(sum(p[0] for p in parts), whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sum(p[1] for p in parts), grad_whole, atol=1e-12, rtol=0)
+    assert all(p[2] == n for p in parts)
+
+
+def test_native_result_does_not_depend_on_threads():
+    emb, labels = _batch(90, 8, 20, seed=9)
+    mix = simix_plan(labels, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_loss_and_grad(emb.float(), labels, mix=mix, impl="native", block_size=50))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=0)  # only the order of the sum differs
+        assert torch.equal(grad, results[0][1])  # rows are computed alone, whatever the split
+
+
+def test_no_loss_only_pass_gradient():
+    emb, labels = _batch(40, 6, 8, seed=4)
+    loss, grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="native")
+    ref, _, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="eager")
+    assert grad is None
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=0)
+
+
+def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path / "cache"))
+    cc = native.compiler()
+    path = native.library_path(cc)
+    assert path.parent == tmp_path / "cache" and not path.exists()
+    native.load()
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    native.load()
+    assert path.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DRSK_TEST_FLAG"])
+    assert native.library_path(cc) != path  # other flags, other file
+
+
+def test_unwritable_cache_builds_in_a_private_temporary(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a directory")  # unwritable even for root
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path / "a_file" / "kernels"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native.tempfile, "tempdir", None)
+    native.load()
+    assert list((tmp_path / "tmp").glob("rskdist-kernels-*/rsk_rows-*.so"))
+
+
+def test_no_compiler_means_eager_with_a_note(monkeypatch):
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setattr(fused, "_NOTED", set())
+    assert fused.resolve_impl("auto", torch.device("cpu")) == "eager"  # auto says nothing
+    emb, labels = _batch(20, 5, 5, seed=1)
+    ref = _loss_and_grad(emb, labels, impl="eager")
+    with pytest.warns(RuntimeWarning, match=r"impl='native' is unavailable on cpu \(no C compiler.*using the eager"):
+        got = _loss_and_grad(emb, labels, impl="native")
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_failed_build_falls_back_to_eager(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DRSK_TEST_FLAG", "--no-such-flag"])
+    monkeypatch.setattr(fused, "_FAILED", set())
+    monkeypatch.setattr(fused, "_PROVEN", set())
+    monkeypatch.setattr(fused, "_NOTED", set())
+    emb, labels = _batch(24, 5, 6, seed=2)
+    ref = _loss_and_grad(emb, labels, impl="eager", block_size=50)
+    with pytest.warns(RuntimeWarning, match=r"impl='native' failed on cpu \(RuntimeError: C compile failed"):
+        got = _loss_and_grad(emb, labels, impl="native", block_size=50)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    assert not list(tmp_path.iterdir())  # the failed build left nothing behind
+
+
+def test_native_is_a_cpu_kernel():
+    assert "CPU kernel" in fused._unavailable("native", torch.device("meta"))

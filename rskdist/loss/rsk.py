@@ -230,7 +230,6 @@ def rsk_forward_backward(
     items = _ExtendedItems(labels, pairs, alphas, compute_dtype)
     query_mask = items.is_query(opts.virtual_queries)
     num_queries = int(query_mask.sum())
-    grad = torch.zeros_like(emb) if need_grad else None
     if queries is None:
         mine = torch.nonzero(query_mask).flatten()
         all_rows = True
@@ -238,7 +237,7 @@ def rsk_forward_backward(
         mine = queries[query_mask[queries]]
         all_rows = False
     if num_queries == 0 or mine.numel() == 0:
-        return emb.new_zeros(()), grad, num_queries
+        return emb.new_zeros(()), (torch.zeros_like(emb) if need_grad else None), num_queries
 
     if impl == "eager":
         block_fn = on_extended_rows(_block_loss_and_grad)

@@ -15,36 +15,42 @@ static inline void NAME(sigmoid_pair)(REAL x, REAL *s, REAL *d) {
     *d = sig * (sig * e);
 }
 
-/* Pass 1 for one (q, p): sums over all z of sigma and sigma' of t_z - tp; sigma' is
- * written to keep[z] when keep is not NULL. */
-static void NAME(rank_sums)(const REAL *t, int64_t n, REAL tp, REAL *keep, double *above, double *dsum) {
-    double total_s = 0, total_d = 0;
+/* Pass 1 for one query: for every positive p, sums over all z of sigma and sigma' of
+ * t_z - tp[p] (in REAL over tiles of RSK_CHUNK items, then in double); sigma' is written
+ * to keep[p * n + z] when keep is not NULL. Tiles of z outside, positives inside, so a
+ * tile of t is read from memory once and from L1 for every positive. */
+static void NAME(rank_sums)(const REAL *t, int64_t n, const REAL *tp, int64_t np, REAL *keep, double *above,
+                            double *dsum) {
+    for (int64_t p = 0; p < np; p++) above[p] = dsum[p] = 0;
     for (int64_t z0 = 0; z0 < n; z0 += RSK_CHUNK) {
-        int64_t z1 = z0 + RSK_CHUNK < n ? z0 + RSK_CHUNK : n;
-        REAL cs = 0, cd = 0;
-        if (keep) {
+        const int64_t len = z0 + RSK_CHUNK < n ? RSK_CHUNK : n - z0;
+        const REAL *tz = t + z0;
+        for (int64_t p = 0; p < np; p++) {
+            const REAL tpp = tp[p];
+            REAL cs = 0, cd = 0;
+            if (keep) {
+                REAL *kz = keep + p * n + z0;
 #pragma omp simd reduction(+ : cs, cd)
-            for (int64_t z = z0; z < z1; z++) {
-                REAL s, d;
-                NAME(sigmoid_pair)(t[z] - tp, &s, &d);
-                keep[z] = d;
-                cs += s;
-                cd += d;
-            }
-        } else {
+                for (int64_t z = 0; z < len; z++) {
+                    REAL s, d;
+                    NAME(sigmoid_pair)(tz[z] - tpp, &s, &d);
+                    kz[z] = d;
+                    cs += s;
+                    cd += d;
+                }
+            } else {
 #pragma omp simd reduction(+ : cs, cd)
-            for (int64_t z = z0; z < z1; z++) {
-                REAL s, d;
-                NAME(sigmoid_pair)(t[z] - tp, &s, &d);
-                cs += s;
-                cd += d;
+                for (int64_t z = 0; z < len; z++) {
+                    REAL s, d;
+                    NAME(sigmoid_pair)(tz[z] - tpp, &s, &d);
+                    cs += s;
+                    cd += d;
+                }
             }
+            above[p] += cs;
+            dsum[p] += cd;
         }
-        total_s += cs;
-        total_d += cd;
     }
-    *above = total_s;
-    *dsum = total_d;
 }
 
 /* One query's recall surrogate from its ranks: returns its loss (times scale) and writes
@@ -109,10 +115,10 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
             t[n_real + v] = alpha[v] * t[first[v]] + (1 - alpha[v]) * t[second[v]];
 
         /* pass 1, then take out the terms of z == p and z == q (unless count_self) */
+        for (int64_t p = 0; p < np; p++) tp[p] = t[pos_i[p]];
+        NAME(rank_sums)(t, n, tp, np, kept, above, dsum);
         for (int64_t p = 0; p < np; p++) {
             REAL s, d;
-            tp[p] = t[pos_i[p]];
-            NAME(rank_sums)(t, n, tp[p], kept ? kept + p * n : NULL, &above[p], &dsum[p]);
             NAME(sigmoid_pair)(0, &s, &d);
             above[p] -= s, dsum[p] -= d;
             if (!count_self) {

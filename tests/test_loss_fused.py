@@ -90,11 +90,12 @@ def test_fused_formulation_matches_reference(torch_passes, count_self, simix, vi
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
 
 
-def test_fused_query_subsets_add_up(torch_passes):
-    """Disjoint query sets (what the ranks of a distributed job pass) sum to the whole."""
+def assert_query_subsets_add_up(impl: str):
+    """Disjoint query sets (what the ranks of a distributed job pass) sum to the whole;
+    returns the batch, its plan and the whole (loss, gradient) for further checks."""
     emb, labels = _batch(30, 6, 6, seed=5)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
-    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl="compiled")
+    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl=impl)
     whole, grad_whole, n = rsk_forward_backward(emb, labels, **kw)
     num = labels.numel() + pairs.shape[0]
     parts = [rsk_forward_backward(emb, labels, queries=idx, **kw) for idx in
@@ -102,6 +103,11 @@ def test_fused_query_subsets_add_up(torch_passes):
     torch.testing.assert_close(sum(p[0] for p in parts), whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(sum(p[1] for p in parts), grad_whole, atol=1e-12, rtol=0)
     assert all(p[2] == n for p in parts)
+    return emb, labels, kw, whole, grad_whole
+
+
+def test_fused_query_subsets_add_up(torch_passes):
+    assert_query_subsets_add_up("compiled")
 
 
 def test_fused_float32_within_float32_tolerance(torch_passes):

@@ -12,7 +12,7 @@ import torch
 import rskdist.loss.fused as fused
 from rskdist.loss import native, simix_plan
 from rskdist.loss.rsk import RSkOptions, rsk_forward_backward
-from test_loss_fused import CASES, _batch, _loss_and_grad, _reference
+from test_loss_fused import CASES, _batch, _loss_and_grad, _reference, assert_query_subsets_add_up
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
@@ -90,20 +90,11 @@ def test_native_float32_within_float32_tolerance(keep, spread):
 
 
 def test_native_query_subsets_add_up():
-    """Disjoint query sets (what the ranks of a distributed job pass) sum to the whole."""
-    emb, labels = _batch(30, 6, 6, seed=5)
-    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
-    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl="native")
-    whole, grad_whole, n = rsk_forward_backward(emb, labels, **kw)
+    """Query subsets (the distributed path) add up to the whole, which equals eager's."""
+    emb, labels, kw, whole, grad_whole = assert_query_subsets_add_up("native")
     eager, grad_eager, _ = rsk_forward_backward(emb, labels, **{**kw, "impl": "eager"})
     torch.testing.assert_close(whole, eager, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_whole, grad_eager, atol=1e-12, rtol=0)
-    num = labels.numel() + pairs.shape[0]
-    parts = [rsk_forward_backward(emb, labels, queries=idx, **kw) for idx in
-             (torch.arange(0, 11), torch.arange(11, 30), torch.arange(30, num))]
-    torch.testing.assert_close(sum(p[0] for p in parts), whole, atol=1e-12, rtol=0)
-    torch.testing.assert_close(sum(p[1] for p in parts), grad_whole, atol=1e-12, rtol=0)
-    assert all(p[2] == n for p in parts)
 
 
 def test_native_result_does_not_depend_on_threads():

@@ -34,17 +34,14 @@ def fresh_build(tmp_path_factory):
             os.environ["RSKDIST_KERNEL_CACHE"] = env
 
 
-@pytest.fixture
-def keep(request, monkeypatch):
-    """Both forms of the second pass: sigma' kept from the first, or evaluated again."""
-    monkeypatch.setattr(native, "KEEP_MAX_BYTES", (1 << 40) if request.param else 0)
+@pytest.fixture(autouse=True)
+def no_earlier_failure(monkeypatch):
+    """Each test sees the kernel's own outcome, not an earlier test's fallback."""
     monkeypatch.setattr(fused, "_FAILED", set())
-    return request.param
 
 
-@pytest.mark.parametrize("keep", [True, False], indirect=True, ids=["keep", "recompute"])
 @pytest.mark.parametrize("count_self,simix,virtual_queries,block_size,sim_cache_mb,hyper", CASES)
-def test_native_matches_float64_reference(keep, count_self, simix, virtual_queries, block_size, sim_cache_mb,
+def test_native_matches_float64_reference(count_self, simix, virtual_queries, block_size, sim_cache_mb,
                                           hyper):
     emb, labels = _batch(27, 6, 7, seed=3)  # singletons, uneven classes
     mix = simix_plan(labels, generator=torch.Generator().manual_seed(1)) if simix else None
@@ -69,9 +66,8 @@ SPREADS = {
 }
 
 
-@pytest.mark.parametrize("keep", [True, False], indirect=True, ids=["keep", "recompute"])
 @pytest.mark.parametrize("spread", SPREADS)
-def test_native_float32_within_float32_tolerance(keep, spread):
+def test_native_float32_within_float32_tolerance(spread):
     case = SPREADS[spread]
     gen = torch.Generator().manual_seed(8)
     centre = torch.randn(1, 16, generator=gen, dtype=torch.float64)
@@ -87,6 +83,33 @@ def test_native_float32_within_float32_tolerance(keep, spread):
     assert ref_grad.abs().max() > 1e-3, "a batch whose gradient vanishes tests nothing"
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
+
+
+def _fan(dtype):
+    """Points on a circle: class 0 fanned out over 170 degrees, so one query's positives have
+    similarities from 1 to -0.98 (t spread ~200 at tau2 = 0.01: several groups of positives,
+    and items clamped for one group but not another), the other classes scattered."""
+    gen = torch.Generator().manual_seed(5)
+    angles = torch.cat([torch.tensor([0.0, 0.7, 1.4, 2.1, 2.97]), 6.28 * torch.rand(25, generator=gen)])
+    emb = torch.stack([angles.cos(), angles.sin()], 1).to(dtype)
+    labels = torch.cat([torch.zeros(5, dtype=torch.long), torch.randint(1, 7, (25,), generator=gen)])
+    return emb, labels, simix_plan(labels, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("count_self", [False, True])
+def test_positives_far_apart_use_several_groups_exactly(count_self):
+    emb, labels, (pairs, alphas) = _fan(torch.float64)
+    mix = (pairs, alphas.double())
+    ref_loss, ref_grad = _reference(emb, labels, mix, True, count_self=count_self)
+    loss, grad = _loss_and_grad(emb, labels, mix=mix, count_self=count_self, block_size=4, impl="native")
+    assert ("native", "cpu") not in fused._FAILED
+    assert ref_grad[:5].abs().max() > 1e-3  # the fanned class has a gradient to get right
+    torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=0)
+    loss32, grad32 = _loss_and_grad(emb.float(), labels, mix=mix, count_self=count_self, block_size=4,
+                                    impl="native")
+    torch.testing.assert_close(loss32.double(), ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad32.double(), ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
 
 
 def test_native_query_subsets_add_up():

@@ -151,10 +151,6 @@ def measure(args) -> dict:
         loss.backward()
         return float(loss)
 
-    if args.keep_max_mb is not None:
-        from rskdist.loss import native
-
-        native.KEEP_MAX_BYTES = int(args.keep_max_mb * 2**20)
     compile_seconds = None
     if args.impl in ("native", "compiled", "triton"):
         # Compile once on a small batch (dynamic shapes: the same code serves every size), so
@@ -219,8 +215,6 @@ def main(argv=None) -> int:
                         choices=["floor", "blockwise", "eager", "native", "compiled", "triton", "dense"])
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats after one cold call")
     parser.add_argument("--block-size", type=int, default=None)
-    parser.add_argument("--keep-max-mb", type=float, default=None,
-                        help="native: keep sigma' of a query while its P x N values fit in this (0 = never)")
     parser.add_argument("--dense-max-gb", type=float, default=8.0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     parser.add_argument("--seed", type=int, default=0)
@@ -288,8 +282,6 @@ def _child(args, impl: str, batch: int, mix_mode: str = "none") -> dict:
         cmd.append("--simix")
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
-    if args.keep_max_mb is not None:
-        cmd += ["--keep-max-mb", str(args.keep_max_mb)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:

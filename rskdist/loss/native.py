@@ -3,8 +3,9 @@
 `csrc/rsk_rows.c` computes, per query, the rank sums, the recall surrogate and d loss /
 d similarity in one go over the query's similarity row (docs/loss.md, "Fused kernel"):
 the (block x P x N) tensor is never formed, SiMix columns are built and folded inside
-the kernel, and sigma' lives only in a (P x N) scratch row of the one query being worked
-on. The loops are written so that the compiler vectorises them (AVX2: 8 floats).
+the kernel, and each query needs only O(N) scratch (one exp per item and group of
+positives, docs/loss.md). The loops are written so that the compiler vectorises them
+(AVX2: 8 floats).
 
 It is compiled on first use with the system C compiler (`$CC`, else cc, gcc or clang),
 `-O3 -march=native`, into a cache keyed by the source, the compiler and the CPU
@@ -34,10 +35,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("rsk_rows.c", "rsk
 # checked finite and every value stays finite); -std=gnu11 allows fused multiply-adds.
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
          "-ffinite-math-only", "-fno-signed-zeros", "-fPIC", "-shared"]
-ABI = 1  # rsk_rows_abi() of the source this module calls
-# Keep sigma' of a query in scratch for the second pass while its P x N floats fit in
-# this many bytes (the CPU caches); beyond it, evaluate sigma' again (docs/loss.md).
-KEEP_MAX_BYTES = 4 << 20
+ABI = 3  # rsk_rows_abi() of the source this module calls
 
 _LOCK = threading.Lock()
 _LIBRARY: list = []  # the loaded library, once
@@ -118,8 +116,8 @@ def load():
         ptr, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
         for fn in (lib.rsk_rows_f32, lib.rsk_rows_f64):
             fn.restype = f64
-            fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
-                           f64, f64, ctypes.c_int, f64, ctypes.c_int, ptr, i64]
+            fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
+                           f64, f64, ctypes.c_int, f64, ptr, i64]
         _LIBRARY.append(lib)
         return lib
 
@@ -141,8 +139,49 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+class _Layout:
+    """Where the kernel keeps the extended items of a query (positions 0..N-1).
+
+    With SiMix: class by class, each class's real items then its virtual ones, so that a
+    virtual item is built from parents a few places away and folded back there. Classes
+    come in the order of their first image in the batch: on the batches of the class-
+    balanced sampler (groups of m images of a class, rskdist/data/sampler.py) the real
+    items' reads of the similarity row and writes of its gradient then also go forward
+    through the batch. Without SiMix: batch order (nothing to fold)."""
+
+    def __init__(self, items, dtype: torch.dtype):
+        n_real = items.num_real
+        if items.num_virtual == 0:
+            self.where = torch.arange(n_real)
+            self.real_at = self.real_col = self.where
+            self.virt_at = self.first = self.second = self.alpha = None
+            return
+        labels = items.labels.cpu()
+        _, cls = torch.unique(labels, return_inverse=True)
+        first_seen = torch.full((int(cls.max()) + 1,), n_real).scatter_reduce(0, cls, torch.arange(n_real), "amin")
+        key = first_seen[torch.cat([cls, cls[items.first.cpu()]])]
+        order = torch.argsort(key, stable=True)  # per class: real items in batch order, then virtual
+        self.where = torch.empty_like(order)
+        self.where[order] = torch.arange(order.numel())
+        self.real_at = torch.nonzero(order < n_real).flatten()
+        self.real_col = order[self.real_at].contiguous()
+        self.virt_at = self.where[n_real:].contiguous()
+        self.first = self.where[items.first.cpu()].contiguous()
+        self.second = self.where[items.second.cpu()].contiguous()
+        self.alpha = items.alpha.cpu().to(dtype).contiguous()
+
+
+def layout(items, dtype: torch.dtype) -> _Layout:
+    """The layout of `items` for `dtype`, made once per item set (it serves every block)."""
+    cached = getattr(items, "_native_layout", None)
+    if cached is None or cached[0] != dtype:
+        cached = (dtype, _Layout(items, dtype))
+        items._native_layout = cached
+    return cached[1]
+
+
 def block_loss_and_grad(sim_qr: torch.Tensor, q: torch.Tensor, items, opts, scale: float, need_grad: bool,
-                        out: torch.Tensor | None = None, keep: bool | None = None):
+                        out: torch.Tensor | None = None):
     """Loss of a block of queries (times `scale`) and d loss / d sim_qr (bq, B), from the
     real similarity rows; `items` is rsk._ExtendedItems (positives, SiMix columns). The
     gradient is written into `out` when given (rows of unit stride), else a new tensor."""
@@ -153,27 +192,23 @@ def block_loss_and_grad(sim_qr: torch.Tensor, q: torch.Tensor, items, opts, scal
     if sim_qr.stride(1) != 1:
         sim_qr = sim_qr.contiguous()
     fn = lib.rsk_rows_f32 if dtype == torch.float32 else lib.rsk_rows_f64
+    lay = layout(items, dtype)
     pos, _, num_pos = items.positives(q)
-    pos, num_pos, q = pos.contiguous(), num_pos.contiguous(), q.contiguous()
+    pos, num_pos, q = lay.where[pos].contiguous(), num_pos.contiguous(), lay.where[q].contiguous()
     width = pos.shape[1]
-    n_real, n_virtual = items.num_real, items.num_virtual
-    first = second = alpha = None
-    if n_virtual:
-        first, second, alpha = items.first, items.second, items.alpha.to(dtype).contiguous()
-    if keep is None:
-        keep = width * items.num * sim_qr.element_size() <= KEEP_MAX_BYTES
     ks = torch.tensor(opts.ks, dtype=torch.float64)
     rows = sim_qr.shape[0]
     dsim = None
     if need_grad:
         usable = out is not None and out.dtype == dtype and out.shape == sim_qr.shape and out.stride(1) == 1
-        dsim = out if usable else torch.empty(rows, n_real, dtype=dtype)
+        dsim = out if usable else torch.empty(rows, items.num_real, dtype=dtype)
 
     def run(r0: int, r1: int) -> float:
         return fn(sim_qr.data_ptr() + r0 * sim_qr.stride(0) * sim_qr.element_size(), sim_qr.stride(0), r1 - r0,
-                  n_real, n_virtual, _ptr(first), _ptr(second), _ptr(alpha), q.data_ptr() + 8 * r0,
+                  items.num_real, items.num_virtual, _ptr(lay.real_at), _ptr(lay.real_col), _ptr(lay.virt_at),
+                  _ptr(lay.first), _ptr(lay.second), _ptr(lay.alpha), q.data_ptr() + 8 * r0,
                   pos.data_ptr() + 8 * r0 * width, width, num_pos.data_ptr() + 8 * r0, ks.data_ptr(),
-                  len(opts.ks), opts.tau1, opts.tau2, int(opts.count_self), scale, int(keep),
+                  len(opts.ks), opts.tau1, opts.tau2, int(opts.count_self), scale,
                   None if dsim is None else dsim.data_ptr() + r0 * dsim.stride(0) * dsim.element_size(),
                   dsim.stride(0) if dsim is not None else 0)
 

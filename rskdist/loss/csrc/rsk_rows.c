@@ -3,14 +3,22 @@
  * this file; docs/loss.md, "Fused kernel", explains the passes).
  *
  * Per query q with real similarity rows s (n_real) and positives p (docs/method.md 1):
- *   t_z   = s_qz / tau2, virtual items z = B + v: t_z = alpha_v t_first + (1 - alpha_v) t_second
+ *   t_z   = s_qz / tau2, virtual items z: t_z = alpha_v t_first + (1 - alpha_v) t_second
  *   pass 1 over z, per p: above_p = sum_z sigma(t_z - t_p), dsum_p = sum_z sigma'(t_z - t_p)
  *          (z == p always left out, z == q unless count_self)
  *   recall: rank_p = 1 + above_p, R_k, the query's loss, coef_p = d loss / d rank_p / tau2
  *   pass 2 over z: g_z = sum_p coef_p sigma'(t_z - t_p); g_p -= coef_p dsum_p
  *   fold:  virtual g_z flows to its two real parents with weights alpha, 1 - alpha.
- * Pass 2 either reads sigma' kept by pass 1 in a (P x N) scratch row ("keep", which fits
- * the cache for the N of one query) or evaluates it again.
+ *
+ * One exp per item, not per (positive, item): with e = exp(t_p - t_z), sigma = 1 / (1 + e)
+ * and sigma' = sigma (sigma e), and e = exp(t_p - c) exp(c - t_z) for any centre c. The
+ * positives of a query are grouped so that t_p within a group spans at most 2 RSK_HALF;
+ * a group computes u_z = exp(c - t_z) once over the items (c its mid-range), v_p =
+ * exp(t_p - c) per positive, and both passes then take e = v_p u_z: a multiply, an add, a
+ * divide and two multiplies per (p, z). u is clamped to |c - t_z| <= RSK_CLAMP - half the
+ * group's span, so that |log e| <= RSK_CLAMP (no overflow, no subnormal); an item is
+ * clamped only where |t_z - t_p| > RSK_CLAMP - 2 RSK_HALF = 40 for each p of the group,
+ * where sigma is 0 or 1 and sigma' < 5e-18 either way.
  *
  * The file is compiled once per element type: rsk_rows_impl.h is included for float and
  * for double with REAL, EXP and NAME set below.
@@ -22,6 +30,8 @@
 
 /* sigma(x) for |x| > 80 is 0 or 1 in either type; clamping keeps exp finite. */
 #define RSK_CLAMP 80
+/* Positives whose t lie within 2 * RSK_HALF of each other share one exp per item. */
+#define RSK_HALF 20
 
 /* exp(x) for |x| <= 88 in float, branch-free so that loops over it vectorise (8 lanes on
  * AVX2): x = n ln2 + r with |r| <= ln2 / 2, exp(r) = 1 + r + r^2 P(r) with P a degree-5
@@ -63,4 +73,4 @@ static inline double exp_f64(double x) { return exp(x); }
 #undef NAME
 
 /* For the loader: the version of this interface. */
-int rsk_rows_abi(void) { return 1; }
+int rsk_rows_abi(void) { return 3; }

@@ -5,51 +5,58 @@
 /* Items per tile of the second pass. */
 #define RSK_TILE 512
 
-/* sigma(x) and sigma'(x) = sigma(x) (1 - sigma(x)), written sigma * (sigma * e) with
- * e = exp(-x) so that it stays accurate where sigma is near 1 and sigma' tiny. */
-static inline void NAME(sigmoid_pair)(REAL x, REAL *s, REAL *d) {
-    x = x < -RSK_CLAMP ? -RSK_CLAMP : (x > RSK_CLAMP ? RSK_CLAMP : x);
-    REAL e = EXP(-x);
+/* sigma(x) and sigma'(x) from e = exp(-x): sigma = 1 / (1 + e), sigma' = sigma (sigma e),
+ * accurate where sigma is near 1 and sigma' tiny. */
+static inline void NAME(sigmoid_of_e)(REAL e, REAL *s, REAL *d) {
     REAL sig = 1 / (1 + e);
     *s = sig;
     *d = sig * (sig * e);
 }
 
-/* Pass 1 for one query: for every positive p, sums over all z of sigma and sigma' of
- * t_z - tp[p] (in REAL over tiles of RSK_CHUNK items, then in double); sigma' is written
- * to keep[p * n + z] when keep is not NULL. Tiles of z outside, positives inside, so a
- * tile of t is read from memory once and from L1 for every positive. */
-static void NAME(rank_sums)(const REAL *t, int64_t n, const REAL *tp, int64_t np, REAL *keep, double *above,
-                            double *dsum) {
-    for (int64_t p = 0; p < np; p++) above[p] = dsum[p] = 0;
+/* u_z = exp(clamp(c - t_z, -lim, lim)) over all z (vectorised: one exp per item). */
+static void NAME(exp_row)(const REAL *t, int64_t n, REAL c, REAL lim, REAL *u) {
+#pragma omp simd
+    for (int64_t z = 0; z < n; z++) {
+        REAL x = c - t[z];
+        x = x < -lim ? -lim : (x > lim ? lim : x);
+        u[z] = EXP(x);
+    }
+}
+
+/* Pass 1 for the positives of one group: for every p, sums over all z of sigma and sigma'
+ * with e = v[p] u_z (in REAL over tiles of RSK_CHUNK items, then in double). Tiles of z
+ * outside, positives inside, so a tile of u is read from memory once per group. */
+static void NAME(rank_sums)(const REAL *u, int64_t n, const REAL *v, const int64_t *members, int64_t count,
+                            double *above, double *dsum) {
+    for (int64_t j = 0; j < count; j++) above[members[j]] = dsum[members[j]] = 0;
     for (int64_t z0 = 0; z0 < n; z0 += RSK_CHUNK) {
         const int64_t len = z0 + RSK_CHUNK < n ? RSK_CHUNK : n - z0;
-        const REAL *tz = t + z0;
-        for (int64_t p = 0; p < np; p++) {
-            const REAL tpp = tp[p];
+        const REAL *uz = u + z0;
+        for (int64_t j = 0; j < count; j++) {
+            const int64_t p = members[j];
+            const REAL vp = v[p];
             REAL cs = 0, cd = 0;
-            if (keep) {
-                REAL *kz = keep + p * n + z0;
 #pragma omp simd reduction(+ : cs, cd)
-                for (int64_t z = 0; z < len; z++) {
-                    REAL s, d;
-                    NAME(sigmoid_pair)(tz[z] - tpp, &s, &d);
-                    kz[z] = d;
-                    cs += s;
-                    cd += d;
-                }
-            } else {
-#pragma omp simd reduction(+ : cs, cd)
-                for (int64_t z = 0; z < len; z++) {
-                    REAL s, d;
-                    NAME(sigmoid_pair)(tz[z] - tpp, &s, &d);
-                    cs += s;
-                    cd += d;
-                }
+            for (int64_t z = 0; z < len; z++) {
+                REAL s, d;
+                NAME(sigmoid_of_e)(vp * uz[z], &s, &d);
+                cs += s;
+                cd += d;
             }
             above[p] += cs;
             dsum[p] += cd;
         }
+    }
+}
+
+/* Pass 2 for one positive over a tile: gz[z] += cp sigma'(x) with e = vp u_z. The values
+ * come by value and the tiles are restrict, so that nothing is reloaded per item. */
+__attribute__((noinline)) static void NAME(add_weighted)(REAL *restrict gz, const REAL *restrict uz, int64_t len, REAL vp, REAL cp) {
+#pragma omp simd
+    for (int64_t z = 0; z < len; z++) {
+        REAL s, d;
+        NAME(sigmoid_of_e)(vp * uz[z], &s, &d);
+        gz[z] += cp * d;
     }
 }
 
@@ -78,55 +85,88 @@ static double NAME(recall)(const double *rank, int64_t np, const double *ks, int
     return (1 - mean_r / (double)num_ks) * scale;
 }
 
+/* Split the positives of a query into groups of nearby t_p: order (np) lists them by t_p
+ * and group g is order[bounds[g] .. bounds[g + 1]); within a group t_p spans at most
+ * 2 * RSK_HALF. Returns the number of groups. */
+static int64_t NAME(group_positives)(const REAL *tp, int64_t np, int64_t *order, int64_t *bounds) {
+    for (int64_t j = 0; j < np; j++) {
+        int64_t k = j;
+        for (; k > 0 && tp[order[k - 1]] > tp[j]; k--) order[k] = order[k - 1];
+        order[k] = j;
+    }
+    int64_t groups = 0;
+    for (int64_t j = 0; j < np; j++)
+        if (j == 0 || tp[order[j]] - tp[order[bounds[groups - 1]]] > 2 * RSK_HALF) bounds[groups++] = j;
+    bounds[groups] = np;
+    return groups;
+}
+
 /* Loss (times scale, summed over the rows) of n_rows queries; when dsim is not NULL, also
  * d loss / d s for their real similarity rows, written to dsim (n_rows x n_real).
  *
- *   sim      (n_rows x n_real) real similarity rows, row stride sim_stride
- *   first, second, alpha   (n_virtual) the SiMix items, or NULL when n_virtual == 0
- *   q        (n_rows) each row's query in extended indices (virtual queries are >= n_real)
- *   pos      (n_rows x width) positives in extended indices, num_pos[i] of them valid
- *   keep     1: pass 2 reads sigma' kept by pass 1; 0: it evaluates sigma' again
+ * The kernel keeps a query's n = n_real + n_virtual items in a layout of its caller's
+ * choosing (rskdist/loss/native.py puts each class's real and virtual items side by side,
+ * so that building a virtual item from its parents and folding it back are local):
+ *   sim      (n_rows x n_real) real similarity rows in batch order, row stride sim_stride
+ *   real_at, real_col   (n_real) layout position and batch column of each real item
+ *   virt_at, first, second, alpha   (n_virtual) layout position of each SiMix item, of its
+ *            two parents, and its weight; NULL when n_virtual == 0
+ *   q        (n_rows) each row's query, a layout position
+ *   pos      (n_rows x width) positives as layout positions, num_pos[i] of them valid
  * Returns NAN if scratch memory cannot be allocated (nothing is written then). */
 double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64_t n_real, int64_t n_virtual,
-                      const int64_t *first, const int64_t *second, const REAL *alpha, const int64_t *q,
-                      const int64_t *pos, int64_t width, const int64_t *num_pos, const double *ks, int64_t num_ks,
-                      double tau1, double tau2, int count_self, double scale, int keep, REAL *dsim,
-                      int64_t dsim_stride) {
-    const int64_t n = n_real + n_virtual;
+                      const int64_t *real_at, const int64_t *real_col, const int64_t *virt_at, const int64_t *first,
+                      const int64_t *second, const REAL *alpha, const int64_t *q, const int64_t *pos, int64_t width,
+                      const int64_t *num_pos, const double *ks, int64_t num_ks, double tau1, double tau2,
+                      int count_self, double scale, REAL *dsim, int64_t dsim_stride) {
+    const int64_t n = n_real + n_virtual, w = width > 0 ? width : 1;
     const REAL inv_t2 = (REAL)(1 / tau2);
     REAL *t = malloc(sizeof(REAL) * n);
-    REAL *g = dsim ? malloc(sizeof(REAL) * n) : NULL;
-    REAL *kept = dsim && keep ? malloc(sizeof(REAL) * n * (width > 0 ? width : 1)) : NULL;
-    double *work = malloc(sizeof(double) * 5 * (width > 0 ? width : 1));
-    if (!t || !work || (dsim && !g) || (dsim && keep && !kept)) {
-        free(t), free(g), free(kept), free(work);
+    REAL *restrict g = dsim ? malloc(sizeof(REAL) * n) : NULL;
+    REAL *u = malloc(sizeof(REAL) * n * w);
+    double *work = malloc(sizeof(double) * 6 * w);
+    int64_t *index = malloc(sizeof(int64_t) * (2 * w + 1));
+    if (!t || !u || !work || !index || (dsim && !g)) {
+        free(t), free(g), free(u), free(work), free(index);
         return NAN;
     }
-    double *above = work, *dsum = work + width, *rank = work + 2 * width, *coef = work + 3 * width;
-    REAL *tp = (REAL *)(work + 4 * width);
+    double *above = work, *dsum = work + w, *rank = work + 2 * w, *coef = work + 3 * w;
+    REAL *tp = (REAL *)(work + 4 * w), *restrict ep = (REAL *)(work + 5 * w);
+    int64_t *order = index, *bounds = index + w;
     double total = 0;
 
     for (int64_t i = 0; i < n_rows; i++) {
         const REAL *row = sim + i * sim_stride;
         const int64_t *pos_i = pos + i * width;
         const int64_t np = num_pos[i], qi = q[i];
-        for (int64_t z = 0; z < n_real; z++) t[z] = row[z] * inv_t2;
-        for (int64_t v = 0; v < n_virtual; v++)
-            t[n_real + v] = alpha[v] * t[first[v]] + (1 - alpha[v]) * t[second[v]];
-
-        /* pass 1, then take out the terms of z == p and z == q (unless count_self) */
+        for (int64_t k = 0; k < n_real; k++) t[real_at[k]] = row[real_col[k]] * inv_t2;
+        for (int64_t k = 0; k < n_virtual; k++) t[virt_at[k]] = alpha[k] * t[first[k]] + (1 - alpha[k]) * t[second[k]];
         for (int64_t p = 0; p < np; p++) tp[p] = t[pos_i[p]];
-        NAME(rank_sums)(t, n, tp, np, kept, above, dsum);
-        for (int64_t p = 0; p < np; p++) {
-            REAL s, d;
-            NAME(sigmoid_pair)(0, &s, &d);
-            above[p] -= s, dsum[p] -= d;
-            if (!count_self) {
-                NAME(sigmoid_pair)(t[qi] - tp[p], &s, &d);
+
+        /* pass 1 per group of positives with centre c: e_pz = exp(t_p - t_z) = v_p u_z,
+         * v_p = exp(t_p - c), u_z = exp(c - t_z) clamped so that |log e| <= RSK_CLAMP;
+         * then take out the terms of z == p and z == q (unless count_self) */
+        const int64_t groups = NAME(group_positives)(tp, np, order, bounds);
+        for (int64_t k = 0; k < groups; k++) {
+            const int64_t *members = order + bounds[k], count = bounds[k + 1] - bounds[k];
+            const REAL lo = tp[members[0]], hi = tp[members[count - 1]];
+            const REAL c = lo + (hi - lo) / 2;
+            REAL *uk = u + k * n;
+            NAME(exp_row)(t, n, c, RSK_CLAMP - (hi - lo) / 2, uk);
+            for (int64_t j = 0; j < count; j++) ep[members[j]] = EXP(tp[members[j]] - c);
+            NAME(rank_sums)(uk, n, ep, members, count, above, dsum);
+            for (int64_t j = 0; j < count; j++) {
+                const int64_t p = members[j];
+                REAL s, d;
+                NAME(sigmoid_of_e)(ep[p] * uk[pos_i[p]], &s, &d);
                 above[p] -= s, dsum[p] -= d;
+                if (!count_self) {
+                    NAME(sigmoid_of_e)(ep[p] * uk[qi], &s, &d);
+                    above[p] -= s, dsum[p] -= d;
+                }
             }
-            rank[p] = 1 + above[p];
         }
+        for (int64_t p = 0; p < np; p++) rank[p] = 1 + above[p];
         total += NAME(recall)(rank, np, ks, num_ks, tau1, scale, dsim ? coef : NULL);
         if (!dsim) continue;
 
@@ -136,42 +176,36 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
         for (int64_t z0 = 0; z0 < n; z0 += RSK_TILE) {
             const int64_t len = z0 + RSK_TILE < n ? RSK_TILE : n - z0;
             REAL *gz = g + z0;
-            const REAL *tz = t + z0;
             for (int64_t z = 0; z < len; z++) gz[z] = 0;
-            for (int64_t p = 0; p < np; p++) {
-                const REAL c = (REAL)coef[p], tpp = tp[p];
-                if (kept) {
-                    const REAL *kz = kept + p * n + z0;
-#pragma omp simd
-                    for (int64_t z = 0; z < len; z++) gz[z] += c * kz[z];
-                } else {
-#pragma omp simd
-                    for (int64_t z = 0; z < len; z++) {
-                        REAL s, d;
-                        NAME(sigmoid_pair)(tz[z] - tpp, &s, &d);
-                        gz[z] += c * d;
-                    }
+            for (int64_t k = 0; k < groups; k++) {
+                const REAL *uz = u + k * n + z0;
+                for (int64_t j = bounds[k]; j < bounds[k + 1]; j++) {
+                    const int64_t p = order[j];
+                    NAME(add_weighted)(gz, uz, len, ep[p], (REAL)coef[p]);
                 }
             }
         }
-        for (int64_t p = 0; p < np; p++) {
-            REAL s, d;
-            NAME(sigmoid_pair)(0, &s, &d);
-            /* z == p was summed above: take it out; then d rank_p / d s_p = -dsum_p / tau2 */
-            g[pos_i[p]] -= (REAL)coef[p] * d;
-            g[pos_i[p]] -= (REAL)(coef[p] * dsum[p]);
+        for (int64_t k = 0; k < groups; k++) {
+            for (int64_t j = bounds[k]; j < bounds[k + 1]; j++) {
+                const int64_t p = order[j];
+                REAL s, d;
+                NAME(sigmoid_of_e)(ep[p] * u[k * n + pos_i[p]], &s, &d);
+                /* z == p was summed above: take it out; then d rank_p / d s_p = -dsum_p / tau2 */
+                g[pos_i[p]] -= (REAL)coef[p] * d;
+                g[pos_i[p]] -= (REAL)(coef[p] * dsum[p]);
+            }
         }
         if (!count_self) g[qi] = 0; /* every term of z == q is left out */
 
-        /* fold virtual columns onto their real parents */
-        REAL *out = dsim + i * dsim_stride;
-        memcpy(out, g, sizeof(REAL) * n_real);
-        for (int64_t v = 0; v < n_virtual; v++) {
-            out[first[v]] += alpha[v] * g[n_real + v];
-            out[second[v]] += (1 - alpha[v]) * g[n_real + v];
+        /* fold virtual columns onto their real parents, then the real ones out in batch order */
+        for (int64_t k = 0; k < n_virtual; k++) {
+            g[first[k]] += alpha[k] * g[virt_at[k]];
+            g[second[k]] += (1 - alpha[k]) * g[virt_at[k]];
         }
+        REAL *out = dsim + i * dsim_stride;
+        for (int64_t k = 0; k < n_real; k++) out[real_col[k]] = g[real_at[k]];
     }
-    free(t), free(g), free(kept), free(work);
+    free(t), free(g), free(u), free(work), free(index);
     return total;
 }
 

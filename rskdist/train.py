@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from rskdist.comm import release_shm_buffer
     from rskdist.trainer import Context, Preempted, Trainer
 
     if torch.cuda.is_available():
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
     # a message naming run.timeout_minutes instead of hanging (or gloo's 10-minute default).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
                                timeout=timedelta(minutes=cfg.run.timeout_minutes))
+    release_shm_buffer(dist.get_rank())  # or DeepSpeed's CPU buffers stay in /dev/shm after the run
     watch_launchers(dist.get_rank())
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)

@@ -98,6 +98,7 @@ def test_two_nodes_on_loopback_match_one_node(uninterrupted, tmp_path):
     # Same global batch (rank-ordered) on two nodes as on one node with two processes.
     for step in (1, 2):
         assert two_nodes[step] == pytest.approx(full[step], abs=1e-6)
+    assert _shm_buffers(int(port)) == []
 
 
 def test_unusable_weights_give_one_clear_message(tmp_path):
@@ -162,15 +163,22 @@ def test_standalone_evaluation_of_a_checkpoint_matches_training(uninterrupted, t
     assert "Traceback" not in proc.stderr
 
 
+def _shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers of the run that used this port."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+
+
 def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    port = free_port()
+    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
           "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2",
           *COMMON])
     losses = _losses(tmp_path / "debug")
     full = _losses(uninterrupted)
     for step in (1, 2):
         assert losses[step] == pytest.approx(full[step], abs=1e-6)
+    assert _shm_buffers(port) == []  # the ranks removed their shared-memory buffers' names
 
 
 def _train_1proc(out_dir, *overrides, check=True):

@@ -348,6 +348,8 @@ import rskdist.build, rskdist.eval, rskdist.data, rskdist.models
 importlib.import_module(sys.argv[3])  # the backbone library, imported by the trainer when it builds the model
 from torch.utils.tensorboard import SummaryWriter
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+from rskdist.comm import release_shm_buffer
+release_shm_buffer(0)
 model = torch.nn.Linear(8, 8)
 deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
     "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,

@@ -72,13 +72,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _inputs(batch: int, m: int, dim: int, device: str, dtype, seed: int):
+def _inputs(batch: int, m: int, dim: int, device: str, dtype, seed: int, order: str = "random"):
+    """Random unit embeddings and m images per class: in random batch order, or in groups
+    of m images of a class ("sampler", the order rskdist/data/sampler.py gives a batch)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     emb = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device, dtype)
-    labels = (torch.arange(batch) // m)[torch.randperm(batch, generator=gen)].to(device)
-    return emb, labels
+    labels = torch.arange(batch) // m
+    if order == "random":
+        labels = labels[torch.randperm(batch, generator=gen)]
+    return emb, labels.to(device)
 
 
 def _run_floor(emb, batch: int, m: int, mix_factor: float, device: str) -> None:
@@ -117,7 +121,7 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     device = args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    emb, labels = _inputs(args.batch, args.m, args.dim, device, dtype, args.seed)
+    emb, labels = _inputs(args.batch, args.m, args.dim, device, dtype, args.seed, args.order)
     mix = simix_plan(labels, generator=torch.Generator().manual_seed(args.seed)) if args.simix else None
     mix_factor = (args.batch + (0 if mix is None else mix[0].shape[0])) / args.batch
 
@@ -182,6 +186,7 @@ def measure(args) -> dict:
     warm = times[1:] or times
     return {
         "impl": args.impl, "batch": args.batch, "m": args.m, "dim": args.dim, "simix": bool(args.simix),
+        "order": args.order,
         "virtual": 0 if mix is None else int(mix[0].shape[0]), "device": device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "seconds": round(statistics.median(warm), 4),
         "first_seconds": round(times[0], 4), "peak_added_mb": round(peak_added, 1),
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--m", type=int, default=4, help="images per class")
+    parser.add_argument("--order", choices=["random", "sampler"], default="random",
+                        help="labels in random batch order, or in groups of m (as the class-balanced sampler gives)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -277,7 +284,7 @@ def _child(args, impl: str, batch: int, mix_mode: str = "none") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--batch", str(batch),
            "--m", str(args.m), "--dim", str(args.dim), "--device", args.device, "--dtype", args.dtype,
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--loss", args.loss, "--mix-mode", mix_mode,
-           "--num-classes", str(args.num_classes)]
+           "--num-classes", str(args.num_classes), "--order", args.order]
     if args.simix:
         cmd.append("--simix")
     if args.block_size:

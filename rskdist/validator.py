@@ -37,8 +37,14 @@ class Validator:
         t0 = time.perf_counter()
         stream = build_eval_stream(self.cfg, rank=self.rank, world_size=self.world_size, mean=self.mean,
                                    std=self.std)
-        metrics = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
-                                 world_size=self.world_size, group=self.group, ks=self.ks)
+        try:
+            metrics = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
+                                     world_size=self.world_size, group=self.group, ks=self.ks)
+        finally:
+            # Stop its workers now: left to the garbage collector, the stream's worker handles
+            # would be inherited by the next workers forked (the training loader's, the next
+            # evaluation's), which then fail to shut them down ("can only test a child process").
+            stream.close()
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         return metrics
 

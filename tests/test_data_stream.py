@@ -517,3 +517,42 @@ def test_flip_and_aspect_settings_reach_the_decoder(uneven):
     wide = [decode_train(data, SIZE, np.random.default_rng(s), ratio=(2.0, 2.0), hflip=False) for s in range(3)]
     narrow = [decode_train(data, SIZE, np.random.default_rng(s), ratio=(0.5, 0.5), hflip=False) for s in range(3)]
     assert not all(np.array_equal(a, b) for a, b in zip(wide, narrow))
+
+
+def _worker_processes():
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+
+
+def test_closing_an_eval_loader_stops_its_workers_at_once(even):
+    import psutil
+
+    before = {p.pid for p in _worker_processes()}
+    loader = build_eval_loader(even, rank=0, world_size=1, batch_size=5, image_size=SIZE, num_workers=2)
+    assert sum(int((index >= 0).sum()) for _, _, index in loader) == 25
+    workers = [p for p in _worker_processes() if p.pid not in before]
+    assert len(workers) == 2  # persistent: alive after the pass
+    loader.close()
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    assert not alive  # stopped by close() itself (left alone they linger for seconds)
+
+
+def test_evaluation_during_training_leaves_no_workers(even):
+    """The trainer's Validator closes each evaluation's stream: workers it left alive would be
+    inherited by the next ones forked, which fail to stop them ("can only test a child process")."""
+    import psutil
+
+    from rskdist.config import load_config
+    from rskdist.validator import Validator
+
+    cfg = load_config("configs/debug.yaml", ["data.source=shards", f"data.root={even}", "data.num_workers=2",
+                                             f"model.image_size={SIZE}", "eval.batch_size=5"])
+    validator = Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, steps_per_epoch=1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 8))
+    before = {p.pid for p in _worker_processes()}
+    metrics = validator.evaluate(model, torch.float32)
+    assert metrics["num_queries"] == 25
+    _, alive = psutil.wait_procs([p for p in _worker_processes() if p.pid not in before], timeout=2)
+    assert not alive

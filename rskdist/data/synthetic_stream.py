@@ -96,3 +96,6 @@ class SyntheticEvalStream:
                 for i in valid.tolist()
             ])
             yield images, self.labels[valid], index
+
+    def close(self) -> None:
+        """Nothing to stop (no worker processes); the shard EvalLoader's close() stops its workers."""

@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     # a message naming run.timeout_minutes instead of hanging (or gloo's 10-minute default).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
                                timeout=timedelta(minutes=cfg.run.timeout_minutes))
-    release_shm_buffer(dist.get_rank())  # or DeepSpeed's CPU buffers stay in /dev/shm after the run
+    if device.type == "cpu":  # DeepSpeed's CPU backend; its buffers would stay in /dev/shm after the run
+        release_shm_buffer(dist.get_rank())
     watch_launchers(dist.get_rank())
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=Path(cfg.run.output_dir) / cfg.run.name)

@@ -49,9 +49,11 @@ static void NAME(rank_sums)(const REAL *u, int64_t n, const REAL *v, const int64
     }
 }
 
-/* Pass 2 for one positive over a tile: gz[z] += cp sigma'(x) with e = vp u_z. The values
- * come by value and the tiles are restrict, so that nothing is reloaded per item. */
-__attribute__((noinline)) static void NAME(add_weighted)(REAL *restrict gz, const REAL *restrict uz, int64_t len, REAL vp, REAL cp) {
+/* Pass 2 for one positive over a tile: gz[z] += cp sigma'(x) with e = vp u_z. Not inlined:
+ * inlined, gcc fused the loops of two positives and reloaded the second one's vp with a
+ * gather at every item (the store to gz might alias it); here vp and cp come by value. */
+__attribute__((noinline)) static void NAME(add_weighted)(REAL *restrict gz, const REAL *restrict uz, int64_t len,
+                                                         REAL vp, REAL cp) {
 #pragma omp simd
     for (int64_t z = 0; z < len; z++) {
         REAL s, d;
@@ -122,7 +124,7 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
     const int64_t n = n_real + n_virtual, w = width > 0 ? width : 1;
     const REAL inv_t2 = (REAL)(1 / tau2);
     REAL *t = malloc(sizeof(REAL) * n);
-    REAL *restrict g = dsim ? malloc(sizeof(REAL) * n) : NULL;
+    REAL *g = dsim ? malloc(sizeof(REAL) * n) : NULL;
     REAL *u = malloc(sizeof(REAL) * n * w);
     double *work = malloc(sizeof(double) * 6 * w);
     int64_t *index = malloc(sizeof(int64_t) * (2 * w + 1));
@@ -131,7 +133,7 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
         return NAN;
     }
     double *above = work, *dsum = work + w, *rank = work + 2 * w, *coef = work + 3 * w;
-    REAL *tp = (REAL *)(work + 4 * w), *restrict ep = (REAL *)(work + 5 * w);
+    REAL *tp = (REAL *)(work + 4 * w), *ep = (REAL *)(work + 5 * w);
     int64_t *order = index, *bounds = index + w;
     double total = 0;
 

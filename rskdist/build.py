@@ -78,6 +78,37 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
     )
 
 
+def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = None) -> torch.nn.Module:
+    """The trained model of a run or checkpoint folder (`tag`: latest, best or a step tag),
+    rebuilt from the architecture the run recorded (model.json in the checkpoint folder,
+    else in the run folder) and loaded with the checkpoint's weights; no weights file or hub
+    is needed. Runs written before model.json existed are rebuilt from `cfg` (their
+    config.yaml), with a warning: what the weights file decided (QuickGELU, mean/std)
+    cannot be recovered from it."""
+    import warnings
+
+    from rskdist.checkpoint import load_model_state, resolve_checkpoint
+    from rskdist.models import read_spec, rebuild_model
+
+    folder, tag = resolve_checkpoint(path, tag)
+    spec = read_spec(folder / tag) or read_spec(folder.parent)
+    if spec is not None:
+        model = rebuild_model(spec)
+    elif cfg is None:
+        raise ValueError(f"{folder / tag}: no model.json beside the checkpoint or in its run folder; pass the run's "
+                         "config (--config) to rebuild the model from it")
+    else:
+        warnings.warn(
+            f"{folder / tag}: no model.json (a run from before rskdist recorded the architecture); the model is "
+            "rebuilt from the config alone, so what its weights file decided (open_clip QuickGELU, the weights' "
+            "mean/std) is not known: set them with overrides (model.backbone_kwargs) if the run used such a file",
+            stacklevel=2,
+        )
+        model = build_model(cfg, pretrained=False)
+    model.load_state_dict(load_model_state(folder, tag))
+    return model
+
+
 def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
     """The held-out split of the config's data, every image once over the ranks."""
     d, e = cfg.data, cfg.eval

@@ -1,6 +1,7 @@
 """Checkpoints of a run: save, `latest`, `best`, pruning, resume, and weights for evaluation.
 
-A run writes DeepSpeed checkpoints under RUN/checkpoints/<tag>/ (tags `stepNNNNNNNN`).
+A run writes DeepSpeed checkpoints under RUN/checkpoints/<tag>/ (tags `stepNNNNNNNN`),
+each with the model's resolved architecture beside it (`model.json`, rskdist/models/spec.py).
 Two pointer files name tags: `latest`, the newest complete checkpoint (what a resumed
 run loads), and `best`, the checkpoint of the best evaluation by `eval.best_metric`.
 Each pointer is replaced atomically and only after every rank finished writing, so a
@@ -20,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from rskdist.comm import broadcast_object, gather_objects
+from rskdist.models.spec import write_spec
 
 POINTERS = ("latest", "best")
 
@@ -49,8 +51,9 @@ class CheckpointManager:
     """
 
     def __init__(self, folder: Path, engine, *, rank: int, keep: int, barrier: Callable[[], None] = lambda: None,
-                 group=None):
+                 group=None, model_spec: dict | None = None):
         self.folder, self.engine, self.rank, self.keep = Path(folder), engine, rank, keep
+        self.model_spec = model_spec  # written into each checkpoint folder: it rebuilds the model alone
         self.barrier, self.group = barrier, group
         self.last_saved_step: int | None = None
 
@@ -68,6 +71,8 @@ class CheckpointManager:
             ) from exc
         self.barrier()
         if self.rank == 0 and ok is not False:
+            if self.model_spec is not None:
+                write_spec(self.model_spec, self.folder / tag)
             write_pointer(self.folder, "latest", tag)  # last: a crash before this keeps the previous one
             if prune:
                 self.prune()

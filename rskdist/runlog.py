@@ -1,6 +1,7 @@
 """What a run writes besides checkpoints: the run folder's records and the progress line.
 
 RUN/config.yaml (the resolved config), RUN/env.json (versions, git SHA, host, model),
+RUN/model.json (the resolved architecture that rebuilds the model, rskdist/models/spec.py),
 RUN/metrics.jsonl (one JSON record per logged step, evaluation and warning),
 TensorBoard events in RUN/tb/, and the progress line on stdout. Rank 0 writes; every
 rank calls `train_step`, which gathers each rank's peak memory.
@@ -17,6 +18,7 @@ import torch
 
 from rskdist.comm import gather_rows
 from rskdist.config import Config, save_config
+from rskdist.models.spec import write_spec
 from rskdist.utils import memory_stats, run_metadata
 
 
@@ -27,14 +29,16 @@ class RunLogger:
         self._file = None
         self._tb = None
 
-    def open(self, cfg: Config, info: dict, *, fresh: bool) -> None:
-        """Write config.yaml and env.json; a fresh run in a used folder moves the old
-        metrics.jsonl aside, a resumed one appends to it."""
+    def open(self, cfg: Config, info: dict, *, fresh: bool, model_spec: dict | None = None) -> None:
+        """Write config.yaml, env.json and model.json; a fresh run in a used folder moves the
+        old metrics.jsonl aside, a resumed one appends to it."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         (self.run_dir / "env.json").write_text(json.dumps(run_metadata(**info), indent=2))
+        if model_spec is not None:
+            write_spec(model_spec, self.run_dir)
         metrics = self.run_dir / "metrics.jsonl"
         if fresh and metrics.exists():
             metrics.rename(self.run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")

@@ -52,6 +52,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         model = build_model(cfg)
         self.model_info = describe(model)
+        self.model_spec = model.spec  # the resolved architecture, written beside every checkpoint
         self.train_stream = build_train_stream(cfg, rank=ctx.rank, world_size=ctx.world_size, mean=model.mean,
                                                std=model.std, device=ctx.device)
         self.steps_per_epoch = self.train_stream.steps_per_epoch
@@ -67,7 +68,8 @@ class Trainer:
         self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
 
         self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
-                                             keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group)
+                                             keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group,
+                                             model_spec=self.model_spec)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
                              tensorboard=cfg.run.tensorboard)
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
@@ -179,7 +181,7 @@ class Trainer:
     def _open_run_folder(self) -> None:
         info = {"world_size": self.ctx.world_size, "model": self.model_info,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-        self.log.open(self.cfg, info, fresh=self.step == 0)
+        self.log.open(self.cfg, info, fresh=self.step == 0, model_spec=self.model_spec)
         self._barrier()
         cfg, lay = self.cfg, self.layout
         self.log.say(f"rskdist: {self.model_info}")

@@ -73,7 +73,7 @@ def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypa
     import torch
     from test_data_stream import make_shards
 
-    import rskdist.checkpoint
+    import rskdist.build
     from rskdist.build import build_model
     from rskdist.config import load_config
     from rskdist.data import shards as S
@@ -91,9 +91,9 @@ def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypa
         f.write(b"\0" * int(row["size"]))
 
     common = ["model.pretrained=", "data.num_workers=0", "data.source=shards"]
-    state = build_model(load_config(str(ROOT / "configs/debug.yaml"), common + [f"data.root={clean}"]),
-                        pretrained=False).state_dict()
-    monkeypatch.setattr(rskdist.checkpoint, "load_model_state", lambda path, tag=None: state)  # one fixed model
+    model = build_model(load_config(str(ROOT / "configs/debug.yaml"), common + [f"data.root={clean}"]),
+                        pretrained=False)
+    monkeypatch.setattr(rskdist.build, "load_trained_model", lambda path, tag=None, cfg=None: model)  # one fixed model
 
     def evaluate_shards(root, name):
         argv = ["--checkpoint", str(tmp_path / "run"), "--config", str(ROOT / "configs/debug.yaml"), "--ks", "1", "2",

@@ -99,12 +99,13 @@ def embed_checkpoint(args, cfg) -> tuple:
     """Embed the config's test split with the checkpoint's model, in this process:
     ``(embeddings, labels, num_unreadable)``; unreadable test images are left out, as in the
     trainer's evaluation."""
-    from rskdist.checkpoint import load_model_state
+    from rskdist.build import build_eval_stream, load_trained_model
     from rskdist.eval import embed_dataset, save_embeddings
-    from rskdist.build import build_eval_stream, build_model
 
-    model = build_model(cfg, pretrained=False)
-    model.load_state_dict(load_model_state(args.checkpoint, args.tag))
+    # The architecture the run recorded (model.json), not the config's: a weights file may
+    # have decided part of it (open_clip QuickGELU, mean/std), and it is not needed here.
+    model = load_trained_model(args.checkpoint, args.tag, cfg=cfg)
+    cfg.model.image_size = model.image_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     stream = build_eval_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std)

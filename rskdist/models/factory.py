@@ -39,6 +39,7 @@ import torch.nn as nn
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 
 from .model import GeM, RetrievalModel
+from .spec import make_spec
 from .weights import (
     WeightsConfig,
     WeightsMismatchError,
@@ -121,6 +122,10 @@ def create_model(
         drop_path_rate=drop_path_rate,
         backbone_kwargs=kwargs,
     )
+    model.spec = make_spec(model, dict(
+        backbone=backbone, embed_dim=embed_dim, pool=pool, gem_p=gem_p, image_size=image_size,
+        freeze_bn=freeze_bn, drop_path_rate=drop_path_rate, backbone_kwargs=kwargs,
+    ))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

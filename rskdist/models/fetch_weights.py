@@ -23,9 +23,16 @@ from .weights import METADATA_KEY
 
 def fetch(backbone: str, out: str, pretrained: str = "hub") -> str:
     """Build `backbone` with hub weights and save its backbone state dict to `out`."""
+    return save_weights(create_model(backbone, pretrained=pretrained), out, pretrained=pretrained)
+
+
+def save_weights(model, out: str, *, pretrained: str = "") -> str:
+    """Save a RetrievalModel's backbone as a weights file `model.pretrained` reads back: the
+    state dict plus the metadata create_model restores (backbone, tag, mean, std, native
+    image size and, for open_clip, the tag and the activation)."""
     from safetensors.torch import save_file
 
-    model = create_model(backbone, pretrained=pretrained)
+    backbone = model.info["backbone"]
     meta = {"backbone": backbone, "pretrained": pretrained, "mean": list(model.mean), "std": list(model.std),
             "image_size": model.image_size}
     if backbone.startswith(OPEN_CLIP_PREFIX):

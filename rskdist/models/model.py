@@ -89,6 +89,9 @@ class RetrievalModel(nn.Module):
         self.image_size = int(image_size)
         self.interpolation = str(interpolation)
         self.info = dict(info or {})
+        # create_model's resolved arguments (rskdist/models/spec.py): what rebuilds this model
+        # without its weights file; None for a model built by hand.
+        self.spec: dict[str, Any] | None = None
         self.grad_checkpointing = False
         if not self.freeze_bn and any(isinstance(m, _BatchNorm) for m in self.modules()):
             warnings.warn(

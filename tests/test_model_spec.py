@@ -1,0 +1,117 @@
+"""A trained model is rebuilt from the architecture its run recorded (model.json), not from
+the config: a CLIP run from a weights file whose metadata says QuickGELU (and a mean/std of
+its own) evaluates, without that file, exactly as the run itself evaluated."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TOWER = dict(layers=2, width=64, patch_size=16)
+MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+
+
+def test_spec_rebuilds_architecture_and_preprocessing(tmp_path):
+    from rskdist.models import create_model, read_spec, rebuild_model, write_spec
+    from rskdist.models.fetch_weights import save_weights
+
+    torch.manual_seed(0)
+    trained = create_model("open_clip:ViT-B-16", image_size=32, embed_dim=16,
+                           backbone_kwargs=dict(TOWER, quick_gelu=True))
+    trained.mean, trained.std = MEAN, STD
+    path = save_weights(trained, str(tmp_path / "tower.safetensors"))
+    # As a config names it: the tower's shape only; the file's metadata decides the rest.
+    model = create_model("open_clip:ViT-B-16", pretrained=path, image_size=32, embed_dim=16,
+                         backbone_kwargs=dict(TOWER))
+    assert model.info["quick_gelu"] and model.mean == MEAN and model.std == STD
+    assert model.spec["backbone_kwargs"]["quick_gelu"] is True
+
+    write_spec(model.spec, tmp_path)
+    again = rebuild_model(read_spec(tmp_path))
+    again.load_state_dict(model.state_dict())
+    assert (again.mean, again.std, again.image_size) == (model.mean, model.std, model.image_size)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+        # The config alone (no weights file) builds GELU: the outputs differ, so the check above is informative.
+        plain = create_model("open_clip:ViT-B-16", image_size=32, embed_dim=16, backbone_kwargs=dict(TOWER))
+        plain.load_state_dict(model.state_dict())
+        assert float((plain.eval()(x) - model(x)).abs().max()) > 1e-4
+
+
+def test_spec_errors_name_the_file(tmp_path):
+    from rskdist.models import read_spec, rebuild_model
+
+    assert read_spec(tmp_path) is None
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.json is not valid JSON"):
+        read_spec(tmp_path)
+    with pytest.raises(ValueError, match="lacks backbone"):
+        rebuild_model({"version": 1})
+
+
+@pytest.mark.integration
+def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
+    """Train 2 steps from a weights file with quick_gelu: true in its metadata, remove the file,
+    then tools/evaluate.py --checkpoint gives the run's final evaluation to the last digit, and
+    the rebuilt model embeds an image exactly as the trainer's model does."""
+    from test_data_stream import make_shards
+
+    from rskdist.build import build_model, load_trained_model
+    from rskdist.config import load_config
+    from rskdist.models import create_model
+    from rskdist.models.fetch_weights import save_weights
+
+    torch.manual_seed(0)
+    tower = create_model("open_clip:ViT-B-16", image_size=32, embed_dim=16, backbone_kwargs=dict(TOWER, quick_gelu=True))
+    tower.mean, tower.std = MEAN, STD
+    weights = save_weights(tower, str(tmp_path / "weights" / "tower.safetensors"))
+    root = make_shards(tmp_path / "shards", [4] * 8, samples_per_shard=10, image_size=32, test_counts=(4, 3, 5, 4))
+    overrides = [
+        f"run.output_dir={tmp_path}", "run.name=clip", "run.max_steps=2", "run.log_every=1", "run.tensorboard=false",
+        "model.backbone=open_clip:ViT-B-16", f"model.pretrained={weights}", "model.image_size=32",
+        "model.embed_dim=16", "model.backbone_kwargs={layers: 2, width: 64, patch_size: 16}",
+        "data.source=shards", f"data.root={root}", "data.global_batch=16", "data.num_workers=0",
+        "deepspeed.zero_stage=0", "eval.every_epochs=0", "eval.ks=[1, 2]",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "clip"
+    final = json.loads((run / "summary.json").read_text())["final_eval"]
+    spec = json.loads((run / "model.json").read_text())
+    assert spec["backbone_kwargs"]["quick_gelu"] is True and tuple(spec["mean"]) == MEAN
+    assert (run / "checkpoints" / "step00000002" / "model.json").is_file()
+
+    # The trainer's model: built from the config with the weights file, then the checkpoint's state.
+    trainer_model = build_model(load_config(str(run / "config.yaml")))
+    trainer_model.load_state_dict(load_trained_model(run).state_dict())
+    image = torch.rand(1, 3, 32, 32)
+
+    Path(weights).unlink()  # evaluation needs only the run folder
+    rebuilt = load_trained_model(run)
+    assert (rebuilt.mean, rebuilt.std) == (trainer_model.mean, trainer_model.std)
+
+    def embed(model):
+        mean, std = torch.tensor(model.mean)[:, None, None], torch.tensor(model.std)[:, None, None]
+        with torch.no_grad():
+            return model.eval()((image - mean) / std)
+
+    torch.testing.assert_close(embed(rebuilt), embed(trainer_model), rtol=0, atol=0)
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate
+
+    record = evaluate.main(["--checkpoint", str(run)])
+    for key, value in final.items():
+        if key in record["results"]:
+            assert record["results"][key] == value, key
+    assert {"recall@1", "map@r"} <= set(record["results"])

@@ -255,6 +255,22 @@ def _write_index(root: Path, *, train_classes: int, splits=("test",)) -> None:
     (Path(root) / S.INDEX_FILE).write_text(json.dumps(index))
 
 
+def test_readme_training_example_is_valid_and_its_old_batch_is_refused():
+    """The README's `deepspeed --num_gpus N ... configs/debug.yaml` line passes validation; the
+    line it replaced (4096 images = 1024 classes x 4 from 64 synthetic classes) is refused
+    before any process starts, naming the settings to change."""
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines()
+                if x.startswith("deepspeed --num_gpus") and "configs/debug.yaml" in x)
+    words = line.split("#")[0].split()
+    world = int(words[words.index("--num_gpus") + 1])
+    overrides = [w for w in words if "=" in w]
+    validate(load_config(ROOT / "configs/debug.yaml", overrides), world_size=world)
+    with pytest.raises(ValueError, match=r"data.global_batch=4096 with data.m=4 needs 1024 distinct training "
+                                         r"classes per step, but there are 64 \(data.synthetic_classes=64\); "
+                                         r"lower data.global_batch, or raise data.synthetic_classes"):
+        validate(load_config(ROOT / "configs/debug.yaml", ["data.global_batch=4096"]), world_size=8)
+
+
 @pytest.mark.parametrize("value, message", [
     (-1, "must be 0 \\(off\\), a whole count >= 1 or a fraction in \\(0, 1\\)"),
     (1.5, "must be 0 \\(off\\), a whole count >= 1 or a fraction in \\(0, 1\\)"),

@@ -266,7 +266,8 @@ def _check_splits(d, check_paths: bool) -> None:
     from rskdist.eval.tracking import VALIDATION_SPLIT  # a leaf module, like eval.metrics
 
     if not d.test_splits or len(set(d.test_splits)) != len(d.test_splits) or not all(d.test_splits):
-        raise ValueError(f"config: data.test_splits must be a non-empty list of distinct split names, got {d.test_splits}")
+        raise ValueError(f"config: data.test_splits must be a non-empty list of distinct split names, "
+                         f"got {d.test_splits}")
     try:
         num_validation_classes(1, d.val_classes)
     except ValueError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rskdist.comm import gather_rows
@@ -109,32 +110,59 @@ def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = Non
     return model
 
 
-def build_eval_stream(cfg: Config, *, rank: int, world_size: int, mean, std):
-    """The held-out split of the config's data, every image once over the ranks."""
+def build_eval_stream(cfg: Config, *, split: str = "test", rank: int, world_size: int, mean, std):
+    """One held-out split of the config's data, every image once over the ranks: a split of
+    the shard folder (data.test_splits), or "val", the validation classes that
+    data.val_classes holds out of the training split."""
     d, e = cfg.data, cfg.eval
+    from rskdist.eval.tracking import VALIDATION_SPLIT
+
+    held = validation_labels(cfg) if split == VALIDATION_SPLIT else None
     if d.source == "synthetic":
         from rskdist.data.synthetic_stream import SyntheticEvalStream
 
+        if split != "test" and held is None:
+            raise ValueError(f"data.source=synthetic has no split {split!r}: it has 'test', and 'val' when "
+                             f"data.val_classes is set")
         return SyntheticEvalStream(
             num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=rank, world_size=world_size,
             batch_size=e.batch_size, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
+            classes=held,
         )
     from rskdist.data import build_eval_loader
 
     return build_eval_loader(
-        d.root, split="test", rank=rank, world_size=world_size, batch_size=e.batch_size,
-        image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
+        d.root, split="train" if held is not None else split, rank=rank, world_size=world_size,
+        batch_size=e.batch_size, image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
+        keep_labels=held,
     )
 
 
 def num_train_classes(cfg: Config) -> int:
-    """Classes of the training split (labels are 0..C-1): the size of a proxy loss's table."""
+    """Classes of the training split (labels are 0..C-1): the size of a proxy loss's table
+    (validation classes held out included: their labels are simply never drawn)."""
     d = cfg.data
     if d.source == "synthetic":
         return d.synthetic_classes
     from rskdist.data.shards import load_index
 
     return len(load_index(d.root)["splits"]["train"]["classes"])
+
+
+def validation_labels(cfg: Config) -> np.ndarray | None:
+    """The training labels data.val_classes holds out for validation (fixed by run.seed), or
+    None when it is 0. Every rank and tool draws the same ones (rskdist/data/holdout.py)."""
+    if not cfg.data.val_classes:
+        return None
+    from rskdist.data.holdout import validation_classes
+
+    return validation_classes(num_train_classes(cfg), cfg.data.val_classes, cfg.run.seed)
+
+
+def training_labels(cfg: Config) -> np.ndarray | None:
+    """The labels the training stream draws: all but the validation ones (None: all)."""
+    held = validation_labels(cfg)
+    return None if held is None else np.setdiff1d(np.arange(num_train_classes(cfg)), held)
 
 
 def build_criterion(cfg: Config, *, num_classes: int | None = None) -> torch.nn.Module:
@@ -262,19 +290,20 @@ def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, de
     """This rank's class-balanced training stream (equal steps on every rank)."""
     d = cfg.data
     classes_per_rank = batch_layout(cfg, world_size).classes_per_rank
+    keep = training_labels(cfg)  # without the validation classes, if any
     if d.source == "synthetic":
         from rskdist.data.synthetic_stream import SyntheticTrainStream
 
         return SyntheticTrainStream(
             num_classes=d.synthetic_classes, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank,
-            m=d.m, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
+            m=d.m, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise, classes=keep,
         )
     from rskdist.data import build_train_loader
 
     return build_train_loader(
         d.root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=d.m,
         image_size=cfg.model.image_size, num_workers=d.num_workers, seed=cfg.run.seed, mean=mean, std=std,
-        scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
+        keep_labels=keep, scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
         steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length,
         # On GPUs images travel as uint8 and are normalised on the device.
         **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),

@@ -151,10 +151,9 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, 
 def load_model_state(path: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict (fp32 where the run kept fp32 master weights); a run whose
     loss had class proxies trained model + loss (rskdist.build.TrainModule): the model's part."""
-    state = _load_module_state(path, tag)
-    if any(k.startswith("criterion.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
+    from rskdist.models.weights import model_part
+
+    return model_part(_load_module_state(path, tag))
 
 
 def _load_module_state(path: str | Path, tag: str | None) -> dict[str, torch.Tensor]:

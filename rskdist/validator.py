@@ -1,6 +1,9 @@
 """Evaluation during training: when, on what, and which result is the best so far.
 
-Every rank embeds its share of the held-out split and ranks its share of the queries
+Each evaluation covers every held-out split of the run (rskdist.eval.evaluated_splits):
+the validation classes when data.val_classes is set, then each of data.test_splits, every
+metric named after its split (rskdist.eval.split_metric). The first split picks `best`.
+Every rank embeds its share of a split and ranks its share of the queries
 (rskdist.eval.evaluate_model), so no rank waits in a collective while another searches
 alone; every rank gets the same metrics and keeps the same best-tracker. Rank 0's verdict
 on a new best is broadcast so that every rank takes part in saving it.
@@ -15,7 +18,7 @@ import torch
 from rskdist.build import CastInputs, build_eval_stream
 from rskdist.comm import broadcast_flag
 from rskdist.config import Config
-from rskdist.eval import BestTracker, default_ks, evaluate_model
+from rskdist.eval import BestTracker, default_ks, evaluate_model, evaluated_splits, split_metric
 
 
 class Validator:
@@ -27,24 +30,29 @@ class Validator:
         every = cfg.eval.every_epochs
         self.enabled = every >= 0  # -1: never; 0: only at the end
         self.every_steps = 0 if every <= 0 else max(1, round(every * steps_per_epoch))
-        self.best = BestTracker(metric=cfg.eval.best_metric)
+        self.splits = evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)
+        self.best = BestTracker(metric=split_metric(self.splits[0], cfg.eval.best_metric))
 
     def due(self, step: int, total_steps: int) -> bool:
         """An evaluation between steps (the final one is the trainer's to call)."""
         return bool(self.every_steps) and step % self.every_steps == 0 and step < total_steps
 
     def evaluate(self, engine, input_dtype: torch.dtype) -> dict:
+        """The metrics of every split, named by split_metric, and eval_seconds (all splits)."""
         t0 = time.perf_counter()
-        stream = build_eval_stream(self.cfg, rank=self.rank, world_size=self.world_size, mean=self.mean,
-                                   std=self.std)
-        try:
-            metrics = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
-                                     world_size=self.world_size, group=self.group, ks=self.ks)
-        finally:
-            # Stop its workers now: left to the garbage collector, the stream's worker handles
-            # would be inherited by the next workers forked (the training loader's, the next
-            # evaluation's), which then fail to shut them down ("can only test a child process").
-            stream.close()
+        metrics = {}
+        for split in self.splits:
+            stream = build_eval_stream(self.cfg, split=split, rank=self.rank, world_size=self.world_size,
+                                       mean=self.mean, std=self.std)
+            try:
+                result = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
+                                        world_size=self.world_size, group=self.group, ks=self.ks)
+            finally:
+                # Stop its workers now: left to the garbage collector, the stream's worker handles
+                # would be inherited by the next workers forked (the training loader's, the next
+                # split's), which then fail to shut them down ("can only test a child process").
+                stream.close()
+            metrics.update({split_metric(split, name): value for name, value in result.items()})
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         return metrics
 

@@ -1,5 +1,6 @@
 """Config: strict loading, overrides, cross-field checks, and the entry point's messages."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,9 @@ def test_missing_files_are_reported_before_start(tmp_path):
         validate(cfg, world_size=1)
     validate(cfg, world_size=1, check_paths=False)
     (tmp_path / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an rskdist shard index"):  # read at start-up: it counts classes
+        validate(cfg, world_size=1)
+    _write_index(tmp_path, train_classes=16)  # one global batch of the default config: 64 / m=4
     validate(cfg, world_size=1)
     with pytest.raises(ValueError, match="no such file"):
         validate(load_config(None, [f"model.pretrained={tmp_path}/w.safetensors"]), world_size=1)
@@ -239,3 +243,66 @@ def test_simix_is_refused_for_baselines_with_the_reason():
     with pytest.raises(ValueError, match=r"loss.mix=simix does not apply to loss.name=contrastive: SiMix mixes "
                                          r"scalar similarities.*use loss.mix=embedding"):
         validate(load_config(None, ["loss.name=contrastive"]), world_size=1)
+
+
+def _write_index(root: Path, *, train_classes: int, splits=("test",)) -> None:
+    """A shard index with class lists only: what start-up validation reads of a shard folder."""
+    from rskdist.data import shards as S
+
+    classes = {"train": train_classes, **{name: 3 for name in splits}}
+    index = {"format": S.FORMAT_NAME, "splits": {name: {"classes": [f"c{i}" for i in range(n)]}
+                                                  for name, n in classes.items()}}
+    (Path(root) / S.INDEX_FILE).write_text(json.dumps(index))
+
+
+def test_readme_training_example_is_valid_and_its_old_batch_is_refused():
+    """The README's `deepspeed --num_gpus N ... configs/debug.yaml` line passes validation; the
+    line it replaced (4096 images = 1024 classes x 4 from 64 synthetic classes) is refused
+    before any process starts, naming the settings to change."""
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines()
+                if x.startswith("deepspeed --num_gpus") and "configs/debug.yaml" in x)
+    words = line.split("#")[0].split()
+    world = int(words[words.index("--num_gpus") + 1])
+    overrides = [w for w in words if "=" in w]
+    validate(load_config(ROOT / "configs/debug.yaml", overrides), world_size=world)
+    with pytest.raises(ValueError, match=r"data.global_batch=4096 with data.m=4 needs 1024 distinct training "
+                                         r"classes per step, but there are 64 \(data.synthetic_classes=64\); "
+                                         r"lower data.global_batch, or raise data.synthetic_classes"):
+        validate(load_config(ROOT / "configs/debug.yaml", ["data.global_batch=4096"]), world_size=8)
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "must be 0 \\(off\\), a whole count >= 1 or a fraction in \\(0, 1\\)"),
+    (1.5, "must be 0 \\(off\\), a whole count >= 1 or a fraction in \\(0, 1\\)"),
+    (64, "holds out 64 classes but there are only 64 training classes .*hold out at most 63"),
+    (49, "needs 16 distinct training classes per step, but there are 64 .*, 49 of them held out by "
+         "data.val_classes=49; lower data.global_batch or data.val_classes"),
+    (0.8, "51 of them held out by data.val_classes=0.8"),  # round(0.8 x 64)
+])
+def test_bad_validation_class_counts_are_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, [f"data.val_classes={value}"]), world_size=1)
+
+
+def test_validation_classes_and_test_splits_checked_against_the_data(tmp_path):
+    validate(load_config(None, ["data.val_classes=48"]), world_size=1)  # 16 left: one batch of 16 classes
+    validate(load_config(None, ["data.val_classes=0.25"]), world_size=1)
+    with pytest.raises(ValueError, match="holds 'val', the name data.val_classes reports"):
+        validate(load_config(None, ["data.val_classes=4", "data.test_splits=[test, val]"]), world_size=1)
+    with pytest.raises(ValueError, match="source=synthetic has one test split, 'test'"):
+        validate(load_config(None, ["data.test_splits=[test_800]"]), world_size=1)
+    for bad in ("[]", "[test, test]"):
+        with pytest.raises(ValueError, match="data.test_splits must be a non-empty list of distinct split names"):
+            validate(load_config(None, [f"data.test_splits={bad}"]), world_size=1)
+
+    _write_index(tmp_path, train_classes=20, splits=("test_800", "test_1600"))
+    shards = ["data.source=shards", f"data.root={tmp_path}"]
+    validate(load_config(None, shards + ["data.test_splits=[test_800, test_1600]", "data.val_classes=4"]),
+             world_size=1)
+    with pytest.raises(ValueError, match=r"has no split 'test' \(data.test_splits=\['test'\]\); its splits: "
+                                         r"test_1600, test_800, train"):
+        validate(load_config(None, shards), world_size=1)
+    with pytest.raises(ValueError, match=r"there are 20 \(the training split of data.root=.*\), 5 of them "
+                                         r"held out by data.val_classes=5"):
+        validate(load_config(None, shards + ["data.test_splits=[test_800]", "data.val_classes=5"]), world_size=1)
+    validate(load_config(None, shards + ["data.val_classes=5"]), world_size=1, check_paths=False)  # not read

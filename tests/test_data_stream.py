@@ -22,10 +22,13 @@ from rskdist.loss import simix_plan
 SIZE = 16  # tiny images keep decoding cheap
 
 
-def make_shards(root, counts, samples_per_shard=10, image_size=20, test_counts=(3, 2, 4)) -> str:
-    """Shards of generated JPEGs with the given images per class (train) and test_counts (test)."""
+def make_shards(root, counts, samples_per_shard=10, image_size=20, test_counts=(3, 2, 4),
+                test_splits=("test",)) -> str:
+    """Shards of generated JPEGs with the given images per class (train) and test_counts in each
+    split of test_splits (every split with classes of its own)."""
     listing = Listing("demo")
-    for split, cnts, offset in (("train", counts, 0), ("test", test_counts, len(counts))):
+    offset = 0
+    for split, cnts in (("train", counts), *((name, test_counts) for name in test_splits)):
         names = [f"c{offset + c}" for c in range(len(cnts))]
         items = [
             Item(c, names[c], f"{offset + c:03d}_{k:03d}", None, (0, (offset + c) % 700, k, image_size))
@@ -33,6 +36,7 @@ def make_shards(root, counts, samples_per_shard=10, image_size=20, test_counts=(
             for k in range(n)
         ]
         listing.classes[split], listing.items[split] = names, items
+        offset += len(cnts)
     write_shards(listing, str(root), samples_per_shard=samples_per_shard, num_workers=1, progress=False)
     return str(root)
 

@@ -207,6 +207,45 @@ def test_best_checkpoint_survives_pruning_and_evaluates(tmp_path):
         assert results[key] == pytest.approx(evals[best_step][f"eval/{key}"], abs=1e-9), key
 
 
+def test_validation_classes_pick_best_while_test_is_reported(tmp_path):
+    """data.val_classes through the real entry point: 16 of the 64 synthetic classes held out (48
+    left: 12 steps per epoch), evaluations at steps 2 and 4 on both; `best` follows validation.
+    A proxy loss, whose table keeps all 64 labels, so the checkpoint holds model.* and
+    criterion.*: its model-states file loads as model.pretrained (docs/models.md)."""
+    import torch
+
+    from rskdist.build import build_model
+    from rskdist.checkpoint import load_model_state
+    from rskdist.config import load_config
+
+    _train_1proc(tmp_path, "run.max_steps=4", "eval.every_epochs=0.1667", "data.val_classes=16",
+                 "loss.name=proxy_anchor", "loss.mix=none")
+    run = tmp_path / "debug"
+    evals = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"}
+    assert sorted(evals) == [2, 4]
+    assert all(0 <= r["eval/val/recall@1"] <= 1 and 0 <= r["eval/recall@1"] <= 1 for r in evals.values())
+    assert all(r["eval/val/num_queries"] == 16 * 8 and r["eval/num_queries"] == 128 for r in evals.values())
+    best_step = max(evals, key=lambda s: (evals[s]["eval/val/recall@1"], -s))  # ties keep the earlier one
+    best_tag = (run / "checkpoints" / "best").read_text()
+    assert best_tag == f"step{best_step:08d}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["metric"] == "val/recall@1" and summary["best"]["best_step"] == best_step
+    assert {"val/recall@1", "recall@1", "val/map@r", "map@r"} <= set(summary["final_eval"])
+
+    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
+          str(tmp_path / "best.json")])
+    results = json.loads((tmp_path / "best.json").read_text())["results"]
+    for key in ("val/recall@1", "recall@1", "val/map@r", "map@r"):
+        assert results[key] == pytest.approx(evals[best_step][f"eval/{key}"], abs=1e-9), key
+
+    states = run / "checkpoints" / best_tag / "mp_rank_00_model_states.pt"
+    assert torch.load(states, weights_only=True)["module"]["criterion.proxies"].shape[0] == 64
+    cfg = load_config(run / "config.yaml", [f"model.pretrained={states}"])
+    loaded = build_model(cfg).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in load_model_state(run, "best").items())
+
+
 def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
     # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
     # embedding, so every positive ranks at ~B/2 (docs/loss.md).

@@ -149,6 +149,27 @@ def test_nested_and_prefixed_checkpoint(tmp_path, wrap):
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
+def test_run_model_states_with_loss_proxies_and_zero3_placeholders(tmp_path):
+    """A run's RUN/checkpoints/<tag>/mp_rank_00_model_states.pt as model.pretrained: with a proxy
+    loss DeepSpeed trained model + loss (model.*, criterion.*), and the model's part loads; a
+    ZeRO-3 file (empty placeholders) is refused with the command that consolidates it.
+    tests/test_integration.py loads a file written by a real run."""
+    torch.manual_seed(1)
+    src = create_model(**VIT).eval()
+    module = {**{f"model.{k}": v for k, v in src.state_dict().items()}, "criterion.proxies": torch.randn(64, 16)}
+    path = tmp_path / "step00000004" / "mp_rank_00_model_states.pt"
+    path.parent.mkdir()
+    torch.save({"module": module, "global_steps": 4, "ds_version": "0.19.8", "param_shapes": []}, path)
+    dst = create_model(**VIT, pretrained=str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(_images()), src(_images()), rtol=0, atol=0)
+
+    zero3 = tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"module": {k: torch.empty(0) for k in src.state_dict()}, "ds_version": "0.19.8"}, zero3)
+    with pytest.raises(ValueError, match=r"ZeRO-3 DeepSpeed checkpoint.*load_model_state\('" + str(tmp_path)):
+        read_state_dict(zero3)
+
+
 def test_timm_checkpoint_with_classifier_and_other_size(tmp_path):
     """A plain timm checkpoint (classifier included, native 160 px) loads into a 32 px backbone."""
     import timm

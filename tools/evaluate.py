@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Evaluate retrieval: Recall@k, MAP@R, R-precision.
 
-From a trained run (the model of a checkpoint embeds the config's test split), or from
+From a trained run (the model of a checkpoint embeds every held-out split the config
+lists: the validation classes with data.val_classes, then data.test_splits), or from
 a saved embeddings file (``.pt`` or ``.npz`` with ``embeddings`` and ``labels``;
 optionally a separate ``--gallery`` file for query-vs-gallery).
 
     python tools/evaluate.py --checkpoint runs/demo                      # config from the run folder
     python tools/evaluate.py --checkpoint runs/demo --tag best           # the best evaluation's checkpoint
+    python tools/evaluate.py --checkpoint runs/vehicleid --split test_800  # one split of the run's data
     python tools/evaluate.py --config configs/demo.yaml --checkpoint runs/demo/checkpoints/step00000050
     python tools/evaluate.py --embeddings test_emb.npz --dataset inat --out results.json
     python tools/evaluate.py --embeddings q.pt --gallery g.pt --ks 1 10 100
@@ -39,6 +41,7 @@ from rskdist.eval import (
     load_embeddings,
     retrieval_metrics,
     retrieval_metrics_qg,
+    split_metric,
 )
 
 
@@ -53,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="experiment YAML (default: the run folder's config.yaml)")
     src.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. --override data.root=/data/shards/cub (repeatable)")
-    src.add_argument("--save-embeddings", help="with --checkpoint: also write the test embeddings here (.pt/.npz)")
+    src.add_argument("--split", help="with --checkpoint: evaluate this split only (default: every split of the "
+                                     "config: 'val' with data.val_classes, then data.test_splits)")
+    src.add_argument("--save-embeddings", help="with --checkpoint: also write the embeddings here (.pt/.npz); with "
+                                               "several splits, one file per split, named NAME.<split>.pt")
     m = p.add_argument_group("metrics")
     m.add_argument("--dataset", choices=sorted(DEFAULT_KS), help="use this dataset's default k list")
     m.add_argument("--ks", type=int, nargs="+", help="Recall@k values (default: --dataset's list, else 1 2 4 8)")
@@ -95,12 +101,14 @@ def checkpoint_config(args):
     return load_config(path, args.override)
 
 
-def embed_checkpoint(args, cfg) -> tuple:
-    """Embed the config's test split with the checkpoint's model, in this process:
-    ``(embeddings, labels, num_unreadable)``; unreadable test images are left out, as in the
-    trainer's evaluation."""
+def embed_checkpoint(args, cfg) -> dict[str, dict]:
+    """Embed the run's held-out splits (``--split``, else every split the config lists) with
+    the checkpoint's model, in this process: ``{split: {"embeddings", "labels", "num_unreadable"}}``;
+    unreadable images are left out, as in the trainer's evaluation."""
+    from pathlib import Path
+
     from rskdist.build import build_eval_stream, load_trained_model
-    from rskdist.eval import embed_dataset, save_embeddings
+    from rskdist.eval import embed_dataset, evaluated_splits, save_embeddings
 
     # The architecture the run recorded (model.json), not the config's: a weights file may
     # have decided part of it (open_clip QuickGELU, mean/std), and it is not needed here.
@@ -108,11 +116,20 @@ def embed_checkpoint(args, cfg) -> tuple:
     cfg.model.image_size = model.image_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    stream = build_eval_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std)
-    emb, labels, num_unreadable = embed_dataset(model, stream, device=device, return_num_unreadable=True)
-    if args.save_embeddings:
-        save_embeddings(args.save_embeddings, emb, labels)
-    return emb, labels, num_unreadable
+    splits = [args.split] if args.split else evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)
+    sets = {}
+    for split in splits:
+        stream = build_eval_stream(cfg, split=split, rank=0, world_size=1, mean=model.mean, std=model.std)
+        try:
+            emb, labels, num_unreadable = embed_dataset(model, stream, device=device, return_num_unreadable=True)
+        finally:
+            stream.close()
+        sets[split] = {"embeddings": emb, "labels": labels, "num_unreadable": num_unreadable}
+        if args.save_embeddings:
+            path = Path(args.save_embeddings)
+            save_embeddings(path if len(splits) == 1 else path.with_name(f"{path.stem}.{split}{path.suffix}"),
+                            emb, labels)
+    return sets
 
 
 def load_inputs(args) -> dict:
@@ -137,33 +154,39 @@ def compute(inputs: dict, *, ks, metrics, backend, device=None) -> dict:
 
 def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespace], tuple] | None = None) -> dict:
     """CLI entry. ``embed_fn(args) -> (embeddings, labels[, num_unreadable])`` replaces file
-    loading (how ``--config/--checkpoint`` evaluation plugs in). Test images that could not be
-    read are reported as ``num_unreadable_images`` in the results, as the trainer does."""
+    loading (one set, reported as the test split). Images that could not be read are reported
+    as ``num_unreadable_images`` in the results, as the trainer does. Each split's metrics
+    are named as in the trainer's records (rskdist.eval.split_metric: the "test" split's plain,
+    others prefixed, e.g. val/recall@1)."""
     args = build_parser().parse_args(argv)
-    cfg, num_unreadable = None, 0
+    cfg = None
     try:
         if args.checkpoint and embed_fn is None:
             cfg = checkpoint_config(args)
-            embed_fn = lambda a: embed_checkpoint(a, cfg)  # noqa: E731
-        ks = resolve_ks(args, cfg)
-        if embed_fn is not None:
+            sets = embed_checkpoint(args, cfg)
+        elif embed_fn is not None:
             emb, lab, *rest = embed_fn(args)
-            num_unreadable = int(rest[0]) if rest else 0
-            inputs = {"embeddings": emb, "labels": lab}
+            sets = {"test": {"embeddings": emb, "labels": lab, "num_unreadable": int(rest[0]) if rest else 0}}
         else:
-            inputs = load_inputs(args)
-    except ValueError as exc:  # a missing checkpoint, config or data folder
+            sets = {"test": load_inputs(args)}
+        ks = resolve_ks(args, cfg)
+    except ValueError as exc:  # a missing checkpoint, config, data folder or split
         raise SystemExit(f"error: {exc}") from None
 
-    t0 = time.perf_counter()
-    results = compute(inputs, ks=ks, metrics=args.metrics, backend=args.backend, device=args.device)
-    seconds = time.perf_counter() - t0
-    if num_unreadable:  # left out of the metrics: say so next to them (absent when none, as in training)
-        results["num_unreadable_images"] = num_unreadable
-    n, d = tuple(torch.as_tensor(inputs["embeddings"]).shape)
-    print(format_metrics_table(results, title=f"{n} x {d} embeddings, {seconds:.1f} s"))
+    results, seconds = {}, 0.0
+    for split, inputs in sets.items():
+        t0 = time.perf_counter()
+        split_results = compute(inputs, ks=ks, metrics=args.metrics, backend=args.backend, device=args.device)
+        took = time.perf_counter() - t0
+        seconds += took
+        if inputs.get("num_unreadable"):  # left out of the metrics: say so next to them (absent when none)
+            split_results["num_unreadable_images"] = int(inputs["num_unreadable"])
+        n, d = tuple(torch.as_tensor(inputs["embeddings"]).shape)
+        named = f"{split}: " if len(sets) > 1 or split != "test" else ""
+        print(format_metrics_table(split_results, title=f"{named}{n} x {d} embeddings, {took:.1f} s"))
+        results.update({split_metric(split, name): value for name, value in split_results.items()})
 
-    record = {"results": results, "ks": list(ks), "backend": args.backend, "seconds": seconds,
+    record = {"results": results, "splits": list(sets), "ks": list(ks), "backend": args.backend, "seconds": seconds,
               "embeddings": args.embeddings, "gallery": args.gallery, "checkpoint": args.checkpoint, "tag": args.tag}
     if args.history:
         tracker = BestTracker.from_history(args.history, metric=args.best_metric, mode=args.mode)

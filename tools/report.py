@@ -4,6 +4,8 @@
     python tools/report.py runs/demo
 
 Reads RUN/metrics.jsonl (train and eval records), RUN/config.yaml and RUN/env.json.
+Every evaluated split is plotted and tabulated (the test split's metrics as eval/recall@1,
+others as eval/<split>/recall@1); the best line names the metric that picked checkpoints/best.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from rskdist.eval.tracking import evaluated_splits, split_metric
 
 
 def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -35,6 +39,27 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
 
 
+def split_keys(evals: list[dict]) -> dict[str, list[str]]:
+    """{split: its eval/ record keys}, splits in the order they were recorded (the "test"
+    split's metrics are unprefixed, eval/recall@1; others are eval/<split>/recall@1)."""
+    out: dict[str, list[str]] = {}
+    for rec in evals:
+        for key in rec:
+            if key.startswith("eval/") and key != "eval/eval_seconds":
+                split, _, _ = key[len("eval/"):].rpartition("/")
+                keys = out.setdefault(split or "test", [])
+                if key not in keys:
+                    keys.append(key)
+    return out
+
+
+def selection_key(cfg: dict) -> str:
+    """The record key that picked the run's best checkpoint (rskdist/validator.py)."""
+    data, ev = cfg.get("data", {}), cfg.get("eval", {})
+    split = evaluated_splits(data.get("val_classes", 0), data.get("test_splits", ["test"]))[0]
+    return "eval/" + split_metric(split, ev.get("best_metric", "recall@1"))
+
+
 def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> None:
     import matplotlib
 
@@ -42,15 +67,21 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/recall@")}, key=lambda k: int(k.split("@")[1]))
-    for key in keys + [k for k in ("eval/map@r",) if any(k in r for r in evals)]:
-        ax_r.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key[len("eval/"):])
+    splits = split_keys(evals)
+    for style, (split, keys) in zip(("-", "--", ":", "-."), splits.items()):
+        recalls = sorted((k for k in keys if k.rpartition("/")[2].startswith("recall@")),
+                         key=lambda k: int(k.split("@")[-1]))
+        for color, key in enumerate(recalls + [k for k in keys if k.endswith("map@r")]):
+            name = key.rpartition("/")[2]
+            rows = [r for r in evals if key in r]
+            ax_r.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", linestyle=style,
+                      color=f"C{color}", label=name if len(splits) == 1 else f"{split} {name}")
     ax_r.set_xlabel("step")
     ax_r.set_ylabel("held-out classes")
     ax_r.set_ylim(0, 1)
     ax_r.grid(alpha=0.3)
     ax_r.legend(loc="lower right", fontsize=8)
-    ax_r.set_title("Retrieval on test classes")
+    ax_r.set_title("Retrieval on " + ("test classes" if list(splits) in ([], ["test"]) else ", ".join(splits)))
     ax_l.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:red")
     ax_l.set_xlabel("step")
     ax_l.set_ylabel("RS@k loss")
@@ -85,10 +116,18 @@ def report(run_dir: Path) -> str:
                   f"peak memory {max(r['rss_peak_mb_max'] for r in train):.0f} MB per rank.", ""]
     if evals:
         first, final = evals[0], evals[-1]
-        best = max(evals, key=lambda r: r.get("eval/recall@1", -1))
-        lines += [f"Recall@1 on held-out classes: {first.get('eval/recall@1', float('nan')):.4f} at step {first['step']}"
-                  f" -> {final.get('eval/recall@1', float('nan')):.4f} at step {final['step']}"
-                  f" (best {best.get('eval/recall@1', float('nan')):.4f} at step {best['step']}).", ""]
+        splits = split_keys(evals)
+        for split in splits:
+            key = "eval/" + split_metric(split, "recall@1")
+            where = "held-out classes" if list(splits) == ["test"] else f"split {split}"
+            lines.append(f"Recall@1 on {where}: {first.get(key, float('nan')):.4f} at step {first['step']}"
+                         f" -> {final.get(key, float('nan')):.4f} at step {final['step']}.")
+        chosen = selection_key(cfg)
+        if any(chosen in r for r in evals):
+            best = max(evals, key=lambda r: r.get(chosen, -1))  # the first of equal values, as the trainer's tracker
+            lines.append(f"Best {chosen[len('eval/'):]} (it picks checkpoints/best): {best[chosen]:.4f} "
+                         f"at step {best['step']}.")
+        lines.append("")
         cols = [k for k in final if k.startswith("eval/") and k not in ("eval/eval_seconds",)]
         lines += ["| step | " + " | ".join(c[len("eval/"):] for c in cols) + " |",
                   "|---|" + "---|" * len(cols)]

@@ -373,9 +373,13 @@ def summarise(study: Study, rows: list[dict]) -> list[dict]:
 
 
 def best_metric(study: Study) -> str | None:
-    """The base config's eval.best_metric, None when the runs never evaluate."""
+    """The metric that picks each run's best checkpoint (eval.best_metric on the validation
+    classes or the first test split, as named in summary.json), None when the runs never evaluate."""
+    from rskdist.eval import evaluated_splits, split_metric
+
     cfg = load_config(study.config, study.sets)
-    return None if cfg.eval.every_epochs < 0 else cfg.eval.best_metric
+    split = evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)[0]
+    return None if cfg.eval.every_epochs < 0 else split_metric(split, cfg.eval.best_metric)
 
 
 def best_cell(cells: list[dict], metric: str | None) -> str | None:

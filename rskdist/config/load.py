@@ -176,6 +176,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
             f"config: data.root={d.root!r} holds no index.json; write the shards first "
             f"(python tools/make_shards.py {d.dataset} --root SRC --out {d.root}) or point data.root at them"
         )
+    _check_splits(d, check_paths)
     if not cfg.run.timeout_minutes > 0:
         raise ValueError(f"config: run.timeout_minutes must be > 0, got {cfg.run.timeout_minutes}")
     if cfg.run.epochs <= 0 and cfg.run.max_steps <= 0:
@@ -256,6 +257,55 @@ def _check_best_metric(cfg: Config) -> None:
     if cfg.eval.best_metric not in names:
         raise ValueError(f"config: eval.best_metric={cfg.eval.best_metric!r} is not evaluated; choose one of "
                          f"{', '.join(names)} (or add its k to eval.ks)")
+
+
+def _check_splits(d, check_paths: bool) -> None:
+    """data.test_splits and data.val_classes: names, and enough training classes left for one
+    global batch (the batch plan would only fail once every rank has started)."""
+    from rskdist.data.holdout import num_validation_classes
+    from rskdist.eval.tracking import VALIDATION_SPLIT  # a leaf module, like eval.metrics
+
+    if not d.test_splits or len(set(d.test_splits)) != len(d.test_splits) or not all(d.test_splits):
+        raise ValueError(f"config: data.test_splits must be a non-empty list of distinct split names, "
+                         f"got {d.test_splits}")
+    try:
+        num_validation_classes(1, d.val_classes)
+    except ValueError:
+        raise ValueError(f"config: data.val_classes={d.val_classes:g} must be 0 (off), a whole count >= 1 or a "
+                         f"fraction in (0, 1) of the training classes") from None
+    if d.val_classes and VALIDATION_SPLIT in d.test_splits:
+        raise ValueError(f"config: data.test_splits holds {VALIDATION_SPLIT!r}, the name data.val_classes reports "
+                         f"its held-out classes under; rename that split or set data.val_classes=0")
+    if d.source == "synthetic":
+        if d.test_splits != ["test"]:
+            raise ValueError(f"config: data.test_splits={d.test_splits}: data.source=synthetic has one test split, "
+                             f"'test'; use data.source=shards for other splits")
+        num_classes, where = d.synthetic_classes, f"data.synthetic_classes={d.synthetic_classes}"
+    elif check_paths:
+        from rskdist.data.shards import load_index
+
+        splits = load_index(d.root)["splits"]
+        missing = [s for s in ["train", *d.test_splits] if s not in splits]
+        if missing:
+            raise ValueError(f"config: data.root={d.root!r} has no split {', '.join(map(repr, missing))} "
+                             f"(data.test_splits={d.test_splits}); its splits: {', '.join(sorted(splits))}")
+        num_classes = len(splits["train"]["classes"])
+        where = f"the training split of data.root={d.root!r}"
+    else:
+        return  # shards not read (config-only checks)
+    held = num_validation_classes(num_classes, d.val_classes)
+    if held >= num_classes:
+        raise ValueError(f"config: data.val_classes={d.val_classes:g} holds out {held} classes but there are only "
+                         f"{num_classes} training classes ({where}); hold out at most {num_classes - 1}")
+    batch_classes = d.global_batch // d.m
+    if num_classes - held < batch_classes:
+        left = f", {held} of them held out by data.val_classes={d.val_classes:g}" if held else ""
+        raise ValueError(
+            f"config: data.global_batch={d.global_batch} with data.m={d.m} needs {batch_classes} distinct training "
+            f"classes per step, but there are {num_classes} ({where}){left}; lower data.global_batch"
+            + (" or data.val_classes" if held else "")
+            + (", or raise data.synthetic_classes" if d.source == "synthetic" else "")
+        )
 
 
 def ignored_settings(cfg: Config) -> list[str]:

@@ -57,6 +57,8 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (train); turn off for text, logos, glyphs, printed products
     remainder: Literal["topup", "drop", "stochastic"] = "topup"  # class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
     epoch_length: Literal["auto", "dataset"] = "auto"  # "auto": most steps without repeating an image; "dataset": images / global batch
+    val_classes: float = 0.0  # training classes held out as a validation set (class-disjoint from training, drawn with run.seed): a count (>= 1) or a fraction (0 < x < 1); `best` is then picked on it. 0: none
+    test_splits: list[str] = field(default_factory=lambda: ["test"])  # splits of the shard folder evaluated, each reported under its own name; the first picks `best` when data.val_classes is 0
     synthetic_classes: int = 64  # source=synthetic: number of classes
     synthetic_noise: float = 0.5  # source=synthetic: instance noise around the class pattern
 

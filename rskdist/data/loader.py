@@ -61,11 +61,12 @@ class _ChunkDataset(Dataset):
     drawn from rng([*aug_key, position + i, _SUBSTITUTE_STREAM]) and augmented with the
     position's own key, so every run (and a resumed one) makes the same replacement; an
     evaluation image stays black and is reported, for the loader to mark it as padding.
-    Each such image gives one event dict: index, shard (path relative to the shard root),
-    offset, position (in the batch), reason, substitute (-1: none).
+    Each such image gives one event dict: index (row of the split's sample table), shard
+    (path relative to the shard root), offset, position (in the batch), reason, substitute (-1: none).
     """
 
     def __init__(self, table: SplitTable, image_size: int, augment: dict, substitutes: bool):
+        self.table = table
         self.samples = table.samples
         self.reader = ShardReader(table.shard_paths)
         self.shard_names = [os.path.relpath(p, table.root) for p in table.shard_paths]
@@ -92,12 +93,13 @@ class _ChunkDataset(Dataset):
                 out[i] = image
                 continue
             row = self.samples[idx]
-            event = {"index": idx, "shard": self.shard_names[int(row["shard"])], "offset": int(row["offset"]),
-                     "position": pos, "reason": reason, "substitute": -1}
+            event = {"index": self.table.split_row(idx), "shard": self.shard_names[int(row["shard"])],
+                     "offset": int(row["offset"]), "position": pos, "reason": reason, "substitute": -1}
             if aug_key is not None:
-                image, event["substitute"] = self._substitute(idx, aug_key, pos, batch)
+                image, sub = self._substitute(idx, aug_key, pos, batch)
                 if image is not None:
                     out[i] = image  # else black, with the class's label
+                    event["substitute"] = self.table.split_row(sub)
             bad.append(event)
         return torch.from_numpy(out), bad
 
@@ -264,6 +266,10 @@ class TrainLoader(_ChunkedLoader):
     count. `bad_samples` counts the replacements of this run on this rank (kept in
     `state_dict()`), `pop_bad_events()` lists them; each sample is warned about once
     (`BadSampleWarning`, with the rank, shard path and reason).
+
+    `keep_labels` restricts the stream to the images of those labels (the training classes
+    left when validation classes are held out, rskdist/data/holdout.py); labels keep their
+    values, so a loss's class table still spans the whole split.
     """
 
     def __init__(
@@ -280,6 +286,7 @@ class TrainLoader(_ChunkedLoader):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         split: str = "train",
+        keep_labels: Sequence[int] | None = None,
         remainder: str = "topup",
         steps_per_epoch: int | str | None = None,
         scale: tuple[float, float] = (0.08, 1.0),
@@ -293,6 +300,8 @@ class TrainLoader(_ChunkedLoader):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         table = load_split(root, split)
+        if keep_labels is not None:  # e.g. the training classes left when validation classes are held out
+            table = table.select(keep_labels)
         self.plan = ClassBalancedPlan(
             table.labels,
             m=m,
@@ -394,6 +403,9 @@ class EvalLoader(_ChunkedLoader):
     label -1, black) and so left out of the metrics; `bad_samples` counts those of the
     current pass on this rank (reset when a pass starts), `pop_bad_events()` lists them,
     and each is warned about once (`BadSampleWarning`).
+
+    `keep_labels` restricts it to the images of those labels (the validation classes held
+    out of the training split); `index` then numbers the images of that subset.
     """
 
     def __init__(
@@ -408,6 +420,7 @@ class EvalLoader(_ChunkedLoader):
         num_workers: int = 4,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        keep_labels: Sequence[int] | None = None,
         read_size: int | None = None,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
@@ -418,6 +431,8 @@ class EvalLoader(_ChunkedLoader):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         table = load_split(root, split)
+        if keep_labels is not None:  # e.g. the validation classes held out of the training split
+            table = table.select(keep_labels)
         n = len(table)
         self.rank, self.world_size = rank, world_size
         self.num_samples = n
@@ -485,7 +500,8 @@ def build_train_loader(
     **kwargs,
 ) -> TrainLoader:
     """The class-balanced training stream of `rank` (see TrainLoader for extra options:
-    split, remainder, steps_per_epoch, scale, ratio, hflip, read_size, prefetch_factor, pin_memory, device)."""
+    split, keep_labels, remainder, steps_per_epoch, scale, ratio, hflip, read_size, prefetch_factor, pin_memory,
+    device)."""
     return TrainLoader(
         root,
         rank=rank,

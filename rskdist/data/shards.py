@@ -114,6 +114,7 @@ class SplitTable:
     shard_paths: list[str]
     samples: np.ndarray  # SAMPLE_DTYPE, row i = global sample index i
     classes: list[str]
+    rows: np.ndarray | None = None  # a subset's rows in the split's sample table (None: the whole split)
 
     @property
     def labels(self) -> np.ndarray:
@@ -121,6 +122,17 @@ class SplitTable:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def select(self, labels) -> SplitTable:
+        """The samples of these labels only, in the split's order (labels keep their values,
+        `classes` stays the split's list; `rows` maps the subset's rows back to the split's)."""
+        keep = np.flatnonzero(np.isin(self.labels, np.asarray(labels, dtype=np.int64)))
+        rows = keep if self.rows is None else self.rows[keep]
+        return SplitTable(self.root, self.split, self.shard_paths, self.samples[keep], self.classes, rows)
+
+    def split_row(self, i: int) -> int:
+        """Row of this table's sample i in the split's whole sample table (what messages name)."""
+        return i if self.rows is None else int(self.rows[i])
 
 
 def load_split(root: str, split: str) -> SplitTable:

@@ -4,11 +4,13 @@ Each class is a random low-resolution colour pattern; an image is its class patt
 upsampled, plus instance noise. Train and test classes are disjoint. Batches follow
 the same contract as the shard loaders: each rank gets `classes_per_rank * m` images,
 exactly m per class, classes disjoint across ranks, deterministic in (seed, step).
+Validation classes held out of training (rskdist/data/holdout.py) are left out of the
+training batches (`classes`) and rendered by the evaluation stream instead.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +30,35 @@ def _render(patterns: torch.Tensor, size: int, noise: float, gen: torch.Generato
 
 
 class SyntheticTrainStream:
-    """Infinite class-balanced batches; `steps_per_epoch` counts 16 images per class."""
+    """Infinite class-balanced batches; `steps_per_epoch` counts 16 images per class.
+
+    `classes`: the labels it draws (default all of 0..num_classes-1; the labels left when
+    validation classes are held out)."""
 
     images_per_class = 16
 
     def __init__(self, *, num_classes: int, rank: int, world_size: int, classes_per_rank: int, m: int,
-                 image_size: int, seed: int, noise: float = 0.5):
-        if classes_per_rank * world_size > num_classes:
+                 image_size: int, seed: int, noise: float = 0.5, classes: Sequence[int] | None = None):
+        self.classes = torch.arange(num_classes) if classes is None else torch.as_tensor(classes, dtype=torch.int64)
+        if classes_per_rank * world_size > len(self.classes):
             raise ValueError(
-                f"data: a global batch of {classes_per_rank * world_size} classes needs data.synthetic_classes >= "
-                f"{classes_per_rank * world_size}, got {num_classes}"
+                f"data: a global batch of {classes_per_rank * world_size} classes needs at least that many training "
+                f"classes, got {len(self.classes)} (data.synthetic_classes={num_classes}, less any held out by "
+                f"data.val_classes)"
             )
         self.num_classes, self.rank, self.world_size = num_classes, rank, world_size
         self.classes_per_rank, self.m, self.image_size = classes_per_rank, m, image_size
         self.seed, self.noise = seed, noise
         self.patterns = _patterns(0, num_classes, seed)
         global_batch = classes_per_rank * world_size * m
-        self.steps_per_epoch = max(1, num_classes * self.images_per_class // global_batch)
+        self.steps_per_epoch = max(1, len(self.classes) * self.images_per_class // global_batch)
         self.step = 0
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        classes = torch.randperm(self.num_classes, generator=gen)[: self.classes_per_rank * self.world_size]
+        # Indexing arange(num_classes) by the permutation: all classes draw as they always did.
+        order = torch.randperm(len(self.classes), generator=gen)[: self.classes_per_rank * self.world_size]
+        classes = self.classes[order]
         mine = classes[self.rank * self.classes_per_rank : (self.rank + 1) * self.classes_per_rank]
         labels = mine.repeat_interleave(self.m)
         # Rank-specific generator for the pixels, so ranks draw different instances.
@@ -70,14 +79,27 @@ class SyntheticTrainStream:
 
 
 class SyntheticEvalStream:
-    """Held-out classes (after the training ones); yields (images, labels, index) with
-    every image once across ranks, padding marked index = -1."""
+    """Held-out classes; yields (images, labels, index) with every image once across ranks,
+    padding marked index = -1.
+
+    Without `classes`: the test split, max(2, size // images_per_class) classes after the
+    training ones, labelled from 0. With `classes` (training labels held out for validation):
+    images_per_class images of each, labelled by their training labels, with noise drawn
+    apart from the test images'."""
 
     def __init__(self, *, num_train_classes: int, size: int, rank: int, world_size: int, batch_size: int,
-                 image_size: int, seed: int, noise: float = 0.5, images_per_class: int = 8):
-        num_classes = max(2, size // images_per_class)
-        self.patterns = _patterns(num_train_classes, num_classes, seed)
-        self.labels = torch.arange(num_classes).repeat_interleave(images_per_class)
+                 image_size: int, seed: int, noise: float = 0.5, images_per_class: int = 8,
+                 classes: Sequence[int] | None = None):
+        if classes is None:
+            num_classes = max(2, size // images_per_class)
+            self.patterns = _patterns(num_train_classes, num_classes, seed)
+            ids, self._noise_salt = torch.arange(num_classes), 0
+        else:
+            ids = torch.as_tensor(classes, dtype=torch.int64)
+            self.patterns = _patterns(0, num_train_classes, seed)[ids]
+            self._noise_salt = 3  # 7 i + 3 is never a test image's 7 i'
+        self._pattern_of = torch.arange(len(ids)).repeat_interleave(images_per_class)  # image -> row of patterns
+        self.labels = ids[self._pattern_of]
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.image_size, self.seed, self.noise = image_size, seed, noise
 
@@ -91,8 +113,8 @@ class SyntheticEvalStream:
             valid = index.clamp(min=0)
             # Each image is a function of its index alone: the set is the same for any world size.
             images = torch.cat([
-                _render(self.patterns[self.labels[i : i + 1]], self.image_size, self.noise,
-                        torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * i))
+                _render(self.patterns[self._pattern_of[i : i + 1]], self.image_size, self.noise,
+                        torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * i + self._noise_salt))
                 for i in valid.tolist()
             ])
             yield images, self.labels[valid], index

@@ -10,7 +10,7 @@ from rskdist.eval.metrics import (
     retrieval_metrics,
     retrieval_metrics_qg,
 )
-from rskdist.eval.tracking import BestTracker
+from rskdist.eval.tracking import BestTracker, evaluated_splits, split_metric
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +20,7 @@ __all__ = [
     "default_ks",
     "embed_dataset",
     "evaluate_model",
+    "evaluated_splits",
     "format_metrics_table",
     "knn",
     "load_embeddings",
@@ -27,6 +28,7 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_metrics_qg",
     "save_embeddings",
+    "split_metric",
 ]
 
 

@@ -6,9 +6,23 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 MODES = ("max", "min")
+VALIDATION_SPLIT = "val"  # the name the validation classes (data.val_classes) are reported under
+
+
+def evaluated_splits(val_classes: float, test_splits: Sequence[str]) -> list[str]:
+    """The splits each evaluation reports, in order; the first one picks `best`: "val" (the
+    classes data.val_classes holds out of training) when it is set, else the first test split."""
+    return ([VALIDATION_SPLIT] if val_classes else []) + list(test_splits)
+
+
+def split_metric(split: str, name: str) -> str:
+    """How a split's metric is named in results and records: the "test" split keeps the plain
+    name (recall@1), as runs with a single test split always had it; any other split's name
+    is prefixed (val/recall@1, test_800/recall@1)."""
+    return name if split == "test" else f"{split}/{name}"
 
 
 @dataclass

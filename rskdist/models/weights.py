@@ -4,7 +4,10 @@ Files are safetensors or torch checkpoints loaded with `weights_only=True` (no p
 code runs). A checkpoint may nest its state dict under "state_dict" / "model" /
 "module" / "model_state_dict" (Lightning, DeepSpeed, plain torch.save of a dict) and
 carry wrapper prefixes ("module." from DDP/DeepSpeed, "_orig_mod." from torch.compile);
-both are undone here.
+both are undone here. A model-states file of an rskdist run
+(RUN/checkpoints/<tag>/mp_rank_00_model_states.pt, ZeRO 0-2) holds the RetrievalModel
+under "module", as model.* beside criterion.* when the loss had class proxies: the
+model's part is taken (`model_part`). ZeRO-3 files hold partitions only and are refused.
 """
 
 from __future__ import annotations
@@ -102,7 +105,31 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\" "
                 "on a machine where you trust the file."
             ) from err
+        _check_not_zero3(state, path)
     return _flatten(state, str(path)), metadata
+
+
+def _check_not_zero3(state, path: Path) -> None:
+    """A DeepSpeed ZeRO-3 model-states file keeps empty placeholders where the weights were
+    (each rank's partition lives in its optimizer-state file): say how to consolidate it."""
+    module = state.get("module") if isinstance(state, Mapping) and "ds_version" in state else None
+    if isinstance(module, Mapping) and any(isinstance(v, torch.Tensor) and v.numel() == 0 for v in module.values()):
+        raise ValueError(
+            f"{str(path)!r} is a ZeRO-3 DeepSpeed checkpoint: its weights are partitioned over the ranks' files and "
+            f"this one holds empty placeholders. Consolidate them into one file first: python -c \"import "
+            f"safetensors.torch as st; from rskdist.checkpoint import load_model_state; st.save_file({{k: "
+            f"v.contiguous() for k, v in load_model_state('{path.parent}').items()}}, 'model.safetensors')\" "
+            f"and pass model.pretrained=model.safetensors"
+        )
+
+
+def model_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The retrieval model's weights of an rskdist checkpoint's state dict. A run whose loss
+    had class proxies trained the model and the loss together (rskdist.build.TrainModule:
+    model.*, criterion.*): its model.* part, prefix removed; any other state dict as is."""
+    if any(k.startswith("criterion.") for k in state) and any(k.startswith("model.") for k in state):
+        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return dict(state)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -129,6 +156,7 @@ def _flatten(obj, where: str) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{where}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})"
         )
+    state = model_part(state)  # an rskdist run with a proxy loss: model.* beside criterion.*
     # Strip a wrapper prefix only when every key has it ("model." could be a real submodule).
     changed = True
     while changed:

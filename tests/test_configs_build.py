@@ -25,8 +25,9 @@ from label_sets import paper_labels
 from rskdist.config import load_config, validate
 from rskdist.data.sampler import ClassBalancedPlan
 from rskdist.eval import default_ks
-from rskdist.models import create_model
-from rskdist.build import build_optimizer, deepspeed_config, lr_factor
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+from rskdist.models import GeM
+from rskdist.build import build_model, build_optimizer, deepspeed_config, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -92,14 +93,13 @@ def test_config_builds_everything_but_weights(path):
 
     # Model: architecture only, on the meta device (ViT-L would take ~1.2 GB and seconds on CPU).
     with torch.device("meta"):
-        model = create_model(
-            cfg.model.backbone, embed_dim=cfg.model.embed_dim, pretrained=None, pool=cfg.model.pool,
-            gem_p=cfg.model.gem_p, image_size=cfg.model.image_size, grad_checkpointing=cfg.model.grad_checkpointing,
-            freeze_bn=cfg.model.freeze_bn, drop_path_rate=cfg.model.drop_path_rate,
-            backbone_kwargs=cfg.model.backbone_kwargs,
-        )
+        model = build_model(cfg, pretrained=False)
     assert model.embed_dim == cfg.model.embed_dim and model.image_size == cfg.model.image_size
     assert all(p.is_meta for p in model.parameters())
+    if cfg.model.normalization == "imagenet":  # what the data pipeline will normalise with
+        assert model.mean == IMAGENET_MEAN and model.std == IMAGENET_STD
+    if cfg.model.gem_learnable:
+        assert isinstance(model.pool, GeM) and model.pool.learnable
     paper = re.fullmatch(r"(?:inat|sop|cars196|cub)_(\w+?)(?:_4node)?", path.stem)
     if paper:  # the pooled feature the paper's head sees (GeM for R50, CLS token / projection for ViTs)
         assert model.feat_dim == FEAT_DIM[paper.group(1)]
@@ -155,6 +155,8 @@ def test_paper_config_matches_method_section_5(name):
     assert cfg.optim.warmup_steps == 0
     assert cfg.model.embed_dim == 512 and cfg.model.image_size == 224
     assert cfg.model.pool == "auto" and cfg.model.gem_p == 3.0  # ViT: CLS token, R50: GeM p=3
+    # The published code: R50's GeM exponent is learned; ImageNet mean/std for every backbone.
+    assert cfg.model.gem_learnable == (not vit) and cfg.model.normalization == "imagenet"
     assert cfg.model.pretrained in ("hub", "openai")  # the paper fine-tunes pretrained weights
     assert cfg.loss.ks == [1, 2, 4, 8, 16] and cfg.loss.tau1 == 1.0 and cfg.loss.tau2 == 0.01
     # The Cars196 ResNet-50 number (80.7) was obtained without SiMix; every other row uses it.

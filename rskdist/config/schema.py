@@ -35,8 +35,10 @@ class ModelConfig:
     embed_dim: int = 512  # size of the L2-normalised embedding
     pretrained: str = ""  # "" random init; a local .safetensors/.pt file; or "hub" (needs internet)
     pool: Literal["auto", "cls", "gem", "avg"] = "auto"  # "auto": ViT CLS token, CNN GeM
-    gem_p: float = 3.0  # GeM pooling exponent
+    gem_p: float = 3.0  # GeM pooling exponent (its initial value when gem_learnable)
+    gem_learnable: bool = False  # train the GeM exponent with the model (the published code's GeM); false keeps gem_p fixed
     image_size: int = 224  # input resolution
+    normalization: Literal["weights", "imagenet"] = "weights"  # input mean/std: the weights' own, or ImageNet's for every backbone (the published code)
     grad_checkpointing: bool = False  # activation checkpointing of the backbone's blocks
     freeze_bn: bool = True  # BatchNorm in eval mode, so both passes of a step agree
     drop_path_rate: float = 0.0  # stochastic depth (replayed identically in the backprop pass)

@@ -100,7 +100,7 @@ def test_config_builds_everything_but_weights(path):
         assert model.mean == IMAGENET_MEAN and model.std == IMAGENET_STD
     if cfg.model.gem_learnable:
         assert isinstance(model.pool, GeM) and model.pool.learnable
-    paper = re.fullmatch(r"(?:inat|sop|cars196|cub)_(\w+?)(?:_4node)?", path.stem)
+    paper = re.fullmatch(r"(?:inat|sop|cars196|cub|vehicleid)_(\w+?)(?:_4node)?", path.stem)
     if paper:  # the pooled feature the paper's head sees (GeM for R50, CLS token / projection for ViTs)
         assert model.feat_dim == FEAT_DIM[paper.group(1)]
     _check_pretrained_source(cfg.model.backbone, cfg.model.pretrained)
@@ -163,6 +163,19 @@ def test_paper_config_matches_method_section_5(name):
     # The Cars196 ResNet-50 number (80.7) was obtained without SiMix; every other row uses it.
     assert cfg.loss.mix == ("none" if name == "cars196_r50.yaml" else "simix") and not cfg.loss.count_self
     assert cfg.eval.ks == []  # the dataset's usual k list (rskdist.eval.DEFAULT_KS)
+
+
+def test_vehicleid_config_matches_method_section_5():
+    """VehicleID (docs/method.md section 5; no label set here, so no epoch check): the
+    ResNet-50 settings, the k of its tables and its three test lists, each its own split."""
+    cfg = load_config(ROOT / "configs" / "vehicleid_r50.yaml")
+    assert cfg.data.dataset == "vehicleid" and default_ks("vehicleid") == (1, 5) and cfg.eval.ks == []
+    assert cfg.data.test_splits == ["test_800", "test_1600", "test_2400"]
+    assert cfg.data.global_batch == 4000 and cfg.data.m == 4 and cfg.run.epochs == 90
+    assert cfg.optim.name == "adam" and cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.decay_epochs == [40, 70]
+    assert cfg.optim.weight_decay == pytest.approx(4e-4) and cfg.optim.decay_factor == pytest.approx(0.3)
+    assert cfg.model.backbone == BACKBONES["r50"] and cfg.model.gem_learnable
+    assert cfg.model.normalization == "imagenet" and cfg.loss.tau1 == "k" and cfg.loss.mix == "simix"
 
 
 @functools.lru_cache(maxsize=None)

@@ -92,6 +92,10 @@ def test_learnable_gem_exponent_gets_its_gradient_and_moves():
     torch.optim.SGD(gem.parameters(), lr=0.1).step()
     assert gem.p.detach().item() == pytest.approx(3.0 - 0.1 * float(dfdp.sum()))
 
+    assert "(learned)" in repr(gem)
+    with torch.device("meta"):
+        assert "p=? (learned)" in repr(GeM(3.0, learnable=True))
+
     fixed = GeM(3.0)
     assert isinstance(fixed.p, float) and not list(fixed.parameters()) and not fixed.state_dict()
 

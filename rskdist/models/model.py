@@ -43,8 +43,10 @@ class GeM(nn.Module):
         return feat_bc.to(fmap_bchw.dtype)
 
     def extra_repr(self) -> str:
-        p = float(self.p.detach()[0]) if self.learnable else self.p
-        return f"p={p:.4f}{' (learned)' if self.learnable else ''}, eps={self.eps}"
+        if not self.learnable:
+            return f"p={self.p}, eps={self.eps}"
+        p = "?" if self.p.is_meta else f"{self.p.detach().item():.4f}"  # a meta tensor has no value
+        return f"p={p} (learned), eps={self.eps}"
 
 
 class RetrievalModel(nn.Module):

@@ -42,7 +42,8 @@ BACKBONES = {  # config suffix -> backbone
 }
 FEAT_DIM = {"r50": 2048, "vit_b32": 768, "vit_b16": 768, "vit_l16": 1024, "clip_vit_l14": 768,
             # the other foundation models of docs/models.md (configs/sop_*.yaml, outside the paper table)
-            "clip_vit_b16": 512, "dinov2_vit_b14": 768, "dinov2_vit_l14": 1024}
+            "clip_vit_b16": 512, "dinov2_vit_b14": 768, "dinov2_vit_l14": 1024, "openclip_vit_l14": 768,
+            "swag_regnety_160": 3024}
 
 # docs/method.md section 5: batch, (R50, ViT) epochs, (R50, ViT) LR drops, LR for R50 / ViT-B/32 / ViT-B/16.
 PAPER = {

@@ -9,6 +9,7 @@ to it by `build_engine`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from rskdist.comm import gather_rows
 from rskdist.config import Config
+from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from rskdist.loss import simix_generator, simix_plan
 
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,15 +70,28 @@ def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epoch
 
 
 def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
-    """The retrieval model of a config (random init when `pretrained` is False)."""
-    from rskdist.models import create_model
+    """The retrieval model of a config (random init when `pretrained` is False).
+
+    `model.normalization=imagenet` replaces the mean/std the weights expect with ImageNet's
+    (the published code's choice for every backbone); the data pipeline reads model.mean/std.
+    """
+    from rskdist.models import GeM, create_model
 
     m = cfg.model
-    return create_model(
+    model = create_model(
         m.backbone, embed_dim=m.embed_dim, pretrained=(m.pretrained or None) if pretrained else None, pool=m.pool,
-        gem_p=m.gem_p, image_size=m.image_size, grad_checkpointing=m.grad_checkpointing, freeze_bn=m.freeze_bn,
-        drop_path_rate=m.drop_path_rate, backbone_kwargs=m.backbone_kwargs,
+        gem_p=m.gem_p, gem_learnable=m.gem_learnable, image_size=m.image_size,
+        grad_checkpointing=m.grad_checkpointing, freeze_bn=m.freeze_bn, drop_path_rate=m.drop_path_rate,
+        backbone_kwargs=m.backbone_kwargs,
     )
+    if m.gem_learnable and not isinstance(model.pool, GeM):
+        warnings.warn(f"model.gem_learnable=true has no effect: {m.backbone} is not pooled with GeM "
+                      f"({model.info.get('pool')})", stacklevel=2)
+    if m.normalization == "imagenet":
+        weights_own = f"mean={model.mean}, std={model.std} from {model.info.get('preprocessing', 'the weights')}"
+        model.mean, model.std = IMAGENET_MEAN, IMAGENET_STD
+        model.info["preprocessing"] = f"ImageNet (model.normalization=imagenet; the weights' own: {weights_own})"
+    return model
 
 
 def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = None) -> torch.nn.Module:

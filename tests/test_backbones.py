@@ -348,7 +348,20 @@ FAMILY_CONFIGS = {
     "sop_clip_vit_l14.yaml": (768, 224, OPENAI_MEAN, OPENAI_STD),
     "sop_dinov2_vit_b14.yaml": (768, 518, IMAGENET_MEAN, IMAGENET_STD),
     "sop_dinov2_vit_l14.yaml": (1024, 518, IMAGENET_MEAN, IMAGENET_STD),
+    "sop_swag_regnety_160.yaml": (3024, 224, IMAGENET_MEAN, IMAGENET_STD),
 }
+# sop_openclip_vit_l14.yaml is not above: a LAION tag's mean/std reach an open_clip model only
+# with its weights (built without, a tower takes open_clip's OpenAI defaults); see below.
+
+
+def test_openclip_laion_config_names_weights_with_their_own_preprocessing():
+    import open_clip
+
+    m = load_config(ROOT / "configs" / "sop_openclip_vit_l14.yaml").model
+    assert m.backbone == "open_clip:ViT-L-14" and m.pretrained == "laion2b_s32b_b82k"
+    registry = open_clip.get_pretrained_cfg("ViT-L-14", m.pretrained)
+    assert tuple(registry["mean"]) == tuple(registry["std"]) == (0.5,) * 3  # docs/models.md's table
+    assert m.normalization == "imagenet"  # the configs' rule (docs/reproducing.md)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))

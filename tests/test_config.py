@@ -25,6 +25,14 @@ def test_int_accepted_for_float():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
 
+def test_tau1_is_a_temperature_or_k():
+    assert load_config(None, ["loss.tau1=k"]).loss.tau1 == "k"
+    assert load_config(None, ["loss.tau1=2"]).loss.tau1 == 2.0 and load_config(None, []).loss.tau1 == 1.0
+    validate(load_config(None, ["loss.tau1=k"]), world_size=1)
+    with pytest.raises(ValueError, match="loss.tau1 and loss.tau2 must be > 0 .*got loss.tau1=-1.0"):
+        validate(load_config(None, ["loss.tau1=-1"]), world_size=1)
+
+
 @pytest.mark.parametrize(
     "override,match",
     [
@@ -37,6 +45,8 @@ def test_int_accepted_for_float():
         ("deepspeed.zero_stage=4", r"deepspeed.zero_stage=4 is not one of 0, 1, 2, 3"),
         ("optim.name=lamb", r"optim.name='lamb' is not one of"),
         ("nokey", r"must look like section.key=value"),
+        ("loss.tau1=K", r"loss.tau1='K' fits none of: loss.tau1 must be float.*is not one of 'k'"),
+        ("loss.tau1=[1, 2]", r"loss.tau1=\[1, 2\] fits none of"),
     ],
 )
 def test_bad_values_name_the_key(override, match):

@@ -45,12 +45,12 @@ def _put(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _read_back(out: str) -> dict:
+def _read_back(out: str, splits=("train", "test")) -> dict:
     """split -> list of (key, label, class_name, image_id, image bytes, ext), via webdataset."""
     import webdataset as wds
 
     result = {}
-    for split in ("train", "test"):
+    for split in splits:
         urls = sorted(glob.glob(os.path.join(out, split, "*.tar")))
         samples = []
         for s in wds.WebDataset(urls, shardshuffle=False):
@@ -65,7 +65,8 @@ def _read_back(out: str) -> dict:
 def _check_round_trip(out: str, expected: dict) -> dict:
     """expected: split -> {image_id: (class_name, file bytes)}; checks tars, index and sample table."""
     index = S.load_index(out)
-    got = _read_back(out)
+    assert sorted(index["splits"]) == sorted(expected)
+    got = _read_back(out, tuple(expected))
     for split, exp in expected.items():
         samples = got[split]
         assert {s[3] for s in samples} == set(exp), split
@@ -86,7 +87,8 @@ def _check_round_trip(out: str, expected: dict) -> dict:
         for f in ("shard", "offset", "size", "label"):
             np.testing.assert_array_equal(scanned[f], table.samples[f])
     train_classes = set(index["splits"]["train"]["classes"])
-    assert not train_classes & set(index["splits"]["test"]["classes"])  # class-disjoint
+    for split in expected.keys() - {"train"}:
+        assert not train_classes & set(index["splits"][split]["classes"])  # class-disjoint
     return index
 
 
@@ -175,6 +177,30 @@ def make_cub(root: str) -> dict:
     return expected
 
 
+def make_vehicleid(root: str) -> dict:
+    """VehicleID's layout: train_test_split/*.txt lines '<image id> <vehicle id>', image/<id>.jpg.
+    The test lists are nested (800 within 1600 within 2400), as in the real dataset."""
+    expected: dict = {"train": {}, "test_800": {}, "test_1600": {}, "test_2400": {}}
+    vehicles = {"train": ["0002", "0010", "0031"], "test_800": ["0005"], "test_1600": ["0005", "0017"],
+                "test_2400": ["0005", "0017", "0100"]}
+    lists: dict = {split: [] for split in expected}
+    for v, vehicle in enumerate(["0002", "0010", "0031", "0005", "0017", "0100"]):
+        for k in range(2):
+            image_id = f"{100 * v + k:07d}"
+            data = _image_bytes(500 + 10 * v + k)
+            _put(os.path.join(root, "image", f"{image_id}.jpg"), data)
+            for split, members in vehicles.items():
+                if vehicle in members:
+                    # the 1600 list gives its ids without the files' zero padding
+                    lists[split].append(f"{int(image_id) if split == 'test_1600' else image_id} {vehicle}")
+                    expected[split][str(int(image_id)) if split == "test_1600" else image_id] = (vehicle, data)
+    names = {"train": "train_list.txt", "test_800": "test_list_800.txt", "test_1600": "test_list_1600.txt",
+             "test_2400": "test_list_2400.txt"}
+    for split, name in names.items():
+        _put(os.path.join(root, "train_test_split", name), ("\n".join(lists[split]) + "\n").encode())
+    return expected
+
+
 def make_folder(root: str) -> dict:
     expected: dict = {"train": {}, "test": {}}
     for i, c in enumerate(["ant", "bee", "cat", "dog", "eel"]):  # 5 -> 3 train (round half up), 2 test
@@ -207,7 +233,7 @@ def make_csv(root: str, with_split: bool) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("source", ["inat", "sop", "cars196", "cub", "folder", "csv", "csv_split"])
+@pytest.mark.parametrize("source", ["inat", "sop", "cars196", "cub", "vehicleid", "folder", "csv", "csv_split"])
 def test_round_trip(tmp_path, source):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     os.makedirs(src)
@@ -215,14 +241,40 @@ def test_round_trip(tmp_path, source):
         root, expected = make_csv(src, with_split=source == "csv_split")
         listing = list_source("csv", root)
     else:
-        expected = {"inat": make_inat, "sop": make_sop, "cars196": make_cars, "cub": make_cub, "folder": make_folder}[
-            source
-        ](src)
+        expected = {"inat": make_inat, "sop": make_sop, "cars196": make_cars, "cub": make_cub,
+                    "vehicleid": make_vehicleid, "folder": make_folder}[source](src)
         listing = list_source(source, src)
     write_shards(listing, out, samples_per_shard=3, num_workers=1, progress=False)
     index = _check_round_trip(out, expected)
     assert index["skipped"]["count"] == 0
     assert index["splits"]["train"]["image_size"]["width"]["max"] == 20
+
+
+def test_vehicleid_cli_writes_the_train_split_and_three_test_splits(tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    expected = make_vehicleid(src)
+    assert _cli_main(["vehicleid", "--root", src, "--out", out, "--quiet", "--workers", "1"]) == 0
+    index = _check_round_trip(out, expected)
+    assert [index["splits"][s]["num_classes"] for s in ("train", "test_800", "test_1600", "test_2400")] == [3, 1, 2, 3]
+    assert index["splits"]["test_2400"]["classes"] == ["0005", "0017", "0100"]
+    assert index["skipped"]["count"] == 0
+    err = capsys.readouterr().err
+    assert "test_1600: 4 images, 2 classes" in err and "warning" not in err
+    table = S.load_split(out, "test_800")  # the readers take any split name
+    assert len(table) == 2 and table.classes == ["0005"]
+
+
+def test_vehicleid_bad_layout_is_one_clear_message(tmp_path, capsys):
+    src = str(tmp_path / "src")
+    make_vehicleid(src)
+    os.remove(os.path.join(src, "train_test_split", "test_list_2400.txt"))
+    assert _cli_main(["vehicleid", "--root", src, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: VehicleID test_2400 list not found") and "fix:" in err
+    with open(os.path.join(src, "train_test_split", "test_list_2400.txt"), "w") as f:
+        f.write("0000100 0005 extra\n")
+    with pytest.raises(DataSourceError, match=r"test_list_2400.txt:1: expected '<image id> <vehicle id>'"):
+        list_source("vehicleid", src)
 
 
 def test_labels_follow_sorted_class_ids(tmp_path):

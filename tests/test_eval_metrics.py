@@ -140,6 +140,7 @@ def test_bad_arguments():
 
 def test_default_ks():
     assert DEFAULT_KS["inat"] == (1, 4, 16, 32) and default_ks("sop") == (1, 10, 100, 1000)
+    assert default_ks("cars196") == default_ks("cub") == (1, 2, 4, 8, 16) and default_ks("vehicleid") == (1, 5)
     with pytest.raises(ValueError, match="known"):
         default_ks("imagenet")
 

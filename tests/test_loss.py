@@ -38,7 +38,8 @@ def test_matches_per_query_reference(count_self, block_size, sim_cache_mb, seed)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("ks,tau1,tau2", [((1, 2, 4, 8, 16), 1.0, 0.01), ((1, 3), 0.5, 0.05), (5, 2.0, 0.1)])
+@pytest.mark.parametrize("ks,tau1,tau2", [((1, 2, 4, 8, 16), 1.0, 0.01), ((1, 3), 0.5, 0.05), (5, 2.0, 0.1),
+                                         ((1, 2, 4, 8, 16), "k", 0.01)])
 def test_other_hyperparameters(ks, tau1, tau2):
     emb, labels = _batch(31, 5, 5, seed=3)
     kw = dict(ks=(ks,) if isinstance(ks, int) else ks, tau1=tau1, tau2=tau2)
@@ -46,6 +47,25 @@ def test_other_hyperparameters(ks, tau1, tau2):
     loss, grad = _value_and_grad(rsk_loss, emb, labels, block_size=4, ks=ks, tau1=tau1, tau2=tau2)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["eager", "native"])
+def test_tau1_per_k_is_one_temperature_per_k(impl):
+    """tau1="k": the loss is linear in the per-k terms, so with ks = (1, 4) it is the mean of the
+    loss at k = 1 with tau1 = 1 and at k = 4 with tau1 = 4 (value and gradient)."""
+    emb, labels = _batch(40, 4, 6, seed=8)
+    emb = torch.nn.functional.normalize(emb + 0.8 * emb[labels], dim=1)  # classes apart: ranks near k matter
+    both = _value_and_grad(rsk_loss, emb, labels, ks=(1, 4), tau1="k", impl=impl)
+    one = _value_and_grad(rsk_loss, emb, labels, ks=(1,), tau1=1.0, impl=impl)
+    four = _value_and_grad(rsk_loss, emb, labels, ks=(4,), tau1=4.0, impl=impl)
+    torch.testing.assert_close(both[0], (one[0] + four[0]) / 2, atol=1e-9, rtol=0)
+    torch.testing.assert_close(both[1], (one[1] + four[1]) / 2, atol=1e-9, rtol=0)
+    same_tau = _value_and_grad(rsk_loss, emb, labels, ks=(1, 4), tau1=1.0, impl=impl)
+    assert abs(float(same_tau[0] - both[0])) > 1e-3  # "k" is not read as one temperature
+    dense = _value_and_grad(rsk_loss_dense, emb, labels, ks=(1, 4), tau1="k")
+    torch.testing.assert_close(both[0], dense[0], atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="tau1 may also be 'k'"):
+        rsk_loss(emb, labels, tau1="K")
 
 
 def test_count_self_raises_ranks():

@@ -71,6 +71,7 @@ CASES = [
     (True, True, True, 7, 256.0, {}),
     (False, True, False, 3, 256.0, {}),
     (False, False, True, 6, 0.0, dict(ks=(1, 3), tau1=0.5, tau2=0.05)),
+    (False, True, True, 5, 0.0, dict(tau1="k")),  # one recall temperature per k: tau1 = k
 ]
 
 
@@ -188,10 +189,11 @@ TRITON_CASES = {
     "simix_db_only": dict(dtype="float64", simix=True, virtual_queries=False, tau2=0.05, ks=[1, 3]),
     "float32": dict(dtype="float32", simix=True),
     "query_subset": dict(dtype="float64", simix=True, queries=[1, 4, 5, 13, 17, 19, 22], block_size=4),
+    "tau1_per_k": dict(dtype="float64", simix=True, block_size=5, tau1="k"),
 }
 
 
-FAST_TRITON_CASES = ("stream", "simix", "float32")
+FAST_TRITON_CASES = ("stream", "simix", "float32", "tau1_per_k")
 
 
 @pytest.mark.parametrize("names", [

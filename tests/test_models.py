@@ -78,6 +78,74 @@ def test_gem_matches_formula():
         torch.testing.assert_close(model(x), expected)
 
 
+def test_learnable_gem_exponent_gets_its_gradient_and_moves():
+    fmap = torch.rand(2, 5, 4, 3) + 0.05
+    gem = GeM(3.0, learnable=True)
+    assert isinstance(gem.p, nn.Parameter) and gem.p.shape == (1,) and [n for n, _ in gem.named_parameters()] == ["p"]
+    out = gem(fmap)
+    torch.testing.assert_close(out, (fmap ** 3).mean(dim=(2, 3)) ** (1 / 3))
+    out.sum().backward()
+    # d/dp (m_p)^(1/p), m_p = mean x^p:  f * (mean(x^p ln x) / (p m_p) - ln(m_p) / p^2)
+    m_p = (fmap ** 3).mean(dim=(2, 3))
+    dfdp = out.detach() * ((fmap ** 3 * fmap.log()).mean(dim=(2, 3)) / (3 * m_p) - m_p.log() / 9)
+    torch.testing.assert_close(gem.p.grad, dfdp.sum().reshape(1))
+    torch.optim.SGD(gem.parameters(), lr=0.1).step()
+    assert gem.p.detach().item() == pytest.approx(3.0 - 0.1 * float(dfdp.sum()))
+
+    assert "(learned)" in repr(gem)
+    with torch.device("meta"):
+        assert "p=? (learned)" in repr(GeM(3.0, learnable=True))
+
+    fixed = GeM(3.0)
+    assert isinstance(fixed.p, float) and not list(fixed.parameters()) and not fixed.state_dict()
+
+
+def test_learnable_gem_in_a_model_trains_and_round_trips():
+    x = _images(2, 64)
+    torch.manual_seed(0)
+    model = create_model("resnet18", embed_dim=16, gem_learnable=True)
+    assert "pool.p" in dict(model.named_parameters()) and "(p learned)" in describe(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(x)[:, 0].sum().backward()
+    assert model.pool.p.grad is not None and float(model.pool.p.grad.abs()) > 0
+    opt.step()
+    assert model.pool.p.detach().item() != 3.0
+
+    clone = create_model("resnet18", embed_dim=16, gem_learnable=True)
+    clone.load_state_dict(model.state_dict())
+    assert clone.pool.p.detach().item() == model.pool.p.detach().item()
+    with torch.no_grad():
+        torch.testing.assert_close(clone.eval()(x), model.eval()(x))
+
+    torch.manual_seed(0)
+    fixed = create_model("resnet18", embed_dim=16)
+    assert fixed.pool.p == 3.0 and not any(k.startswith("pool.") for k in fixed.state_dict())
+    opt = torch.optim.Adam(fixed.parameters(), lr=1e-2)
+    fixed(x)[:, 0].sum().backward()
+    opt.step()
+    assert fixed.pool.p == 3.0
+
+
+def test_config_plumbs_gem_and_normalization_into_the_model():
+    from rskdist.build import build_model
+    from rskdist.config import load_config
+    from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    vit = ["model.backbone=vit_tiny_patch16_224", "model.image_size=32", "model.embed_dim=16",
+           "model.backbone_kwargs={depth: 1}"]
+    own = build_model(load_config(None, vit), pretrained=False)
+    assert own.mean == (0.5, 0.5, 0.5) and own.std == (0.5, 0.5, 0.5)  # the augreg weights' own
+    forced = build_model(load_config(None, [*vit, "model.normalization=imagenet"]), pretrained=False)
+    assert forced.mean == IMAGENET_MEAN and forced.std == IMAGENET_STD
+    assert "model.normalization=imagenet" in describe(forced)
+    with pytest.warns(UserWarning, match="gem_learnable=true has no effect"):
+        build_model(load_config(None, [*vit, "model.gem_learnable=true"]), pretrained=False)
+
+    r18 = ["model.backbone=resnet18", "model.embed_dim=16"]
+    assert isinstance(build_model(load_config(None, [*r18, "model.gem_learnable=true"])).pool.p, nn.Parameter)
+    assert build_model(load_config(None, r18)).pool.p == 3.0
+
+
 def test_bad_arguments_are_value_errors():
     with pytest.raises(ValueError, match="close matches"):
         create_model("vit_base_patch16_2244")

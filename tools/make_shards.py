@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write WebDataset shards + index for a retrieval dataset (class-disjoint train/test).
 
-    python tools/make_shards.py {inat,sop,cars196,cub,folder,csv,demo} --root SRC --out DST
+    python tools/make_shards.py {inat,sop,cars196,cub,vehicleid,folder,csv,demo} --root SRC --out DST
 
-writes DST/train/*.tar, DST/test/*.tar, DST/index.json and DST/skipped.txt.
+writes DST/<split>/*.tar for each split (train, test; VehicleID: train, test_800, test_1600,
+test_2400), DST/index.json and DST/skipped.txt.
 See docs/data.md for the layouts each source expects. Exit code 2 on bad input.
 """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,8 +39,17 @@ def _number(value: Any) -> Any:
 
 def _coerce(dotted: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's annotation (int, float, str, bool, list[T], dict,
-    Literal[...]); numbers written as text and exact whole floats for ints are accepted."""
+    Literal[...], or a union of these: the first that fits); numbers written as text and
+    exact whole floats for ints are accepted."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alternative in args:
+            try:
+                return _coerce(dotted, value, alternative)
+            except ValueError as exc:
+                errors.append(str(exc).removeprefix("config: "))
+        raise ValueError(f"config: {dotted}={value!r} fits none of: {'; '.join(errors)}")
     if origin is typing.Literal:
         if all(isinstance(a, int) for a in args):
             value = _coerce(dotted, value, int)
@@ -183,8 +193,9 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError("config: set run.epochs > 0 or run.max_steps > 0")
     if not loss.ks or any(not isinstance(k, int) or k < 1 for k in loss.ks):
         raise ValueError(f"config: loss.ks must be a non-empty list of positive integers, got {loss.ks}")
-    if loss.tau1 <= 0 or loss.tau2 <= 0:
-        raise ValueError("config: loss.tau1 and loss.tau2 must be > 0")
+    if (loss.tau1 != "k" and loss.tau1 <= 0) or loss.tau2 <= 0:
+        raise ValueError(f"config: loss.tau1 and loss.tau2 must be > 0 (loss.tau1 may also be k: tau1 = k for each k), "
+                         f"got loss.tau1={loss.tau1!r}, loss.tau2={loss.tau2!r}")
     if optim.lr <= 0:
         raise ValueError(f"config: optim.lr must be > 0, got {optim.lr}")
     if len(optim.betas) != 2:
@@ -360,6 +371,7 @@ def markdown_reference() -> str:
             if choices:
                 kind = type(choices[0]).__name__
                 comment += f" (one of {', '.join(map(str, choices))})"
+            kind = re.sub(r"Literal\[(.+?)\]", r"\1", kind).replace(" | ", " or ")  # a union: no | in the table
             lines.append(f"| `{name}.{key}` | {kind} | `{default!r}` | {comment} |")
         lines.append("")
     return "\n".join(lines)

@@ -35,8 +35,10 @@ class ModelConfig:
     embed_dim: int = 512  # size of the L2-normalised embedding
     pretrained: str = ""  # "" random init; a local .safetensors/.pt file; or "hub" (needs internet)
     pool: Literal["auto", "cls", "gem", "avg"] = "auto"  # "auto": ViT CLS token, CNN GeM
-    gem_p: float = 3.0  # GeM pooling exponent
+    gem_p: float = 3.0  # GeM pooling exponent (its initial value when gem_learnable)
+    gem_learnable: bool = False  # train the GeM exponent with the model (the published code's GeM); false keeps gem_p fixed
     image_size: int = 224  # input resolution
+    normalization: Literal["weights", "imagenet"] = "weights"  # input mean/std: the weights' own, or ImageNet's for every backbone (the published code)
     grad_checkpointing: bool = False  # activation checkpointing of the backbone's blocks
     freeze_bn: bool = True  # BatchNorm in eval mode, so both passes of a step agree
     drop_path_rate: float = 0.0  # stochastic depth (replayed identically in the backprop pass)
@@ -47,7 +49,7 @@ class ModelConfig:
 class DataConfig:
     source: Literal["synthetic", "shards"] = "synthetic"  # "synthetic" (in-memory, for tests) or "shards" (WebDataset folder from tools/make_shards.py)
     root: str = ""  # shard folder (with train/, test/, index.json) for source=shards
-    dataset: str = "demo"  # dataset name: picks default eval ks (inat, sop, cars196, cub, demo)
+    dataset: str = "demo"  # dataset name: picks default eval ks (inat, sop, cars196, cub, vehicleid, demo)
     global_batch: int = 64  # images per optimizer step over all ranks (classes x m)
     m: int = 4  # images per class in a batch
     chunk_size: int = 32  # images per forward chunk on one rank (two-pass step)
@@ -70,7 +72,7 @@ class LossConfig:
     options: dict[str, Any] = field(default_factory=dict)  # a baseline's own options (e.g. {margin: 0.2}); unset ones take the loss's paper defaults (docs/loss.md)
     proxy_lr_multiplier: float = 0.0  # proxy losses: LR of the class proxies over optim.lr (0: the loss's paper default, e.g. 100 for proxy_anchor)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k values of the recall@k surrogate
-    tau1: float = 1.0  # temperature of the recall sigmoid
+    tau1: float | Literal["k"] = 1.0  # temperature of the recall sigmoid; "k": tau1 = k for each k (the published code's default from 2022 to late 2024, docs/reproducing.md)
     tau2: float = 0.01  # temperature of the rank sigmoid
     count_self: bool = False  # count the query in its positives' ranks (published-code behaviour)
     block_size: int = 0  # queries per block in the kernel (0: automatic)

@@ -9,6 +9,8 @@ Splits (docs/method.md section 6):
 - sop:     Ebay_train.txt / Ebay_test.txt (image_id class_id super_class_id path).
 - cars196: cars_annos.mat; classes 1-98 train, 99-196 test (first/second half).
 - cub:     images.txt + image_class_labels.txt; classes 1-100 / 101-200.
+- vehicleid: train_test_split/train_list.txt and the test lists of 800, 1600 and 2400
+           vehicles (splits test_800, test_1600, test_2400); class = vehicle id.
 - folder:  one sub-folder per class; first half of the sorted class names train.
 - csv:     path,label[,split] rows; without a split column, classes split as `folder`.
 - demo:    the embedded synthetic dataset (rskdist.data.demo_images).
@@ -23,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SOURCES = ("inat", "sop", "cars196", "cub", "folder", "csv", "demo")
+SOURCES = ("inat", "sop", "cars196", "cub", "vehicleid", "folder", "csv", "demo")
 
 
 class DataSourceError(ValueError):
@@ -62,11 +64,12 @@ def _build(source: str, rows: dict[str, list[tuple[str, str, str | None]]], clas
         items.sort(key=lambda it: (it.label, natural_key(it.image_id)))
         listing.classes[split] = classes
         listing.items[split] = items
-    if "train" in listing.classes and "test" in listing.classes:
-        both = set(listing.classes["train"]) & set(listing.classes["test"])
+    train = set(listing.classes.get("train", ()))
+    for split, classes in listing.classes.items():
+        both = train & set(classes) if split != "train" else set()
         if both:
             print(
-                f"warning: {len(both)} classes are in both train and test (e.g. {sorted(both)[:3]}); "
+                f"warning: {len(both)} classes are in both train and {split} (e.g. {sorted(both)[:3]}); "
                 "retrieval protocols expect class-disjoint splits",
                 file=sys.stderr,
             )
@@ -230,6 +233,42 @@ def _read_pairs(path: str) -> dict[str, str]:
     return out
 
 
+# VehicleID's split files (train_test_split/) and the splits they become; the three test
+# lists are nested sets of 800, 1600 and 2400 vehicles, each evaluated on its own.
+VEHICLEID_LISTS = {
+    "train": "train_list.txt",
+    "test_800": "test_list_800.txt",
+    "test_1600": "test_list_1600.txt",
+    "test_2400": "test_list_2400.txt",
+}
+
+
+def list_vehicleid(root: str) -> Listing:
+    """PKU VehicleID: train_test_split/<list>.txt lines '<image id> <vehicle id>', images in
+    image/<image id>.jpg; one split per list (VEHICLEID_LISTS), class = vehicle id."""
+    fix = "pass --root pointing at the VehicleID folder that holds train_test_split/ and image/"
+    _need_dir(root, "VehicleID root", fix)
+    image_dir = _need_dir(os.path.join(root, "image"), "VehicleID image folder", fix)
+    present = set(os.listdir(image_dir))
+    rows: dict[str, list] = {}
+    for split, name in VEHICLEID_LISTS.items():
+        path = _need_file(os.path.join(root, "train_test_split", name), f"VehicleID {split} list", fix)
+        rows[split] = []
+        with open(path) as f:
+            for n, line in enumerate(f):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise DataSourceError(f"{path}:{n + 1}: expected '<image id> <vehicle id>', got {line.strip()!r}")
+                image_id, vehicle = parts
+                file = f"{image_id}.jpg"
+                if file not in present and image_id.isdigit() and f"{int(image_id):07d}.jpg" in present:
+                    file = f"{int(image_id):07d}.jpg"  # lists written without the files' zero padding
+                rows[split].append((vehicle, image_id, os.path.join(image_dir, file)))
+    return _build("vehicleid", rows)
+
+
 def list_folder(root: str, train_fraction: float = 0.5, train_classes_file: str | None = None) -> Listing:
     """One sub-folder per class (images found recursively); class-disjoint split of the names."""
     _need_dir(root, "image folder", "pass --root pointing at a folder with one sub-folder per class")
@@ -317,6 +356,7 @@ def list_source(source: str, root: str | None = None, **options) -> Listing:
         "sop": list_sop,
         "cars196": list_cars196,
         "cub": list_cub,
+        "vehicleid": list_vehicleid,
         "folder": list_folder,
         "csv": list_csv,
         "demo": list_demo,

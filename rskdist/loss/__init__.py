@@ -38,7 +38,7 @@ def rsk_loss(
     labels: torch.Tensor,
     *,
     ks: Sequence[int] = (1, 2, 4, 8, 16),
-    tau1: float = 1.0,
+    tau1: float | str = 1.0,
     tau2: float = 0.01,
     count_self: bool = False,
     mix: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -54,7 +54,8 @@ def rsk_loss(
         embeddings: (B, d) L2-normalised embeddings (any float dtype; computed in fp32).
         labels: (B,) integer labels, any order and class sizes; samples without a
             positive are skipped as queries but stay in the database.
-        ks, tau1, tau2: the surrogate's k values and temperatures.
+        ks, tau1, tau2: the surrogate's k values and temperatures; tau1="k" sets tau1 = k for
+            each k (the published code's default from 2022 to late 2024).
         count_self: count the query itself in its positives' ranks, as the published
             code does (off by default: ranks then are about 1 too high).
         mix: SiMix plan (pairs, alphas) from `simix_plan`, indexing the (global) batch.
@@ -83,7 +84,8 @@ def rsk_loss(
     pairs, alphas = (None, None) if mix is None else mix
     opts = RSkOptions(
         ks=(int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks),
-        tau1=float(tau1), tau2=float(tau2), count_self=bool(count_self), virtual_queries=bool(virtual_queries),
+        tau1=tau1 if isinstance(tau1, str) else float(tau1), tau2=float(tau2), count_self=bool(count_self),
+        virtual_queries=bool(virtual_queries),
     )
     impl = resolve_impl(impl, embeddings.device)  # a bad name fails here, before any gather
     labels = labels.long()
@@ -104,7 +106,7 @@ class RSkLoss(nn.Module):
     def __init__(
         self,
         ks: Sequence[int] = (1, 2, 4, 8, 16),
-        tau1: float = 1.0,
+        tau1: float | str = 1.0,
         tau2: float = 0.01,
         count_self: bool = False,
         block_size: int | None = None,

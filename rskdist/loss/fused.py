@@ -57,10 +57,11 @@ def _note_once(message: str) -> None:
 def recall_surrogate(rank, valid, num_pos, opts, scale: float, need_grad: bool):
     """From ranks (bq, P) to the block's loss (times `scale`) and d loss / d rank (bq, P).
 
-    R_k(q) = min(hits_qk, k) / min(k, |P(q)|), hits_qk = sum_p sigmoid((k - rank_qp) / tau1).
+    R_k(q) = min(hits_qk, k) / min(k, |P(q)|), hits_qk = sum_p sigmoid((k - rank_qp) / tau1_k).
     """
     ks = torch.tensor(opts.ks, dtype=rank.dtype, device=rank.device)
-    sk_qpk = torch.sigmoid((ks - rank[:, :, None]) / opts.tau1) * valid[:, :, None]
+    tau1_k = torch.tensor(opts.tau1_per_k(), dtype=rank.dtype, device=rank.device)
+    sk_qpk = torch.sigmoid((ks - rank[:, :, None]) / tau1_k) * valid[:, :, None]
     hits_qk = sk_qpk.sum(1)
     denom_qk = torch.minimum(num_pos[:, None].to(ks.dtype), ks)
     loss = (1.0 - (torch.clamp(hits_qk, max=ks) / denom_qk).mean(1)).sum() * scale
@@ -68,7 +69,7 @@ def recall_surrogate(rank, valid, num_pos, opts, scale: float, need_grad: bool):
         return loss, None
     # d loss / d hits (clamp passes the gradient while hits <= k), then through the sigmoid.
     dhits_qk = (hits_qk <= ks).to(ks.dtype) * (-scale / len(opts.ks)) / denom_qk
-    g_qp = (dhits_qk[:, None, :] * sk_qpk * (1.0 - sk_qpk)).sum(-1) * (-1.0 / opts.tau1)
+    g_qp = -(dhits_qk[:, None, :] * sk_qpk * (1.0 - sk_qpk) / tau1_k).sum(-1)
     return loss, g_qp
 
 

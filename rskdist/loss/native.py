@@ -35,7 +35,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("rsk_rows.c", "rsk
 # checked finite and every value stays finite); -std=gnu11 allows fused multiply-adds.
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
          "-ffinite-math-only", "-fno-signed-zeros", "-fPIC", "-shared"]
-ABI = 3  # rsk_rows_abi() of the source this module calls
+ABI = 4  # rsk_rows_abi() of the source this module calls
 
 _LOCK = threading.Lock()
 _LIBRARY: list = []  # the loaded library, once
@@ -117,7 +117,7 @@ def load():
         for fn in (lib.rsk_rows_f32, lib.rsk_rows_f64):
             fn.restype = f64
             fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
-                           f64, f64, ctypes.c_int, f64, ptr, i64]
+                           ptr, f64, ctypes.c_int, f64, ptr, i64]
         _LIBRARY.append(lib)
         return lib
 
@@ -197,6 +197,7 @@ def block_loss_and_grad(sim_qr: torch.Tensor, q: torch.Tensor, items, opts, scal
     pos, num_pos, q = lay.where[pos].contiguous(), num_pos.contiguous(), lay.where[q].contiguous()
     width = pos.shape[1]
     ks = torch.tensor(opts.ks, dtype=torch.float64)
+    tau1_k = torch.tensor(opts.tau1_per_k(), dtype=torch.float64)
     rows = sim_qr.shape[0]
     dsim = None
     if need_grad:
@@ -208,7 +209,7 @@ def block_loss_and_grad(sim_qr: torch.Tensor, q: torch.Tensor, items, opts, scal
                   items.num_real, items.num_virtual, _ptr(lay.real_at), _ptr(lay.real_col), _ptr(lay.virt_at),
                   _ptr(lay.first), _ptr(lay.second), _ptr(lay.alpha), q.data_ptr() + 8 * r0,
                   pos.data_ptr() + 8 * r0 * width, width, num_pos.data_ptr() + 8 * r0, ks.data_ptr(),
-                  len(opts.ks), opts.tau1, opts.tau2, int(opts.count_self), scale,
+                  len(opts.ks), tau1_k.data_ptr(), opts.tau2, int(opts.count_self), scale,
                   None if dsim is None else dsim.data_ptr() + r0 * dsim.stride(0) * dsim.element_size(),
                   dsim.stride(0) if dsim is not None else 0)
 

@@ -5,7 +5,7 @@ written to be read, not to be fast. `rsk_loss_dense` is the straightforward vect
 form: it materialises the (queries x positives x batch) tensor, so its memory grows as
 B^2 * |P|; it is the baseline that `tools/bench_loss.py` compares against.
 Neither knows about SiMix: tests materialise mixed embeddings and call these on the
-extended batch.
+extended batch. `tau1` is a temperature or "k" (tau1 = k for each k).
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from typing import Sequence
 import torch
 
 
-def _recall_terms(ranks: torch.Tensor, num_pos: int, ks: Sequence[int], tau1: float) -> torch.Tensor:
+def _tau1(tau1: float | str, k: int) -> float:
+    return float(k) if tau1 == "k" else float(tau1)
+
+
+def _recall_terms(ranks: torch.Tensor, num_pos: int, ks: Sequence[int], tau1: float | str) -> torch.Tensor:
     """1 - mean_k R_k for one query, given the ranks of its positives."""
     recalls = []
     for k in ks:
-        hits = torch.sigmoid((k - ranks) / tau1).sum()
+        hits = torch.sigmoid((k - ranks) / _tau1(tau1, k)).sum()
         recalls.append(torch.clamp(hits, max=float(k)) / min(k, num_pos))
     return 1.0 - torch.stack(recalls).mean()
 
@@ -29,7 +33,7 @@ def rsk_loss_per_query(
     labels: torch.Tensor,
     *,
     ks: Sequence[int] = (1, 2, 4, 8, 16),
-    tau1: float = 1.0,
+    tau1: float | str = 1.0,
     tau2: float = 0.01,
     count_self: bool = False,
     queries: torch.Tensor | None = None,
@@ -65,7 +69,7 @@ def rsk_loss_dense(
     labels: torch.Tensor,
     *,
     ks: Sequence[int] = (1, 2, 4, 8, 16),
-    tau1: float = 1.0,
+    tau1: float | str = 1.0,
     tau2: float = 0.01,
     count_self: bool = False,
 ) -> torch.Tensor:
@@ -98,7 +102,7 @@ def rsk_loss_dense(
 
     recall_qk = []
     for k in ks:
-        hits_q = (torch.sigmoid((k - rank_qp) / tau1) * valid_qp).sum(1)
+        hits_q = (torch.sigmoid((k - rank_qp) / _tau1(tau1, k)) * valid_qp).sum(1)
         # clamp(min=1) keeps the (later dropped) queries without positives finite in backward.
         recall_qk.append(torch.clamp(hits_q, max=float(k)) / torch.clamp(num_pos_q, min=1, max=k))
     loss_q = 1.0 - torch.stack(recall_qk, 1).mean(1)

@@ -6,6 +6,9 @@ Notation (docs/method.md section 1): for query q and positive p,
     R_k(q)    = min(sum_p sigmoid((k - rank(q,p)) / tau1), k) / min(k, |P(q)|)
     loss      = mean_q [1 - mean_k R_k(q)]
 
+tau1 is one temperature for every k, or "k": tau1 = k for each k (the published code's
+default from 2022 to late 2024).
+
 How it is computed
 - Items live in an *extended* index space: the B real samples, then V virtual (SiMix)
   samples. Similarities to virtual items are combined from real ones
@@ -48,6 +51,8 @@ DEFAULT_BLOCK_ELEMS = 1 << 21
 DEFAULT_SIM_CACHE_MB = 256.0
 # Similarity rows per panel in the stream path: 8M float32 = 32 MB (and as much for their gradient).
 DEFAULT_PANEL_ELEMS = 1 << 23
+# loss.tau1 = "k": one recall temperature per k, tau1 = k.
+TAU1_PER_K = "k"
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class RSkOptions:
     """Hyper-parameters of RS@k, validated once."""
 
     ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    tau1: float = 1.0
+    tau1: float | str = 1.0  # a temperature > 0, or TAU1_PER_K
     tau2: float = 0.01
     count_self: bool = False
     virtual_queries: bool = True
@@ -63,8 +68,14 @@ class RSkOptions:
     def __post_init__(self) -> None:
         if len(self.ks) == 0 or any(int(k) != k or k < 1 for k in self.ks):
             raise ValueError(f"RS@k: ks must be a non-empty list of positive integers, got {self.ks}")
-        if not (self.tau1 > 0 and self.tau2 > 0):
-            raise ValueError(f"RS@k: tau1 and tau2 must be > 0, got tau1={self.tau1}, tau2={self.tau2}")
+        per_k = self.tau1 == TAU1_PER_K
+        if not ((per_k or (isinstance(self.tau1, (int, float)) and self.tau1 > 0)) and self.tau2 > 0):
+            raise ValueError(f"RS@k: tau1 and tau2 must be > 0 (tau1 may also be {TAU1_PER_K!r}: tau1 = k for "
+                             f"each k), got tau1={self.tau1!r}, tau2={self.tau2!r}")
+
+    def tau1_per_k(self) -> tuple[float, ...]:
+        """The recall sigmoid's temperature for each k of `ks`."""
+        return tuple(float(k) for k in self.ks) if self.tau1 == TAU1_PER_K else (float(self.tau1),) * len(self.ks)
 
 
 class _ExtendedItems:

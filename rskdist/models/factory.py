@@ -64,6 +64,7 @@ def create_model(
     pretrained: str | None = None,
     pool: str = "auto",
     gem_p: float = 3.0,
+    gem_learnable: bool = False,
     image_size: int | None = None,
     grad_checkpointing: bool = False,
     freeze_bn: bool = True,
@@ -84,6 +85,7 @@ def create_model(
             alias of timm's "token"; any other value is passed to timm as `global_pool`
             ("token", "avg", "max", "avgmax", ...).
         gem_p: GeM exponent (3 in the paper).
+        gem_learnable: train the GeM exponent as a parameter, starting at gem_p (the published code).
         image_size: input size the model is built for; None = the weights' native size.
             ViTs are built for it (timm `img_size` for models with a fixed input size,
             open_clip `vision_cfg.image_size`) and loaded weights' position embeddings are
@@ -117,6 +119,7 @@ def create_model(
         pretrained=pretrained,
         pool=pool,
         gem_p=gem_p,
+        gem_learnable=gem_learnable,
         image_size=image_size,
         freeze_bn=freeze_bn,
         drop_path_rate=drop_path_rate,
@@ -142,6 +145,7 @@ def _build_timm(
     pretrained: str | None,
     pool: str,
     gem_p: float,
+    gem_learnable: bool,
     image_size: int | None,
     freeze_bn: bool,
     drop_path_rate: float,
@@ -222,7 +226,7 @@ def _build_timm(
                 "global_pool such as 'token' or 'avg'."
             )
         backbone.reset_classifier(0, global_pool="")  # backbone(x) -> [b, c, h, w]
-        pool_module: nn.Module = GeM(gem_p)
+        pool_module: nn.Module = GeM(gem_p, learnable=gem_learnable)
         pool_name = f"gem(p={gem_p})"
     else:
         pool_module = nn.Identity()
@@ -475,6 +479,7 @@ def _build_open_clip(
     pretrained: str | None,
     pool: str,
     gem_p: float,
+    gem_learnable: bool,
     image_size: int | None,
     freeze_bn: bool,
     drop_path_rate: float,

@@ -22,24 +22,31 @@ class GeM(nn.Module):
     """Generalised-mean pooling over the spatial grid: (mean_hw x^p)^(1/p).
 
     p = 1 is average pooling, p -> inf tends to max pooling; the RS@k paper uses p = 3
-    on ResNet-50. p is a fixed hyper-parameter here (not learned).
+    on ResNet-50. With `learnable`, p is a parameter (shape (1,), trained with the rest of
+    the model, as in the published RS@k code); otherwise it is a fixed float and not in
+    the state dict.
     """
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = False):
         super().__init__()
         if p <= 0:
             raise ValueError(f"GeM p must be > 0, got {p}")
-        self.p = float(p)
+        self.learnable = bool(learnable)
+        self.p: float | nn.Parameter = nn.Parameter(torch.full((1,), float(p))) if learnable else float(p)
         self.eps = eps
 
     def forward(self, fmap_bchw: torch.Tensor) -> torch.Tensor:
         # fp32 for the power/root: x^3 of bf16 activations loses most of its mantissa.
-        x = fmap_bchw.float().clamp(min=self.eps).pow(self.p)
-        feat_bc = x.mean(dim=(-2, -1)).pow(1.0 / self.p)
+        p = self.p.float() if self.learnable else self.p
+        x = fmap_bchw.float().clamp(min=self.eps).pow(p)
+        feat_bc = x.mean(dim=(-2, -1)).pow(1.0 / p)
         return feat_bc.to(fmap_bchw.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, eps={self.eps}"
+        if not self.learnable:
+            return f"p={self.p}, eps={self.eps}"
+        p = "?" if self.p.is_meta else f"{self.p.detach().item():.4f}"  # a meta tensor has no value
+        return f"p={p} (learned), eps={self.eps}"
 
 
 class RetrievalModel(nn.Module):
@@ -168,7 +175,8 @@ def describe(model: nn.Module) -> str:
     parts = [
         f"backbone={info.get('backbone', type(model.backbone).__name__)}",
         f"weights={info.get('weights', 'random init')}",
-        f"pool={info.get('pool', type(model.pool).__name__)}",
+        f"pool={info.get('pool', type(model.pool).__name__)}"
+        + (" (p learned)" if isinstance(model.pool, GeM) and model.pool.learnable else ""),
         f"head=LayerNorm({model.feat_dim})->Linear({model.feat_dim},{model.embed_dim})->L2",
         f"image_size={model.image_size}"
         + (f" (weights trained at {info['native_image_size']}: position grid resampled)"

@@ -64,23 +64,24 @@ __attribute__((noinline)) static void NAME(add_weighted)(REAL *restrict gz, cons
 
 /* One query's recall surrogate from its ranks: returns its loss (times scale) and writes
  * d loss / d rank_p into grad_rank (when not NULL). Same formula as recall_surrogate in
- * rskdist/loss/fused.py: R_k = min(sum_p sigma((k - rank_p) / tau1), k) / min(k, P). */
-static double NAME(recall)(const double *rank, int64_t np, const double *ks, int64_t num_ks, double tau1,
+ * rskdist/loss/fused.py: R_k = min(sum_p sigma((k - rank_p) / tau1_k), k) / min(k, P),
+ * one temperature tau1[k] per k. */
+static double NAME(recall)(const double *rank, int64_t np, const double *ks, int64_t num_ks, const double *tau1,
                            double scale, double *grad_rank) {
     double mean_r = 0;
     if (grad_rank)
         for (int64_t p = 0; p < np; p++) grad_rank[p] = 0;
     for (int64_t k = 0; k < num_ks; k++) {
         double hits = 0;
-        for (int64_t p = 0; p < np; p++) hits += 1 / (1 + exp(-(ks[k] - rank[p]) / tau1));
+        for (int64_t p = 0; p < np; p++) hits += 1 / (1 + exp(-(ks[k] - rank[p]) / tau1[k]));
         double denom = (double)np < ks[k] ? (double)np : ks[k];
         mean_r += (hits < ks[k] ? hits : ks[k]) / denom;
         if (grad_rank && hits <= ks[k]) {
-            /* d loss / d hits = -scale / (|ks| denom); d hits / d rank_p = -sigma' / tau1 */
+            /* d loss / d hits = -scale / (|ks| denom); d hits / d rank_p = -sigma' / tau1_k */
             double dhits = -scale / ((double)num_ks * denom);
             for (int64_t p = 0; p < np; p++) {
-                double sk = 1 / (1 + exp(-(ks[k] - rank[p]) / tau1));
-                grad_rank[p] += dhits * sk * (1 - sk) * (-1 / tau1);
+                double sk = 1 / (1 + exp(-(ks[k] - rank[p]) / tau1[k]));
+                grad_rank[p] += dhits * sk * (1 - sk) * (-1 / tau1[k]);
             }
         }
     }
@@ -115,11 +116,12 @@ static int64_t NAME(group_positives)(const REAL *tp, int64_t np, int64_t *order,
  *            two parents, and its weight; NULL when n_virtual == 0
  *   q        (n_rows) each row's query, a layout position
  *   pos      (n_rows x width) positives as layout positions, num_pos[i] of them valid
+ *   ks, tau1 (num_ks) the k values and the recall sigmoid's temperature of each
  * Returns NAN if scratch memory cannot be allocated (nothing is written then). */
 double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64_t n_real, int64_t n_virtual,
                       const int64_t *real_at, const int64_t *real_col, const int64_t *virt_at, const int64_t *first,
                       const int64_t *second, const REAL *alpha, const int64_t *q, const int64_t *pos, int64_t width,
-                      const int64_t *num_pos, const double *ks, int64_t num_ks, double tau1, double tau2,
+                      const int64_t *num_pos, const double *ks, int64_t num_ks, const double *tau1, double tau2,
                       int count_self, double scale, REAL *dsim, int64_t dsim_stride) {
     const int64_t n = n_real + n_virtual, w = width > 0 ? width : 1;
     const REAL inv_t2 = (REAL)(1 / tau2);

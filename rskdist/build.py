@@ -76,6 +76,7 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
     (the published code's choice for every backbone); the data pipeline reads model.mean/std.
     """
     from rskdist.models import GeM, create_model
+    from rskdist.models.spec import set_preprocessing
 
     m = cfg.model
     model = create_model(
@@ -89,7 +90,7 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
                       f"({model.info.get('pool')})", stacklevel=2)
     if m.normalization == "imagenet":
         weights_own = f"mean={model.mean}, std={model.std} from {model.info.get('preprocessing', 'the weights')}"
-        model.mean, model.std = IMAGENET_MEAN, IMAGENET_STD
+        set_preprocessing(model, IMAGENET_MEAN, IMAGENET_STD)
         model.info["preprocessing"] = f"ImageNet (model.normalization=imagenet; the weights' own: {weights_own})"
     return model
 

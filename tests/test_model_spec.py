@@ -115,3 +115,23 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
         if key in record["results"]:
             assert record["results"][key] == value, key
     assert {"recall@1", "map@r"} <= set(record["results"])
+
+
+def test_spec_keeps_learned_gem_and_forced_normalisation():
+    """model.normalization=imagenet (applied after create_model) and a learned GeM exponent
+    are part of what a rebuilt model must have."""
+    from rskdist.build import build_model
+    from rskdist.config import load_config
+    from rskdist.constants import IMAGENET_MEAN
+    from rskdist.models import rebuild_model
+
+    cfg = load_config(str(ROOT / "configs/debug.yaml"), [
+        "model.backbone=resnet18", "model.pool=gem", "model.gem_learnable=true", "model.normalization=imagenet",
+        "model.backbone_kwargs={}", "model.image_size=32"])
+    model = build_model(cfg, pretrained=False)
+    assert tuple(model.spec["mean"]) == IMAGENET_MEAN and model.spec["gem_learnable"] is True
+    with torch.no_grad():
+        model.pool.p.fill_(4.5)
+    again = rebuild_model(model.spec)
+    again.load_state_dict(model.state_dict())
+    assert again.mean == IMAGENET_MEAN and float(again.pool.p.detach()) == 4.5

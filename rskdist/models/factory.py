@@ -126,8 +126,8 @@ def create_model(
         backbone_kwargs=kwargs,
     )
     model.spec = make_spec(model, dict(
-        backbone=backbone, embed_dim=embed_dim, pool=pool, gem_p=gem_p, image_size=image_size,
-        freeze_bn=freeze_bn, drop_path_rate=drop_path_rate, backbone_kwargs=kwargs,
+        backbone=backbone, embed_dim=embed_dim, pool=pool, gem_p=gem_p, gem_learnable=gem_learnable,
+        image_size=image_size, freeze_bn=freeze_bn, drop_path_rate=drop_path_rate, backbone_kwargs=kwargs,
     ))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)

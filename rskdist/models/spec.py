@@ -22,8 +22,8 @@ SPEC_VERSION = 1
 
 # create_model's architecture arguments (everything but `pretrained` and grad_checkpointing,
 # which is how the model trains, not what it is).
-BUILD_KEYS = ("backbone", "embed_dim", "pool", "gem_p", "image_size", "freeze_bn", "drop_path_rate",
-              "backbone_kwargs")
+BUILD_KEYS = ("backbone", "embed_dim", "pool", "gem_p", "gem_learnable", "image_size", "freeze_bn",
+              "drop_path_rate", "backbone_kwargs")
 PREPROCESS_KEYS = ("mean", "std", "interpolation")
 
 
@@ -49,12 +49,19 @@ def rebuild_model(spec: dict[str, Any]):
         raise ValueError(f"model spec lacks {', '.join(missing)}; it was not written by rskdist "
                          f"(expected the {SPEC_FILE} of a run folder or checkpoint)")
     model = create_model(pretrained=None, **{k: spec[k] for k in BUILD_KEYS})
-    model.mean = tuple(float(v) for v in spec["mean"])
-    model.std = tuple(float(v) for v in spec["std"])
-    model.interpolation = str(spec["interpolation"])
-    model.spec = {**model.spec, "mean": list(model.mean), "std": list(model.std),
-                  "interpolation": model.interpolation}
+    set_preprocessing(model, spec["mean"], spec["std"], spec["interpolation"])
     return model
+
+
+def set_preprocessing(model, mean, std, interpolation: str | None = None) -> None:
+    """Replace the normalisation a model's data pipeline uses (and its spec with it)."""
+    model.mean = tuple(float(v) for v in mean)
+    model.std = tuple(float(v) for v in std)
+    if interpolation is not None:
+        model.interpolation = str(interpolation)
+    if model.spec is not None:
+        model.spec = {**model.spec, "mean": list(model.mean), "std": list(model.std),
+                      "interpolation": model.interpolation}
 
 
 def write_spec(spec: dict[str, Any], folder: str | Path) -> Path:

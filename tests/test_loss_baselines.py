@@ -12,7 +12,7 @@ from rskdist.loss.baselines import BASELINES
 from rskdist.loss.memory import largest_fitting_batch
 
 NUM_CLASSES, DIM = 6, 16
-PROXY_LOSSES = ("proxy_anchor", "norm_softmax", "arcface")
+PROXY_LOSSES = ("proxy_anchor", "norm_softmax", "arcface", "cosface")
 
 
 def _batch(seed=0, per_class=4, dtype=torch.float64):
@@ -40,6 +40,8 @@ def _pml_reference(name, **overrides):
         return losses.ProxyAnchorLoss(NUM_CLASSES, DIM, margin=0.1, alpha=32), None
     if name == "norm_softmax":
         return losses.NormalizedSoftmaxLoss(NUM_CLASSES, DIM, temperature=0.05), None
+    if name == "cosface":
+        return losses.CosFaceLoss(NUM_CLASSES, DIM, margin=0.35, scale=64), None
     assert name == "arcface"
     return losses.ArcFaceLoss(NUM_CLASSES, DIM, margin=28.6, scale=64), None
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 COMMON = ["run.log_every=1", "eval.every_epochs=-1", "data.global_batch=32", "run.save_every=2"]
-BASELINES = ["contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface"]
+BASELINES = ["contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface", "cosface"]
 
 
 def _train(out_dir, *overrides):

@@ -67,7 +67,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["rsk", "contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface"] = "rsk"  # the loss of the global batch: RS@k or a baseline (docs/loss.md, "Baseline losses")
+    name: Literal["rsk", "contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface", "cosface"] = "rsk"  # the loss of the global batch: RS@k or a baseline (docs/loss.md, "Baseline losses")
     mix: Literal["simix", "embedding", "none"] = "simix"  # mixup: SiMix on scalar similarities (RS@k only), mixed and re-normalised embeddings (any loss), or none
     options: dict[str, Any] = field(default_factory=dict)  # a baseline's own options (e.g. {margin: 0.2}); unset ones take the loss's paper defaults (docs/loss.md)
     proxy_lr_multiplier: float = 0.0  # proxy losses: LR of the class proxies over optim.lr (0: the loss's paper default, e.g. 100 for proxy_anchor)

@@ -162,7 +162,7 @@ def make_loss(name: str, *, num_classes: int | None = None, embed_dim: int | Non
     With a group the value is the loss of the global batch (every rank's rows
     concatenated in rank order) and the gradient reaches this rank's rows exactly; without
     one it is the loss of the rows given. num_classes and embed_dim are needed by the
-    proxy losses (proxy_anchor, norm_softmax, arcface) and ignored by the others. mix is
+    proxy losses (proxy_anchor, norm_softmax, arcface, cosface) and ignored by the others. mix is
     "none", "embedding" or (rsk only) "simix". `options` override the paper defaults
     (rskdist/loss/baselines.py, docs/loss.md). Every module has `lr_multiplier`, the
     learning-rate factor for its parameters (class proxies; 1 where there are none).

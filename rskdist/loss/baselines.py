@@ -12,6 +12,7 @@ paper defaults, runs them on the gathered global batch and owns their class prox
 | proxy_anchor | ProxyAnchorLoss | margin=0.1, alpha=32, lr_multiplier=100 | Kim et al. 2020 (Proxy Anchor, CVPR) |
 | norm_softmax | NormalizedSoftmaxLoss | temperature=0.05, lr_multiplier=1 | Zhai & Wu 2019 (Classification is a strong baseline, BMVC) |
 | arcface | ArcFaceLoss | margin=28.6 (degrees, = 0.5 rad), scale=64, lr_multiplier=1 | Deng et al. 2019 (ArcFace, CVPR) |
+| cosface | CosFaceLoss | margin=0.35 (on the cosine), scale=64, lr_multiplier=1 | Wang et al. 2018 (CosFace, CVPR) |
 
 Every loss normalises the embeddings itself (cosine similarity, or Euclidean distance
 between unit vectors for the triplet loss). `lr_multiplier` is not a loss option: it is
@@ -62,10 +63,11 @@ BASELINES: dict[str, Baseline] = {
     "norm_softmax": Baseline("NormalizedSoftmaxLoss", {"temperature": 0.05}, proxies=True,
                              paper="Zhai and Wu 2019"),
     "arcface": Baseline("ArcFaceLoss", {"margin": 28.6, "scale": 64.0}, proxies=True, paper="Deng et al. 2019"),
+    "cosface": Baseline("CosFaceLoss", {"margin": 0.35, "scale": 64.0}, proxies=True, paper="Wang et al. 2018"),
 }
 
 # The attribute under which each PML proxy loss keeps its proxies, and its layout.
-_PML_PROXY_ATTR = {"ProxyAnchorLoss": "proxies", "NormalizedSoftmaxLoss": "W", "ArcFaceLoss": "W"}
+_PML_PROXY_ATTR = {"ProxyAnchorLoss": "proxies", "NormalizedSoftmaxLoss": "W", "ArcFaceLoss": "W", "CosFaceLoss": "W"}
 
 
 def build_pml_loss(name: str, *, num_classes: int | None = None, embed_dim: int | None = None, **options):
@@ -106,7 +108,7 @@ class BaselineLoss(nn.Module):
     `plan` (pairs, alphas from `simix_plan`, indexing the global batch) adds the mixed
     embeddings when mix="embedding"; it is an error with mix="none".
     Class proxies, if any, are the parameter `proxies` (PML's layout: (num_classes, d) for
-    proxy_anchor, (d, num_classes) for norm_softmax and arcface).
+    proxy_anchor, (d, num_classes) for norm_softmax, arcface and cosface).
     """
 
     def __init__(self, name: str, *, num_classes: int | None = None, embed_dim: int | None = None,

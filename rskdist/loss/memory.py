@@ -30,6 +30,7 @@ MEMORY_COEFFICIENTS: dict[str, dict[str, float]] = {
     "proxy_anchor": {"nc": 46.6},  # 1489.5 MB at B = 4096, C = 8192
     "norm_softmax": {"nc": 17.3},  # 551.9 MB at B = 4096, C = 8192
     "arcface": {"nc": 20.4},  # 650.3 MB at B = 4096, C = 8192
+    "cosface": {"nc": 21.5},  # 720.4 MB at B = 4096, C = 8192
 }
 
 # PML enumerates all triplets in one N x N x N boolean tensor below this many elements,
@@ -89,6 +90,7 @@ def check_loss_fits(name: str, batch: int, *, embed_dim: int, num_classes: int =
     largest = largest_fitting_batch(name, available_bytes=available_bytes, **kw)
     what = {"smooth_ap": "its N x N x N tensors", "proxy_anchor": "its batch x classes matrices",
             "norm_softmax": "its batch x classes matrices", "arcface": "its batch x classes matrices",
+            "cosface": "its batch x classes matrices",
             "triplet": "its triplet lists"}.get(name, "its B x B matrices")
     mixed = f" ({loss_items(batch, per_class=per_class, mix=mix, mix_pairs_per_class=mix_pairs_per_class)[0]} rows " \
             "with the mixed samples)" if mix == "embedding" else ""

@@ -195,7 +195,8 @@ def test_loader_epochs_follow_the_plan_on_every_rank(varied):
         for step in range(plan.epoch_steps(epoch)):
             gathered = torch.cat([per_rank[rank][step] for rank in range(2)]).view(-1, 2)
             assert (gathered == gathered[:, :1]).all() and len(set(gathered[:, 0].tolist())) == 4
-            np.testing.assert_array_equal(gathered.reshape(-1).numpy(), labels_all[plan.epoch_plan(epoch)[step]].reshape(-1))
+            expected = labels_all[plan.epoch_plan(epoch)[step]].reshape(-1)
+            np.testing.assert_array_equal(gathered.reshape(-1).numpy(), expected)
     assert loaders[0].steps_per_epoch == plan.steps_per_epoch  # the nominal, for the trainer's schedule
     for loader in loaders:
         loader.close()

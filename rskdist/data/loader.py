@@ -2,9 +2,10 @@
 
 Both loaders are thin iterators around a torch DataLoader whose "indices" are read
 requests (sample indices + augmentation key). The main process decides which sample
-goes where (the batch plan of rskdist/data/sampler.py, or the evaluation order); DataLoader workers only
-read bytes (one seek + read per image in the tar shards) and decode; the main process
-concatenates the reads of a step, in order, into the rank's batch. Consequences:
+goes where (the batch plan of rskdist/data/sampler.py, or the evaluation order);
+DataLoader workers only read bytes (one seek + read per image in the tar shards) and
+decode; the main process concatenates the reads of a step, in order, into the rank's
+batch. Consequences:
 - batches do not depend on num_workers; only the rank's own images are read;
 - memory is bounded by num_workers * prefetch_factor reads, never the dataset;
 - the position is just (epoch, step): `state_dict()` / `load_state_dict()` restore it

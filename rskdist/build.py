@@ -320,7 +320,7 @@ def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, de
         d.root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=d.m,
         image_size=cfg.model.image_size, num_workers=d.num_workers, seed=cfg.run.seed, mean=mean, std=std,
         keep_labels=keep, scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
-        steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length,
+        steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length, sampler=d.sampler,
         # On GPUs images travel as uint8 and are normalised on the device.
         **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),
     )

@@ -14,13 +14,13 @@ from rskdist.data.loader import build_eval_loader, build_train_loader
 from test_data_stream import make_shards
 
 
-def _worker(rank: int, world_size: int, init_method: str, root: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, init_method: str, root: str, out_dir: str, sampler: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         loader = build_train_loader(root, rank=rank, world_size=world_size, classes_per_rank=2, m=2,
-                                    image_size=16, num_workers=1, seed=3)
+                                    image_size=16, num_workers=1, seed=3, sampler=sampler)
         steps = 0
-        for epoch in range(2):
+        for epoch in range(2):  # with sampler=reference, epochs of 4 and 5 steps
             loader.set_epoch(epoch)
             for _, labels in loader:
                 gathered = [torch.empty_like(labels) for _ in range(world_size)]
@@ -36,19 +36,22 @@ def _worker(rank: int, world_size: int, init_method: str, root: str, out_dir: st
             gathered = [torch.empty_like(index) for _ in range(world_size)]
             dist.all_gather(gathered, index)
             seen += [i for g in gathered for i in g.tolist() if i >= 0]
-        torch.save({"steps": steps, "eval": sorted(seen)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        planned = sum(loader.plan.epoch_steps(e) for e in range(2))
+        torch.save({"steps": steps, "planned": planned, "eval": sorted(seen)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_gloo_ranks_equal_steps_and_global_balance(tmp_path, rendezvous_file):
+@pytest.mark.parametrize("sampler", ["balanced", "reference"])
+def test_gloo_ranks_equal_steps_and_global_balance(tmp_path, rendezvous_file, sampler):
     counts = [3, 4, 5, 6, 4, 5, 7, 4, 5, 4]  # 47 samples, 5 shards of <= 10
     root = make_shards(tmp_path / "shards", counts, samples_per_shard=10, test_counts=(4, 3, 3, 1))
     world_size = 2
-    mp.spawn(_worker, args=(world_size, rendezvous_file, root, str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, rendezvous_file, root, str(tmp_path), sampler), nprocs=world_size,
+             join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-    assert results[0]["steps"] == results[1]["steps"] > 0
+    assert results[0]["steps"] == results[1]["steps"] == results[0]["planned"] > 0
     assert results[0]["eval"] == list(range(11))
 
 

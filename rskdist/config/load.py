@@ -179,6 +179,14 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {d.crop_scale}")
     if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
         raise ValueError(f"config: data.crop_ratio must be [low, high] with 0 < low <= high, got {d.crop_ratio}")
+    shaping = [f"data.{k}={getattr(d, k)}" for k, default in (("remainder", "topup"), ("epoch_length", "auto"))
+               if getattr(d, k) != default]
+    if d.sampler == "reference" and shaping:
+        raise ValueError(
+            f"config: data.sampler=reference cannot honour {' and '.join(shaping)}: it fixes its own epoch (the "
+            f"published code's, docs/data.md); remove {' and '.join(s.split('=')[0] for s in shaping)} "
+            f"or use data.sampler=balanced"
+        )
     if d.source == "shards" and not d.root:
         raise ValueError("config: data.source=shards needs data.root (a folder written by tools/make_shards.py)")
     if check_paths and d.source == "shards" and not (Path(d.root) / "index.json").is_file():
@@ -324,7 +332,7 @@ def ignored_settings(cfg: Config) -> list[str]:
     if cfg.data.source != "synthetic":
         return []
     default = Config().data
-    names = ("num_workers", "crop_scale", "crop_ratio", "hflip", "remainder", "epoch_length", "root")
+    names = ("num_workers", "crop_scale", "crop_ratio", "hflip", "sampler", "remainder", "epoch_length", "root")
     return [f"data.{n}" for n in names if getattr(cfg.data, n) != getattr(default, n)]
 
 

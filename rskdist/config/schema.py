@@ -57,8 +57,9 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # RandomResizedCrop aspect-ratio range (train); [1, 1] keeps the aspect
     hflip: bool = True  # random horizontal flip (train); turn off for text, logos, glyphs, printed products
-    remainder: Literal["topup", "drop", "stochastic"] = "topup"  # class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
-    epoch_length: Literal["auto", "dataset"] = "auto"  # "auto": most steps without repeating an image; "dataset": images / global batch
+    sampler: Literal["balanced", "reference"] = "balanced"  # the epoch's batches: "balanced" (most steps without repeating a class's images, shaped by remainder and epoch_length) or "reference" (the published RS@k code's epoch: classes smaller than m never drawn, the epoch ends when fewer than global_batch / m classes hold m unused images; docs/data.md)
+    remainder: Literal["topup", "drop", "stochastic"] = "topup"  # sampler=balanced: class images beyond a multiple of m: "topup" (repeat), "drop", "stochastic"
+    epoch_length: Literal["auto", "dataset"] = "auto"  # sampler=balanced: "auto": most steps without repeating an image; "dataset": images / global batch
     val_classes: float = 0.0  # training classes held out as a validation set (class-disjoint from training, drawn with run.seed): a count (>= 1) or a fraction (0 < x < 1); `best` is then picked on it. 0: none
     test_splits: list[str] = field(default_factory=lambda: ["test"])  # splits of the shard folder evaluated, each reported under its own name; the first picks `best` when data.val_classes is 0
     synthetic_classes: int = 64  # source=synthetic: number of classes

@@ -12,6 +12,8 @@ _LAZY = {
     "TrainLoader": "loader",
     "EvalLoader": "loader",
     "ClassBalancedPlan": "sampler",
+    "ReferencePlan": "sampler",
+    "make_plan": "sampler",
 }
 
 __all__ = ["SplitTable", "load_index", "load_split", "DataSourceError", "list_source", *_LAZY]

@@ -2,9 +2,10 @@
 
 Both loaders are thin iterators around a torch DataLoader whose "indices" are read
 requests (sample indices + augmentation key). The main process decides which sample
-goes where (the class-balanced plan, or the evaluation order); DataLoader workers only
-read bytes (one seek + read per image in the tar shards) and decode; the main process
-concatenates the reads of a step, in order, into the rank's batch. Consequences:
+goes where (the batch plan of rskdist/data/sampler.py, or the evaluation order);
+DataLoader workers only read bytes (one seek + read per image in the tar shards) and
+decode; the main process concatenates the reads of a step, in order, into the rank's
+batch. Consequences:
 - batches do not depend on num_workers; only the rank's own images are read;
 - memory is bounded by num_workers * prefetch_factor reads, never the dataset;
 - the position is just (epoch, step): `state_dict()` / `load_state_dict()` restore it
@@ -29,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .sampler import ClassBalancedPlan
+from .sampler import make_plan
 from .shards import ShardReader, SplitTable, load_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train, normalize
 
@@ -144,7 +145,7 @@ class _ChunkDataset(Dataset):
 
 
 class _RequestSampler(Sampler):
-    """Yields the read requests of steps [start, stop) of the owner's current pass."""
+    """Yields the read requests of steps [start, end of the epoch) of the owner's current pass."""
 
     def __init__(self, owner: "_ChunkedLoader"):
         self.owner = owner
@@ -152,7 +153,7 @@ class _RequestSampler(Sampler):
 
     def __iter__(self):
         o = self.owner
-        for step in range(self.start, o.steps_per_epoch):
+        for step in range(self.start, o._epoch_steps(self.epoch)):
             indices, aug_key = o._step_request(self.epoch, step)
             batch = indices if aug_key is not None else None  # substitutes avoid the step's images
             for c in range(0, len(indices), o.read_size):
@@ -160,7 +161,7 @@ class _RequestSampler(Sampler):
 
     def __len__(self) -> int:
         o = self.owner
-        return (o.steps_per_epoch - self.start) * math.ceil(o.batch_size / o.read_size)
+        return (o._epoch_steps(self.epoch) - self.start) * math.ceil(o.batch_size / o.read_size)
 
 
 class _ChunkedLoader:
@@ -202,8 +203,12 @@ class _ChunkedLoader:
     def _step_request(self, epoch: int, step: int) -> tuple[np.ndarray, tuple | None]:
         raise NotImplementedError
 
-    def __len__(self) -> int:
+    def _epoch_steps(self, epoch: int) -> int:
         return self.steps_per_epoch
+
+    def __len__(self) -> int:
+        """Steps of the current epoch."""
+        return self._epoch_steps(self.epoch)
 
     def pop_bad_events(self) -> list[dict]:
         """The unreadable images met since the last call, oldest first, as dicts: index
@@ -261,6 +266,13 @@ class TrainLoader(_ChunkedLoader):
     the classes of a step are distinct, so the gathered global batch has exactly m images
     per class. After the last step of an epoch the position moves to (epoch + 1, 0).
 
+    `sampler` picks the plan (rskdist/data/sampler.py): "balanced" (ClassBalancedPlan,
+    shaped by `remainder` and `steps_per_epoch`) or "reference" (ReferencePlan, the
+    published code's epoch; those two must stay at their defaults). An epoch has
+    `plan.epoch_steps(epoch)` steps on every rank: `steps_per_epoch` for the balanced
+    plan; for the reference plan it varies a little with the epoch, and `steps_per_epoch`
+    is its mean (the trainer's schedule counts epochs of that many steps).
+
     An image that cannot be read or decoded (twice) is replaced by another image of its
     class (`_ChunkDataset`); the batch keeps its shape and labels and every rank its step
     count. `bad_samples` counts the replacements of this run on this rank (kept in
@@ -289,6 +301,7 @@ class TrainLoader(_ChunkedLoader):
         keep_labels: Sequence[int] | None = None,
         remainder: str = "topup",
         steps_per_epoch: int | str | None = None,
+        sampler: str = "balanced",
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
@@ -302,7 +315,8 @@ class TrainLoader(_ChunkedLoader):
         table = load_split(root, split)
         if keep_labels is not None:  # e.g. the training classes left when validation classes are held out
             table = table.select(keep_labels)
-        self.plan = ClassBalancedPlan(
+        self.plan = make_plan(
+            sampler,
             table.labels,
             m=m,
             classes_per_rank=classes_per_rank,
@@ -316,7 +330,7 @@ class TrainLoader(_ChunkedLoader):
                 f"{root}/{split}: not enough images for one step of {classes_per_rank * world_size} classes x m={m}"
             )
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.classes_per_rank, self.m, self.remainder = classes_per_rank, m, remainder
+        self.classes_per_rank, self.m, self.remainder, self.sampler = classes_per_rank, m, remainder, sampler
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.batch_size = classes_per_rank * m
         super().__init__(
@@ -336,6 +350,9 @@ class TrainLoader(_ChunkedLoader):
     def _step_request(self, epoch, step):
         return self.plan.rank_batch(epoch, step, self.rank), (self.seed, epoch, step, self.rank)
 
+    def _epoch_steps(self, epoch: int) -> int:
+        return self.plan.epoch_steps(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of `epoch`; no-op if already in it (keeps a resumed mid-epoch step)."""
         if epoch != self.epoch:
@@ -348,7 +365,7 @@ class TrainLoader(_ChunkedLoader):
             # Advance (and count) before yielding: a checkpoint taken after this step resumes at the next one.
             self._record_bad(bad, epoch, step, _substitute_outcome)
             self.step = step + 1
-            if self.step == self.steps_per_epoch:
+            if self.step == self.plan.epoch_steps(epoch):
                 self.epoch, self.step = epoch + 1, 0
             images = normalize(images, self.mean, self.std, self.device)
             if self.device is not None:
@@ -365,6 +382,7 @@ class TrainLoader(_ChunkedLoader):
             "classes_per_rank": self.classes_per_rank,
             "m": self.m,
             "remainder": self.remainder,
+            "sampler": self.sampler,
             "num_samples": len(self.table),
             "steps_per_epoch": self.steps_per_epoch,
             "bad_samples": self.bad_samples,
@@ -375,17 +393,21 @@ class TrainLoader(_ChunkedLoader):
         that followed when `state` was saved.
 
         The plan is a function of (labels, seed, m, classes_per_rank, world_size,
-        remainder, steps_per_epoch): resuming with any of them changed would silently give other
-        batches, so that is an error.
+        remainder, sampler, steps_per_epoch): resuming with any of them changed would silently
+        give other batches, so that is an error (a checkpoint without `sampler` predates the
+        reference sampler: its plan was the balanced one).
         """
-        for key in ("seed", "world_size", "classes_per_rank", "m", "remainder", "num_samples", "steps_per_epoch"):
+        state = {"sampler": "balanced", **state}
+        for key in ("seed", "world_size", "classes_per_rank", "m", "remainder", "sampler", "num_samples",
+                    "steps_per_epoch"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(
                     f"cannot resume the data stream: {key}={state[key]} in the checkpoint but "
                     f"{self.state_dict()[key]} now (the batch plan depends on it)"
                 )
-        if not 0 <= state["step"] < self.steps_per_epoch:
-            raise ValueError(f"step {state['step']} outside [0, {self.steps_per_epoch})")
+        if not 0 <= state["step"] < self.plan.epoch_steps(int(state["epoch"])):
+            raise ValueError(f"step {state['step']} outside [0, {self.plan.epoch_steps(int(state['epoch']))}) "
+                             f"of epoch {state['epoch']}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.bad_samples = int(state.get("bad_samples", 0))  # absent in checkpoints written before the count
 
@@ -499,8 +521,8 @@ def build_train_loader(
     std: Sequence[float] = IMAGENET_STD,
     **kwargs,
 ) -> TrainLoader:
-    """The class-balanced training stream of `rank` (see TrainLoader for extra options:
-    split, keep_labels, remainder, steps_per_epoch, scale, ratio, hflip, read_size, prefetch_factor, pin_memory,
+    """The class-balanced training stream of `rank` (see TrainLoader for extra options: split,
+    keep_labels, remainder, steps_per_epoch, sampler, scale, ratio, hflip, read_size, prefetch_factor, pin_memory,
     device)."""
     return TrainLoader(
         root,

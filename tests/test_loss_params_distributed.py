@@ -1,7 +1,8 @@
 """Losses with class proxies and embedding mixup inside the real step: one DeepSpeed step
 on N gloo ranks (ZeRO 0, 2, 3; chunked two-pass step) moves the model AND the proxies
 exactly as one plain single-process SGD step on the concatenated global batch, the
-proxies at their own learning rate (rskdist/parallel/gradients.py, 5)."""
+proxies at their own learning rate (rskdist/parallel/gradients.py, 5); and several AdamW
+steps with a schedule on 2 ranks follow PML's loss in a plain one-process loop."""
 
 import os
 
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from rskdist.build import StepLoss, build_optimizer, deepspeed_config, trained_module
 from rskdist.config import Config
 from rskdist.loss import make_loss, simix_generator, simix_plan
-from test_engine_distributed import CHUNK, LR, SEED, TinyEmbedder, _global_batch, start_rank
+from test_engine_distributed import CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch, start_rank
 
 pytestmark = pytest.mark.distributed
 
@@ -110,3 +111,105 @@ def test_loss_parameters_train_exactly_in_the_engine(tmp_path, world):
                 for key, ref in ref_state.items():
                     torch.testing.assert_close(state[key], ref, atol=1e-5, rtol=1e-4,
                                                msg=lambda m: f"{name}/{mix} ZeRO-{zero_stage} rank {rank} {key}: {m}")
+
+
+# --- several steps of the real optimizer -------------------------------------------------------
+# One SGD step hides what only shows over many: Adam's state of the proxies, their LR group and
+# schedule, the proxies lent to the loss pass each step. A proxy loss that passed the one-step
+# test above was reported to stall on two ranks; this compares whole trajectories.
+STEPS = 5
+ADAM_LR = 1e-2
+
+
+def _step_batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    images = torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=gen)
+    labels = (torch.arange(GLOBAL_BATCH) // 4)[torch.randperm(GLOBAL_BATCH, generator=gen)]
+    return images, labels
+
+
+def _adam_config(name, zero_stage):
+    cfg = _config(name, "none", zero_stage)
+    cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay = "adamw", ADAM_LR, 1e-3
+    return cfg
+
+
+def _schedule(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))  # a warm-up
+
+
+def _plain_adam_run(name):
+    """PML's loss in a plain loop: whole batch, backward, AdamW on model + proxies (proxies at
+    their LR multiple), a warm-up schedule."""
+    model, criterion = _parts(name, "none")
+    module = trained_module(_adam_config(name, 0), model, criterion)
+    optimizer = build_optimizer(module, _adam_config(name, 0).optim)
+    schedule = _schedule(optimizer)
+    losses = []
+    for step in range(STEPS):
+        images, labels = _step_batch(step)
+        loss = criterion(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _adam_worker(rank, world, init, out_dir, cases):
+    import deepspeed
+
+    from rskdist.parallel.step import two_pass_step
+
+    start_rank(rank, world, init)
+    group = dist.group.WORLD if world > 1 else None
+    local = GLOBAL_BATCH // world
+    rows = slice(rank * local, (rank + 1) * local)
+    results = {}
+    for name, zero_stage in cases:
+        cfg = _adam_config(name, zero_stage)
+        model, criterion = _parts(name, "none")
+        module = trained_module(cfg, model, criterion)
+        optimizer = build_optimizer(module, cfg.optim)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=_schedule(optimizer),
+            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=-(-local // CHUNK), world_size=world),
+        )
+        shadow = _parts(name, "none")[1]
+        losses = []
+        for step in range(STEPS):
+            images, labels = _step_batch(step)
+            loss_fn = StepLoss(shadow, cfg.loss, seed=SEED, step=step, group=group, params_from=engine.module.criterion)
+            result = two_pass_step(engine, images[rows], labels[rows], chunk_size=CHUNK, world_size=world, rank=rank,
+                                   step=step, seed=SEED, loss_fn=loss_fn, group=group,
+                                   loss_params=loss_fn.param_leaves)
+            losses.append(result.loss)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
+            state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        results[(name, zero_stage)] = (losses, state)
+    torch.save(results, os.path.join(out_dir, f"adam{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_proxy_losses_follow_the_plain_loop_over_several_adam_steps(tmp_path):
+    """proxy_anchor and arcface, 5 AdamW steps with a warm-up, on 2 ranks under ZeRO 0, 2 and 3:
+    every step's loss, the model and the proxies equal PML's loss in a plain one-process loop
+    (fp32 reduction-order tolerance), and both ranks hold the same values."""
+    names = ("proxy_anchor", "arcface")
+    cases = [(name, z) for name in names for z in (0, 2, 3)]
+    mp.spawn(_adam_worker, args=(2, f"file://{tmp_path / 'rdzv'}", str(tmp_path), cases), nprocs=2, join=True)
+    per_rank = [torch.load(tmp_path / f"adam{rank}.pt") for rank in range(2)]
+    for name in names:
+        ref_losses, ref_state = _plain_adam_run(name)
+        _, initial = _parts(name, "none")
+        assert float((ref_state["criterion.proxies"] - initial.proxies).abs().max()) > 1e-2  # they moved
+        for zero_stage in (0, 2, 3):
+            for rank, results in enumerate(per_rank):
+                losses, state = results[(name, zero_stage)]
+                where = f"{name} ZeRO-{zero_stage} rank {rank}"
+                assert losses == pytest.approx(ref_losses, rel=1e-5), where
+                for key, ref in ref_state.items():
+                    torch.testing.assert_close(state[key], ref, atol=2e-5, rtol=1e-4,
+                                               msg=lambda m: f"{where} {key}: {m}")

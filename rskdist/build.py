@@ -41,20 +41,34 @@ def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
                        chunk_size=d.chunk_size, num_chunks=math.ceil(local / d.chunk_size))
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, *, backbone_apart: bool = False) -> torch.optim.Optimizer:
     """A torch.optim optimizer (passing an object keeps DeepSpeed from compiling fused_adam).
 
     Weight decay applies to every parameter as in the published code, unless
     `optim.decay_norm_and_bias` is off (then biases, norms and token embeddings are exempt).
+    Each group says what it holds under "role": "model", or with `backbone_apart`
+    "backbone" and "head" (the pooling and projection after it), and "proxies" (a loss's
+    class proxies, at their own LR); `lr_lambdas` schedules each role.
     """
     from rskdist.models import param_groups
 
-    if isinstance(model, TrainModule):  # the loss's proxies: their own LR (a multiple of optim.lr)
-        groups = param_groups(model.model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
-        groups.append({"params": list(model.criterion.parameters()), "weight_decay": cfg.weight_decay,
-                       "lr": cfg.lr * model.lr_multiplier})
+    def groups_of(module: torch.nn.Module, role: str) -> list[dict]:
+        groups = param_groups(module, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
+        return [dict(g, role=role) for g in groups if g["params"]]
+
+    model_part = model.model if isinstance(model, TrainModule) else model
+    if backbone_apart and not isinstance(getattr(model_part, "backbone", None), torch.nn.Module):
+        raise ValueError(f"a frozen backbone warm-up (loss.backbone_warmup_epochs) needs a model with a .backbone "
+                         f"(rskdist.models.RetrievalModel), got {type(model_part).__name__}; set "
+                         "loss.backbone_warmup_epochs=0")
+    if backbone_apart:
+        rest = torch.nn.ModuleDict({k: m for k, m in model_part.named_children() if k != "backbone"})
+        groups = groups_of(model_part.backbone, "backbone") + groups_of(rest, "head")
     else:
-        groups = param_groups(model, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
+        groups = groups_of(model_part, "model")
+    if isinstance(model, TrainModule):  # the loss's proxies: their own LR (a multiple of optim.lr)
+        groups.append({"params": list(model.criterion.parameters()), "weight_decay": cfg.weight_decay,
+                       "lr": cfg.lr * model.lr_multiplier, "role": "proxies"})
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "adam":
@@ -67,6 +81,29 @@ def lr_factor(step: int, *, steps_per_epoch: int, warmup_steps: int, decay_epoch
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     drops = sum(1 for e in decay_epochs if step >= e * steps_per_epoch)
     return warm * decay_factor**drops
+
+
+def backbone_frozen_steps(loss_cfg, criterion: torch.nn.Module, *, steps_per_epoch: float) -> int:
+    """Steps at the start during which the backbone does not move (loss.backbone_warmup_epochs,
+    -1 taking the loss's paper default: Proxy-Anchor's one epoch of head and proxies alone)."""
+    epochs = loss_cfg.backbone_warmup_epochs
+    if epochs < 0:
+        epochs = float(getattr(criterion, "backbone_warmup_epochs", 0.0))
+    return int(round(epochs * steps_per_epoch))
+
+
+def lr_lambdas(optimizer: torch.optim.Optimizer, optim_cfg, *, steps_per_epoch: float, frozen_steps: int = 0):
+    """One LR factor function per parameter group of `build_optimizer`: the schedule
+    (`lr_factor`), and 0 for the backbone's groups during its first `frozen_steps` (an LR of
+    0 moves nothing, AdamW's decoupled decay included; the gradients are still computed)."""
+    def schedule(step: int) -> float:
+        return lr_factor(step, steps_per_epoch=steps_per_epoch, warmup_steps=optim_cfg.warmup_steps,
+                         decay_epochs=optim_cfg.decay_epochs, decay_factor=optim_cfg.decay_factor)
+
+    def frozen_first(step: int) -> float:
+        return 0.0 if step < frozen_steps else schedule(step)
+
+    return [frozen_first if g.get("role") == "backbone" else schedule for g in optimizer.param_groups]
 
 
 def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
@@ -326,17 +363,15 @@ def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, de
     )
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int):
-    """DeepSpeed engine and LR scheduler around `model` (optimizer and schedule from the config)."""
+def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int,
+                 frozen_steps: int = 0):
+    """DeepSpeed engine and LR scheduler around `model` (optimizer and schedule from the
+    config); the backbone keeps still for the first `frozen_steps` (`backbone_frozen_steps`)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.optim)
-    o = cfg.optim
+    optimizer = build_optimizer(model, cfg.optim, backbone_apart=frozen_steps > 0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, warmup_steps=o.warmup_steps,
-                            decay_epochs=o.decay_epochs, decay_factor=o.decay_factor),
-    )
+        optimizer, lr_lambdas(optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, frozen_steps=frozen_steps))
     layout = batch_layout(cfg, world_size)
     ds_config = deepspeed_config(cfg, chunk_size=layout.chunk_size, num_chunks=layout.num_chunks,
                                  world_size=world_size)

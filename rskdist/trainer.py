@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rskdist.build import (
-    PRECISION_DTYPE, StepLoss, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
+    PRECISION_DTYPE, StepLoss, backbone_frozen_steps, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
     num_train_classes, trained_module,
 )
 from rskdist.checkpoint import CheckpointManager, step_tag
@@ -61,8 +61,9 @@ class Trainer:
         criterion = build_criterion(cfg, num_classes=num_classes)
         _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device)
         module = trained_module(cfg, model, criterion)
+        self.frozen_steps = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=self.steps_per_epoch)
         self.engine, self.scheduler = build_engine(cfg, module, world_size=ctx.world_size,
-                                                   steps_per_epoch=self.steps_per_epoch)
+                                                   steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
         # The loss pass runs on an fp32 copy that the engine lends its proxies to (build.StepLoss).
         self.loss_params_from = None if module is model else self.engine.module.criterion
         self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
@@ -190,6 +191,10 @@ class Trainer:
                      f"{lay.local_batch} in {lay.num_chunks} chunks | ZeRO-{cfg.deepspeed.zero_stage} "
                      f"{cfg.deepspeed.precision} | {self.total_steps} steps ({self.steps_per_epoch}/epoch) | "
                      f"run {self.ctx.run_dir}")
+        if self.frozen_steps:
+            self.log.say(f"rskdist: backbone frozen (LR 0) for steps 0-{self.frozen_steps - 1}: only the head"
+                         f"{' and the loss proxies' if self.loss_params_from is not None else ''} learn "
+                         f"(loss.backbone_warmup_epochs; -1 is the loss's paper default)")
 
     def _log_step(self, result, step_seconds: float, data_seconds: float, t_start: float, first_step: int) -> dict:
         elapsed = time.perf_counter() - t_start

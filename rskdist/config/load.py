@@ -216,6 +216,9 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         check_mix_mode(loss.mix, loss_name=loss.name)
     except ValueError as exc:
         raise ValueError(f"config: {exc}") from None
+    if loss.backbone_warmup_epochs < 0 and loss.backbone_warmup_epochs != -1:
+        raise ValueError(f"config: loss.backbone_warmup_epochs must be >= 0 (epochs with the backbone frozen) or -1 "
+                         f"(the loss's paper default), got {loss.backbone_warmup_epochs}")
     if loss.proxy_lr_multiplier < 0:
         raise ValueError(f"config: loss.proxy_lr_multiplier must be >= 0 (0: the loss's default), got {loss.proxy_lr_multiplier}")
     if loss.saturation_steps < 1:

@@ -71,6 +71,7 @@ class LossConfig:
     name: Literal["rsk", "contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface", "cosface"] = "rsk"  # the loss of the global batch: RS@k or a baseline (docs/loss.md, "Baseline losses")
     mix: Literal["simix", "embedding", "none"] = "simix"  # mixup: SiMix on scalar similarities (RS@k only), mixed and re-normalised embeddings (any loss), or none
     options: dict[str, Any] = field(default_factory=dict)  # a baseline's own options (e.g. {margin: 0.2}); unset ones take the loss's paper defaults (docs/loss.md)
+    backbone_warmup_epochs: float = -1.0  # epochs at the start with the backbone frozen (LR 0): only the head and a loss's proxies learn (-1: the loss's paper default, 1 for proxy_anchor, else 0)
     proxy_lr_multiplier: float = 0.0  # proxy losses: LR of the class proxies over optim.lr (0: the loss's paper default, e.g. 100 for proxy_anchor)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k values of the recall@k surrogate
     tau1: float | Literal["k"] = 1.0  # temperature of the recall sigmoid; "k": tau1 = k for each k (the published code's default from 2022 to late 2024, docs/reproducing.md)

@@ -102,6 +102,7 @@ class RSkLoss(nn.Module):
     """
 
     lr_multiplier = 1.0  # no parameters; the attribute every loss from make_loss has
+    backbone_warmup_epochs = 0.0  # no frozen start (the other attribute every loss has)
 
     def __init__(
         self,

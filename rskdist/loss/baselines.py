@@ -9,7 +9,7 @@ paper defaults, runs them on the gathered global batch and owns their class prox
 | multi_similarity | MultiSimilarityLoss + MultiSimilarityMiner | alpha=2, beta=50, base=0.5, miner_epsilon=0.1 | Wang et al. 2019 (MS loss, CVPR) |
 | triplet | TripletMarginLoss + TripletMarginMiner("semihard"), squared L2 on unit vectors | margin=0.2 | Schroff et al. 2015 (FaceNet) |
 | smooth_ap | SmoothAPLoss | temperature=0.01 | Brown et al. 2020 (Smooth-AP, ECCV) |
-| proxy_anchor | ProxyAnchorLoss | margin=0.1, alpha=32, lr_multiplier=100 | Kim et al. 2020 (Proxy Anchor, CVPR) |
+| proxy_anchor | ProxyAnchorLoss | margin=0.1, alpha=32, lr_multiplier=100, backbone_warmup_epochs=1 | Kim et al. 2020 (Proxy Anchor, CVPR) |
 | norm_softmax | NormalizedSoftmaxLoss | temperature=0.05, lr_multiplier=1 | Zhai & Wu 2019 (Classification is a strong baseline, BMVC) |
 | arcface | ArcFaceLoss | margin=28.6 (degrees, = 0.5 rad), scale=64, lr_multiplier=1 | Deng et al. 2019 (ArcFace, CVPR) |
 | cosface | CosFaceLoss | margin=0.35 (on the cosine), scale=64, lr_multiplier=1 | Wang et al. 2018 (CosFace, CVPR) |
@@ -17,7 +17,9 @@ paper defaults, runs them on the gathered global batch and owns their class prox
 Every loss normalises the embeddings itself (cosine similarity, or Euclidean distance
 between unit vectors for the triplet loss). `lr_multiplier` is not a loss option: it is
 the factor on the learning rate of the class proxies, read by whoever builds the
-optimizer (`module.lr_multiplier`).
+optimizer (`module.lr_multiplier`); so is `backbone_warmup_epochs`, the epochs at the start
+in which the backbone is frozen and only the head and proxies learn (Proxy-Anchor's
+warm-up; `module.backbone_warmup_epochs`, config `loss.backbone_warmup_epochs`).
 
 Across ranks each rank gathers the global batch (`replicated_batch`, rskdist/loss/mixup.py)
 and computes the whole loss: PML's losses mine pairs and triplets over the whole batch,
@@ -45,6 +47,7 @@ class Baseline:
     defaults: dict  # loss options and their paper values
     proxies: bool = False  # has class proxies (needs num_classes and embed_dim)
     lr_multiplier: float = 1.0  # learning-rate factor of the proxies (paper value)
+    backbone_warmup_epochs: float = 0.0  # epochs with the backbone frozen at the start (paper value)
     miner: str | None = None  # name in pytorch_metric_learning.miners
     paper: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -59,7 +62,7 @@ BASELINES: dict[str, Baseline] = {
                         paper="Schroff, Kalenichenko, Philbin 2015"),
     "smooth_ap": Baseline("SmoothAPLoss", {"temperature": 0.01}, paper="Brown et al. 2020"),
     "proxy_anchor": Baseline("ProxyAnchorLoss", {"margin": 0.1, "alpha": 32.0}, proxies=True, lr_multiplier=100.0,
-                             paper="Kim et al. 2020"),
+                             backbone_warmup_epochs=1.0, paper="Kim et al. 2020"),
     "norm_softmax": Baseline("NormalizedSoftmaxLoss", {"temperature": 0.05}, proxies=True,
                              paper="Zhai and Wu 2019"),
     "arcface": Baseline("ArcFaceLoss", {"margin": 28.6, "scale": 64.0}, proxies=True, paper="Deng et al. 2019"),
@@ -131,6 +134,7 @@ class BaselineLoss(nn.Module):
             self.num_classes = num_classes
         self.options = {**spec.defaults, **options}
         self.lr_multiplier = spec.lr_multiplier
+        self.backbone_warmup_epochs = spec.backbone_warmup_epochs
         pml, self.miner = build_pml_loss(name, num_classes=num_classes, embed_dim=embed_dim, **options)
         if spec.proxies:
             # The proxies live here, so they are this module's parameter (optimizer groups,

@@ -135,3 +135,19 @@ def test_spec_keeps_learned_gem_and_forced_normalisation():
     again = rebuild_model(model.spec)
     again.load_state_dict(model.state_dict())
     assert again.mean == IMAGENET_MEAN and float(again.pool.p.detach()) == 4.5
+
+
+def test_learned_gem_exponent_loads_from_a_model_file(tmp_path):
+    """A RetrievalModel file with a learned GeM exponent (pool.p) loads as model.pretrained into a
+    model that learns it; into a fixed-p model it is refused with the key to set."""
+    from rskdist.models import WeightsMismatchError, create_model
+
+    trained = create_model("resnet18", embed_dim=16, image_size=32, gem_learnable=True)
+    with torch.no_grad():
+        trained.pool.p.fill_(3.7)
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    again = create_model("resnet18", embed_dim=16, image_size=32, gem_learnable=True, pretrained=str(tmp_path / "model.pt"))
+    assert float(again.pool.p.detach()) == pytest.approx(3.7)
+    torch.testing.assert_close(again.head[1].weight, trained.head[1].weight)
+    with pytest.raises(WeightsMismatchError, match="learned GeM exponent.*model.gem_learnable=true"):
+        create_model("resnet18", embed_dim=16, image_size=32, pretrained=str(tmp_path / "model.pt"))

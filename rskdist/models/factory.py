@@ -47,6 +47,7 @@ from .weights import (
     hub_offline,
     is_unavailable_error,
     layout_summary,
+    load_retrieval_rest,
     load_strict,
     looks_like_path,
     read_state_dict,
@@ -260,10 +261,7 @@ def _build_timm(
                   native_image_size=native_size, preprocessing=preprocessing),
     )
     if head_state is not None:
-        load_strict(
-            model.head, head_state, "retrieval head", source, prefix="head.",
-            hint=f"The head maps feat_dim={model.feat_dim} to embed_dim={model.embed_dim}; use the embed_dim of the checkpoint.",
-        )
+        load_retrieval_rest(model, head_state, source)
     return model
 
 
@@ -625,10 +623,7 @@ def _build_open_clip(
         ),
     )
     if head_state is not None:
-        load_strict(
-            model.head, head_state, "retrieval head", source, prefix="head.",
-            hint=f"The head maps feat_dim={model.feat_dim} to embed_dim={model.embed_dim}; use the embed_dim of the checkpoint.",
-        )
+        load_retrieval_rest(model, head_state, source)
     return model
 
 

@@ -305,22 +305,43 @@ def _grid(pos: torch.Tensor | None, num_prefix: int) -> str:
 def split_retrieval_state(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Split a state dict into (backbone part, head part or None).
+    """Split a state dict into (backbone part, the rest of a RetrievalModel or None).
 
-    A RetrievalModel state dict has "backbone.*" and "head.*" keys; anything else is
-    taken as the backbone's own state dict (timm model, open_clip tower or full CLIP).
+    A RetrievalModel state dict has "backbone.*" and "head.*" keys (and "pool.p" where its
+    GeM exponent was learned); the rest keeps those prefixes. Anything else is taken as
+    the backbone's own state dict (timm model, open_clip tower or full CLIP).
     """
     if any(k.startswith("backbone.") for k in state):
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        other = sorted(k for k in state if not k.startswith(("backbone.", "head.")))
+        rest = {k: v for k, v in state.items() if k.startswith(("head.", "pool."))}
+        other = sorted(k for k in state if not k.startswith(("backbone.", "head.", "pool.")))
         if other:
             raise WeightsMismatchError(
-                f"RetrievalModel checkpoint has {len(other)} keys outside backbone./head.: "
+                f"RetrievalModel checkpoint has {len(other)} keys outside backbone./head./pool.: "
                 f"{other[:8]}"
             )
-        return backbone, (head or None)
+        return backbone, (rest or None)
     return state, None
+
+
+def load_retrieval_rest(model, rest: dict[str, torch.Tensor], source: str) -> None:
+    """Load the head (and a learned GeM exponent) of a RetrievalModel file into `model`.
+
+    A file whose GeM exponent was learned loads into a model that learns it too; a model
+    that learns it from a file that kept it fixed starts at its own gem_p."""
+    head = {k[len("head."):]: v for k, v in rest.items() if k.startswith("head.")}
+    pool = {k[len("pool."):]: v for k, v in rest.items() if k.startswith("pool.")}
+    load_strict(
+        model.head, head, "retrieval head", source, prefix="head.",
+        hint=f"The head maps feat_dim={model.feat_dim} to embed_dim={model.embed_dim}; use the embed_dim of the checkpoint.",
+    )
+    own_pool = model.pool.state_dict()
+    if pool and not own_pool:
+        raise WeightsMismatchError(
+            f"weights from {source} hold a learned GeM exponent (pool.p = {float(pool['p'].reshape(-1)[0]):.4f}) but "
+            "this model's pooling has no parameter; set model.gem_learnable=true (and model.pool=gem or auto on a CNN)")
+    if own_pool and pool:
+        load_strict(model.pool, pool, "GeM pooling", source, prefix="pool.")
 
 
 def load_strict(

@@ -46,29 +46,32 @@ def build_optimizer(model: torch.nn.Module, cfg, *, backbone_apart: bool = False
 
     Weight decay applies to every parameter as in the published code, unless
     `optim.decay_norm_and_bias` is off (then biases, norms and token embeddings are exempt).
-    Each group says what it holds under "role": "model", or with `backbone_apart`
-    "backbone" and "head" (the pooling and projection after it), and "proxies" (a loss's
-    class proxies, at their own LR); `lr_lambdas` schedules each role.
+    Each group says what it holds under "role": "model", or "backbone" and "head" (the
+    pooling and projection after it) when they are apart (a frozen-backbone warm-up,
+    `optim.layer_decay`: one group per backbone layer, `optim.head_lr_multiplier`), and
+    "proxies" (a loss's class proxies, at their own LR); "lr" is optim.lr times the group's
+    "lr_scale"; `lr_lambdas` schedules each role. Frozen parameters have no group.
     """
-    from rskdist.models import param_groups
-
-    def groups_of(module: torch.nn.Module, role: str) -> list[dict]:
-        groups = param_groups(module, cfg.weight_decay, exclude_norm_bias=not cfg.decay_norm_and_bias)
-        return [dict(g, role=role) for g in groups if g["params"]]
+    from rskdist.models.params import layered_param_groups, param_groups
 
     model_part = model.model if isinstance(model, TrainModule) else model
-    if backbone_apart and not isinstance(getattr(model_part, "backbone", None), torch.nn.Module):
-        raise ValueError(f"a frozen backbone warm-up (loss.backbone_warmup_epochs) needs a model with a .backbone "
-                         f"(rskdist.models.RetrievalModel), got {type(model_part).__name__}; set "
-                         "loss.backbone_warmup_epochs=0")
-    if backbone_apart:
-        rest = torch.nn.ModuleDict({k: m for k, m in model_part.named_children() if k != "backbone"})
-        groups = groups_of(model_part.backbone, "backbone") + groups_of(rest, "head")
+    apart = backbone_apart or cfg.layer_decay != 1.0 or cfg.head_lr_multiplier != 1.0
+    if apart and not isinstance(getattr(model_part, "backbone", None), torch.nn.Module):
+        raise ValueError(f"optim.layer_decay, optim.head_lr_multiplier and a frozen-backbone warm-up "
+                         f"(loss.backbone_warmup_epochs) need a model with a .backbone (rskdist.models.RetrievalModel), "
+                         f"got {type(model_part).__name__}")
+    exclude = not cfg.decay_norm_and_bias
+    if apart:
+        groups = layered_param_groups(model_part, cfg.weight_decay, exclude_norm_bias=exclude,
+                                      layer_decay=cfg.layer_decay, head_lr_scale=cfg.head_lr_multiplier)
     else:
-        groups = groups_of(model_part, "model")
+        groups = [dict(g, role="model", layers="all", lr_scale=1.0)
+                  for g in param_groups(model_part, cfg.weight_decay, exclude_norm_bias=exclude) if g["params"]]
     if isinstance(model, TrainModule):  # the loss's proxies: their own LR (a multiple of optim.lr)
         groups.append({"params": list(model.criterion.parameters()), "weight_decay": cfg.weight_decay,
-                       "lr": cfg.lr * model.lr_multiplier, "role": "proxies"})
+                       "role": "proxies", "layers": "proxies", "lr_scale": float(model.lr_multiplier)})
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "adam":
@@ -90,6 +93,16 @@ def backbone_frozen_steps(loss_cfg, criterion: torch.nn.Module, *, steps_per_epo
     if epochs < 0:
         epochs = float(getattr(criterion, "backbone_warmup_epochs", 0.0))
     return int(round(epochs * steps_per_epoch))
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One line per parameter group of `build_optimizer`: what it holds and its LR and decay."""
+    lines = []
+    for g in optimizer.param_groups:
+        count = sum(p.numel() for p in g["params"])
+        lines.append(f"  {g.get('role', 'model'):>8} layers {g.get('layers', 'all'):>7}: {count:>11,} params, "
+                     f"lr {g['lr']:.3e} (x{g.get('lr_scale', 1.0):.4g}), weight decay {g['weight_decay']:g}")
+    return lines
 
 
 def lr_lambdas(optimizer: torch.optim.Optimizer, optim_cfg, *, steps_per_epoch: float, frozen_steps: int = 0):
@@ -129,6 +142,10 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
         weights_own = f"mean={model.mean}, std={model.std} from {model.info.get('preprocessing', 'the weights')}"
         set_preprocessing(model, IMAGENET_MEAN, IMAGENET_STD)
         model.info["preprocessing"] = f"ImageNet (model.normalization=imagenet; the weights' own: {weights_own})"
+    if m.freeze_blocks or m.freeze_backbone:
+        from rskdist.models.params import freeze_parameters
+
+        freeze_parameters(model, blocks=m.freeze_blocks, backbone=m.freeze_backbone)
     return model
 
 
@@ -365,11 +382,13 @@ def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, de
 
 def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int,
                  frozen_steps: int = 0):
-    """DeepSpeed engine and LR scheduler around `model` (optimizer and schedule from the
-    config); the backbone keeps still for the first `frozen_steps` (`backbone_frozen_steps`)."""
+    """(DeepSpeed engine, LR scheduler, description of the parameter groups) around `model`
+    (optimizer and schedule from the config); the backbone keeps still for the first
+    `frozen_steps` (`backbone_frozen_steps`)."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg.optim, backbone_apart=frozen_steps > 0)
+    groups = describe_param_groups(optimizer)  # before ZeRO replaces the groups' tensors by flat partitions
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambdas(optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, frozen_steps=frozen_steps))
     layout = batch_layout(cfg, world_size)
@@ -377,7 +396,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_
                                  world_size=world_size)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    config=ds_config)
-    return engine, scheduler
+    return engine, scheduler, groups
 
 
 class CastInputs(torch.nn.Module):

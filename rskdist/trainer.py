@@ -62,7 +62,7 @@ class Trainer:
         _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device)
         module = trained_module(cfg, model, criterion)
         self.frozen_steps = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=self.steps_per_epoch)
-        self.engine, self.scheduler = build_engine(cfg, module, world_size=ctx.world_size,
+        self.engine, self.scheduler, self.param_groups = build_engine(cfg, module, world_size=ctx.world_size,
                                                    steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
         # The loss pass runs on an fp32 copy that the engine lends its proxies to (build.StepLoss).
         self.loss_params_from = None if module is model else self.engine.module.criterion
@@ -191,6 +191,8 @@ class Trainer:
                      f"{lay.local_batch} in {lay.num_chunks} chunks | ZeRO-{cfg.deepspeed.zero_stage} "
                      f"{cfg.deepspeed.precision} | {self.total_steps} steps ({self.steps_per_epoch}/epoch) | "
                      f"run {self.ctx.run_dir}")
+        self.log.say("rskdist: parameter groups (optim.layer_decay, optim.head_lr_multiplier, model.freeze_*):\n"
+                     + "\n".join(self.param_groups))
         if self.frozen_steps:
             self.log.say(f"rskdist: backbone frozen (LR 0) for steps 0-{self.frozen_steps - 1}: only the head"
                          f"{' and the loss proxies' if self.loss_params_from is not None else ''} learn "
@@ -201,7 +203,7 @@ class Trainer:
         eta = elapsed / max(self.step - first_step, 1) * (self.total_steps - self.step)
         record = {
             "step": self.step, "epoch": self._epoch(), "kind": "train",
-            "loss": result.loss, "emb_grad_norm": result.emb_grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "loss": result.loss, "emb_grad_norm": result.emb_grad_norm, "lr": self._base_lr(),
             "skipped_steps": int(self.engine.skipped_steps),  # fp16 overflows: batches without an update
             "images_per_s": round(self.cfg.data.global_batch / step_seconds, 2),
             "step_seconds": round(step_seconds, 3), "data_seconds": round(data_seconds, 3),
@@ -255,6 +257,15 @@ class Trainer:
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def _base_lr(self) -> float:
+        """optim.lr under the schedule now: the model's (or head's) group LR over its scale,
+        whatever layer decay, head multiplier or frozen warm-up do to the other groups."""
+        groups, lrs = self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()
+        for g, lr in zip(groups, lrs):
+            if g.get("role", "model") in ("model", "head"):
+                return lr / g.get("lr_scale", 1.0)
+        return lrs[0]
 
     def _epoch(self) -> float:
         return round(self.step / self.steps_per_epoch, 3)

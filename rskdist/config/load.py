@@ -216,6 +216,16 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         check_mix_mode(loss.mix, loss_name=loss.name)
     except ValueError as exc:
         raise ValueError(f"config: {exc}") from None
+    o, mc = cfg.optim, cfg.model
+    if not 0 < o.layer_decay <= 1:
+        raise ValueError(f"config: optim.layer_decay must be in (0, 1] (1: off; BEiT/DINOv2 use 0.65-0.9), got {o.layer_decay}")
+    if o.head_lr_multiplier <= 0:
+        raise ValueError(f"config: optim.head_lr_multiplier must be > 0, got {o.head_lr_multiplier}")
+    if mc.freeze_blocks < 0:
+        raise ValueError(f"config: model.freeze_blocks must be >= 0, got {mc.freeze_blocks}")
+    if mc.freeze_blocks and mc.freeze_backbone:
+        raise ValueError("config: model.freeze_blocks and model.freeze_backbone=true both set; freeze_backbone "
+                         "freezes every block already: set one")
     if loss.backbone_warmup_epochs < 0 and loss.backbone_warmup_epochs != -1:
         raise ValueError(f"config: loss.backbone_warmup_epochs must be >= 0 (epochs with the backbone frozen) or -1 "
                          f"(the loss's paper default), got {loss.backbone_warmup_epochs}")

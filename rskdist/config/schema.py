@@ -40,6 +40,8 @@ class ModelConfig:
     image_size: int = 224  # input resolution
     normalization: Literal["weights", "imagenet"] = "weights"  # input mean/std: the weights' own, or ImageNet's for every backbone (the published code)
     grad_checkpointing: bool = False  # activation checkpointing of the backbone's blocks
+    freeze_blocks: int = 0  # freeze the stem (patch embedding) and the first N blocks of the backbone: no gradient, no optimizer state
+    freeze_backbone: bool = False  # freeze the whole backbone (linear probe: only the head learns)
     freeze_bn: bool = True  # BatchNorm in eval mode, so both passes of a step agree
     drop_path_rate: float = 0.0  # stochastic depth (replayed identically in the backprop pass)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the backbone factory
@@ -89,6 +91,8 @@ class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"  # optimizer
     lr: float = 5e-5  # peak learning rate
     weight_decay: float = 4e-4  # decoupled (AdamW) or L2 (Adam, SGD) weight decay
+    layer_decay: float = 1.0  # layer-wise LR decay (BEiT/DINOv2 fine-tuning): backbone layer i of L gets lr x layer_decay^(L+1-i), the stem least (1: off)
+    head_lr_multiplier: float = 1.0  # LR of the head (pooling and projection after the backbone) over optim.lr
     decay_norm_and_bias: bool = True  # decay biases and norm weights too (as the published code); false exempts them
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
     momentum: float = 0.0  # SGD momentum

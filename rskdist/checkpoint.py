@@ -56,12 +56,20 @@ class CheckpointManager:
         self.model_spec = model_spec  # written into each checkpoint folder: it rebuilds the model alone
         self.barrier, self.group = barrier, group
         self.last_saved_step: int | None = None
+        self.resumed_from: Path | None = None  # the checkpoint folder `resume` loaded
 
-    def save(self, step: int, client_state: dict[str, Any], *, prune: bool = True) -> str:
+    def save(self, step: int, client_state: dict[str, Any], *, prune: bool = True,
+             rank_files: dict[str, Any] | None = None) -> str:
+        """Every rank saves `step`; `rank_files` ({file name: object}) are this rank's own
+        files in the checkpoint folder (torch.save), written before `latest` may move."""
         tag = step_tag(step)
         try:
             ok = self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state,
                                              save_latest=False)
+            for name, obj in (rank_files or {}).items():
+                tmp = self.folder / tag / f"{name}.tmp"
+                torch.save(obj, tmp)
+                os.replace(tmp, self.folder / tag / name)
         except (OSError, RuntimeError) as exc:  # a full disk (torch.save reports it as a RuntimeError), a read-only folder
             kept = read_pointer(self.folder, "latest")
             raise ValueError(
@@ -118,6 +126,7 @@ class CheckpointManager:
         load_path, client = self.engine.load_checkpoint(str(folder), tag=tag)
         if load_path is None:
             raise ValueError(f"resume: no loadable checkpoint in {folder}; use run.resume=never to start fresh")
+        self.resumed_from = folder / tag
         return load_path, client
 
 

@@ -22,6 +22,7 @@ from rskdist.build import (
 from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
 from rskdist.loss.saturation import SaturationCheck
+from rskdist.parallel.ema import WeightEMA
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
 from rskdist.validator import Validator
@@ -64,6 +65,8 @@ class Trainer:
         self.frozen_steps = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=self.steps_per_epoch)
         self.engine, self.scheduler, self.param_groups = build_engine(cfg, module, world_size=ctx.world_size,
                                                    steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
+        # The average of the weights (optim.ema_decay), each rank over what it holds (parallel/ema.py).
+        self.ema = WeightEMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         # The loss pass runs on an fp32 copy that the engine lends its proxies to (build.StepLoss).
         self.loss_params_from = None if module is model else self.engine.module.criterion
         self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
@@ -134,6 +137,8 @@ class Trainer:
             world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
             input_dtype=self.input_dtype, device=ctx.device, group=self.group, loss_params=loss_fn.param_leaves,
         )
+        if self.ema is not None and result.step_applied:
+            self.ema.update()
         if not result.step_applied:
             # DeepSpeed skips the scheduler with an fp16 overflow-skipped update; the schedule
             # follows the trainer's step (batches consumed), like data position and seeds.
@@ -146,7 +151,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Every rank evaluates; a new best is saved and named by checkpoints/best."""
-        metrics = self.validator.evaluate(self.engine, self.input_dtype)
+        metrics = self.validator.evaluate(self.engine, self.input_dtype, ema=self.ema)
         is_best = self.validator.is_new_best(self.step, metrics)
         if is_best and self.cfg.eval.save_best and self.step > 0:  # step 0 is the seed's untrained model
             self.save()
@@ -161,7 +166,7 @@ class Trainer:
             return
         state = {"step": self.step, "data": self.train_stream.state_dict(),
                  "best": self.validator.best.state_dict()}
-        self.checkpoints.save(self.step, {"trainer": state})
+        self.checkpoints.save(self.step, {"trainer": state}, rank_files=self._ema_files())
 
     def resume(self) -> bool:
         loaded = self.checkpoints.resume(self.cfg.run.resume)
@@ -173,6 +178,8 @@ class Trainer:
         if self.step > 0:
             self.saturation = None  # the check watches a run's first steps
         self.train_stream.load_state_dict(state["data"])
+        if self.ema is not None:
+            self._load_ema(self.checkpoints.resumed_from)
         if state.get("best"):
             self.validator.best.load_state_dict(state["best"])
         self.log.say(f"resumed from {load_path} at step {self.step}")
@@ -257,6 +264,24 @@ class Trainer:
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def _ema_file(self) -> str:
+        """Under ZeRO-3 each rank averages its own partitions; otherwise every rank holds the
+        same whole average and rank 0 writes it."""
+        return f"ema_rank{self.ctx.rank}.pt" if self.cfg.deepspeed.zero_stage == 3 else "ema.pt"
+
+    def _ema_files(self) -> dict:
+        if self.ema is None or (self.cfg.deepspeed.zero_stage != 3 and self.ctx.rank != 0):
+            return {}
+        return {self._ema_file(): self.ema.state_dict()}
+
+    def _load_ema(self, folder) -> None:
+        path = folder / self._ema_file()
+        if not path.is_file():
+            self.log.say(f"resume: {folder} has no weight average ({path.name}; optim.ema_decay was off when it "
+                         f"was saved): the average starts from the resumed weights")
+            return
+        self.ema.load_state_dict(torch.load(path, map_location=self.ctx.device, weights_only=True))
 
     def _base_lr(self) -> float:
         """optim.lr under the schedule now: the model's (or head's) group LR over its scale,

@@ -18,7 +18,7 @@ import torch
 from rskdist.build import CastInputs, build_eval_stream
 from rskdist.comm import broadcast_flag
 from rskdist.config import Config
-from rskdist.eval import BestTracker, default_ks, evaluate_model, evaluated_splits, split_metric
+from rskdist.eval import EMA_PREFIX, BestTracker, default_ks, evaluate_model, evaluated_splits, split_metric
 
 
 class Validator:
@@ -31,15 +31,27 @@ class Validator:
         self.enabled = every >= 0  # -1: never; 0: only at the end
         self.every_steps = 0 if every <= 0 else max(1, round(every * steps_per_epoch))
         self.splits = evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)
-        self.best = BestTracker(metric=split_metric(self.splits[0], cfg.eval.best_metric))
+        best, ema = cfg.eval.best_metric, cfg.eval.best_metric.startswith(EMA_PREFIX)
+        best = split_metric(self.splits[0], best[len(EMA_PREFIX):] if ema else best)
+        self.best = BestTracker(metric=EMA_PREFIX + best if ema else best)
 
     def due(self, step: int, total_steps: int) -> bool:
         """An evaluation between steps (the final one is the trainer's to call)."""
         return bool(self.every_steps) and step % self.every_steps == 0 and step < total_steps
 
-    def evaluate(self, engine, input_dtype: torch.dtype) -> dict:
-        """The metrics of every split, named by split_metric, and eval_seconds (all splits)."""
+    def evaluate(self, engine, input_dtype: torch.dtype, ema=None) -> dict:
+        """The metrics of every split, named by split_metric, and eval_seconds (all splits);
+        with a weight average (rskdist/parallel/ema.py) the same again for the averaged
+        weights, prefixed "ema/"."""
         t0 = time.perf_counter()
+        metrics = self._evaluate_splits(engine, input_dtype)
+        if ema is not None:
+            with ema.swapped():
+                metrics.update({f"{EMA_PREFIX}{k}": v for k, v in self._evaluate_splits(engine, input_dtype).items()})
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        return metrics
+
+    def _evaluate_splits(self, engine, input_dtype: torch.dtype) -> dict:
         metrics = {}
         for split in self.splits:
             stream = build_eval_stream(self.cfg, split=split, rank=self.rank, world_size=self.world_size,
@@ -53,7 +65,6 @@ class Validator:
                 # split's), which then fail to shut them down ("can only test a child process").
                 stream.close()
             metrics.update({split_metric(split, name): value for name, value in result.items()})
-        metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         return metrics
 
     def is_new_best(self, step: int, metrics: dict) -> bool:

@@ -217,6 +217,8 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
     except ValueError as exc:
         raise ValueError(f"config: {exc}") from None
     o, mc = cfg.optim, cfg.model
+    if not 0 <= o.ema_decay < 1:
+        raise ValueError(f"config: optim.ema_decay must be in [0, 1) (0: off; typical 0.999-0.9999), got {o.ema_decay}")
     if not 0 < o.layer_decay <= 1:
         raise ValueError(f"config: optim.layer_decay must be in (0, 1] (1: off; BEiT/DINOv2 use 0.65-0.9), got {o.layer_decay}")
     if o.head_lr_multiplier <= 0:
@@ -286,6 +288,8 @@ def _check_best_metric(cfg: Config) -> None:
     if cfg.eval.every_epochs < 0:
         return  # never evaluated: nothing to pick
     names = evaluated_metrics(cfg)
+    if cfg.optim.ema_decay > 0:  # the averaged weights are evaluated too
+        names = names + [f"ema/{n}" for n in names]
     if cfg.eval.best_metric not in names:
         raise ValueError(f"config: eval.best_metric={cfg.eval.best_metric!r} is not evaluated; choose one of "
                          f"{', '.join(names)} (or add its k to eval.ks)")

@@ -99,6 +99,7 @@ class OptimConfig:
     decay_epochs: list[float] = field(default_factory=list)  # epochs at which the LR is multiplied by decay_factor
     decay_factor: float = 0.3  # LR step-decay factor
     warmup_steps: int = 0  # linear warm-up steps
+    ema_decay: float = 0.0  # exponential moving average of the weights, updated each step and evaluated beside them ("ema/" metrics; eval.best_metric may pick one); 0: off, e.g. 0.999
     grad_clip: float = 0.0  # gradient-norm clipping (0: off); set explicitly for DeepSpeed
 
 

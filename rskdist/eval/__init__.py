@@ -10,7 +10,7 @@ from rskdist.eval.metrics import (
     retrieval_metrics,
     retrieval_metrics_qg,
 )
-from rskdist.eval.tracking import BestTracker, evaluated_splits, split_metric
+from rskdist.eval.tracking import EMA_PREFIX, BestTracker, evaluated_splits, split_metric
 
 __all__ = [
     "BACKENDS",
@@ -29,6 +29,7 @@ __all__ = [
     "retrieval_metrics_qg",
     "save_embeddings",
     "split_metric",
+    "EMA_PREFIX",
 ]
 
 

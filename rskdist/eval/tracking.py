@@ -18,6 +18,9 @@ def evaluated_splits(val_classes: float, test_splits: Sequence[str]) -> list[str
     return ([VALIDATION_SPLIT] if val_classes else []) + list(test_splits)
 
 
+EMA_PREFIX = "ema/"  # the metrics of the averaged weights (optim.ema_decay): ema/recall@1, ema/val/recall@1
+
+
 def split_metric(split: str, name: str) -> str:
     """How a split's metric is named in results and records: the "test" split keeps the plain
     name (recall@1), as runs with a single test split always had it; any other split's name

@@ -13,8 +13,10 @@ them for evaluation.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +26,7 @@ from rskdist.comm import broadcast_object, gather_objects
 from rskdist.models.spec import write_spec
 
 POINTERS = ("latest", "best")
+MANIFEST = "complete.json"  # in a checkpoint folder: every file of the save, its size and the ranks that saw it
 
 
 def step_tag(step: int) -> str:
@@ -36,10 +39,63 @@ def read_pointer(folder: Path, name: str) -> str | None:
 
 
 def write_pointer(folder: Path, name: str, tag: str) -> None:
-    """Point `name` (latest, best) at `tag`, atomically: readers see the old or the new tag."""
-    tmp = Path(folder) / f"{name}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(folder) / name)
+    """Point `name` (latest, best) at `tag`, atomically and durably: readers see the old or
+    the new tag, and after a crash of the machine too (the file and the folder are fsynced)."""
+    _write_durably(Path(folder) / name, tag)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _synced_listing(folder: Path) -> dict[str, int]:
+    """{file: size} of a checkpoint folder as this rank sees it, each file and the folder
+    fsynced (on a shared filesystem every rank flushes every file: redundant, harmless)."""
+    listing = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+            _fsync(path)
+            listing[path.name] = path.stat().st_size
+    _fsync(folder)
+    return listing
+
+
+def verify_checkpoint(tag_dir: Path, rank: int) -> str | None:
+    """Why this rank cannot trust the checkpoint in `tag_dir` (a file it saw at save time is
+    missing or of another size), or None when it can. A folder without a manifest (written
+    before rskdist wrote manifests) is trusted unverified; a missing folder is the caller's
+    to report (`resume` names the ranks that lack it)."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{manifest_path} is unreadable ({err})"
+    for name, entry in manifest["files"].items():
+        if rank not in entry["ranks"] and len(entry["ranks"]) < manifest["world_size"]:
+            continue  # another node's own file (nodes without a shared filesystem)
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {entry['size']} when saved"
+    return None
 
 
 class CheckpointManager:
@@ -70,6 +126,10 @@ class CheckpointManager:
                 tmp = self.folder / tag / f"{name}.tmp"
                 torch.save(obj, tmp)
                 os.replace(tmp, self.folder / tag / name)
+            if self.rank == 0 and self.model_spec is not None:
+                write_spec(self.model_spec, self.folder / tag)
+            self.barrier()  # every rank's files are written: each now flushes what it sees
+            listing = _synced_listing(self.folder / tag)
         except (OSError, RuntimeError) as exc:  # a full disk (torch.save reports it as a RuntimeError), a read-only folder
             kept = read_pointer(self.folder, "latest")
             raise ValueError(
@@ -77,13 +137,24 @@ class CheckpointManager:
                 f"{'the previous checkpoint ' + kept + ' and latest are intact' if kept else 'no earlier checkpoint'}"
                 f"; free space or point run.output_dir at a writable folder, then rerun to resume"
             ) from exc
-        self.barrier()
-        if self.rank == 0 and ok is not False:
-            if self.model_spec is not None:
-                write_spec(self.model_spec, self.folder / tag)
-            write_pointer(self.folder, "latest", tag)  # last: a crash before this keeps the previous one
-            if prune:
-                self.prune()
+        # Every rank reports the tag it wrote and what it sees; only a save all of them agree on
+        # is marked complete (its manifest, then `latest`, each durable before the next).
+        reports = gather_objects((tag, ok is not False, listing), self.group)
+        if self.rank == 0:
+            problem = _disagreement(reports)
+            if problem:
+                print(f"warning: checkpoint {tag} is not marked complete ({problem}); latest stays "
+                      f"{read_pointer(self.folder, 'latest')}", file=sys.stderr, flush=True)
+            else:
+                files: dict[str, dict] = {}
+                for r, (_, _, seen) in enumerate(reports):
+                    for name, size in seen.items():
+                        files.setdefault(name, {"size": size, "ranks": []})["ranks"].append(r)
+                _write_durably(self.folder / tag / MANIFEST,
+                               json.dumps({"tag": tag, "world_size": len(reports), "files": files}, indent=1))
+                write_pointer(self.folder, "latest", tag)  # last: a crash before this keeps the previous one
+                if prune:
+                    self.prune()
         self.barrier()
         self.last_saved_step = step
         return tag
@@ -102,6 +173,24 @@ class CheckpointManager:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _trusted_tag(self) -> str | None:
+        """`latest`, or when some rank cannot trust it (a file missing or short: a crash of the
+        machine, a copy cut off), the newest older checkpoint every rank can; every rank
+        checks its own view and they all take the same answer."""
+        latest = broadcast_object(read_pointer(self.folder, "latest"), self.group)
+        if latest is None:
+            return None
+        older = sorted((p.name for p in self.folder.glob("step*") if p.is_dir() and p.name < latest), reverse=True)
+        for tag in broadcast_object([latest, *older], self.group):
+            problems = gather_objects(verify_checkpoint(self.folder / tag, self.rank), self.group)
+            bad = [(r, p) for r, p in enumerate(problems) if p]
+            if not bad:
+                return tag
+            if self.rank == 0:
+                print(f"resume: skipping {tag}: rank {bad[0][0]} finds {bad[0][1]}", file=sys.stderr, flush=True)
+        raise ValueError(f"resume: no complete checkpoint in {self.folder} (each has a missing or short file, see "
+                         "above); restore the files, or start fresh with run.resume=never")
+
     def resume(self, resume: str) -> tuple[str, dict] | None:
         """Load per `run.resume` ("auto", "never" or a checkpoint path); returns
         (loaded path, client state) or None when there is nothing to resume."""
@@ -110,12 +199,17 @@ class CheckpointManager:
         if resume == "auto":
             # Rank 0 decides and every rank loads that tag: nodes with their own copies of the
             # folder never resume from different steps (no split-brain).
-            tag = broadcast_object(read_pointer(self.folder, "latest"), self.group)
+            tag = broadcast_object(self._trusted_tag(), self.group)
             if tag is None:
                 return None
             folder = self.folder
         else:
             folder, tag = resolve_checkpoint(resume)
+            problems = gather_objects(verify_checkpoint(folder / tag, self.rank), self.group)
+            bad = [(r, p) for r, p in enumerate(problems) if p]
+            if bad:
+                raise ValueError(f"resume: run.resume={resume}: rank {bad[0][0]} finds {bad[0][1]}; pick another "
+                                 "checkpoint, or run.resume=auto to take the newest complete one")
         missing = gather_objects(not (folder / tag).is_dir(), self.group)
         if any(missing):
             ranks = ", ".join(str(r) for r, m in enumerate(missing) if m)
@@ -128,6 +222,22 @@ class CheckpointManager:
             raise ValueError(f"resume: no loadable checkpoint in {folder}; use run.resume=never to start fresh")
         self.resumed_from = folder / tag
         return load_path, client
+
+
+def _disagreement(reports: list) -> str | None:
+    """Why the ranks' reports of one save do not make a complete checkpoint, or None."""
+    tags = {tag for tag, _, _ in reports}
+    if len(tags) != 1:
+        return f"ranks wrote different tags: {sorted(tags)}"
+    failed = [r for r, (_, ok, _) in enumerate(reports) if not ok]
+    if failed:
+        return f"rank(s) {failed} reported a failed save"
+    sizes: dict[str, int] = {}
+    for r, (_, _, seen) in enumerate(reports):
+        for name, size in seen.items():
+            if sizes.setdefault(name, size) != size:
+                return f"ranks see {name} with different sizes"
+    return None
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:

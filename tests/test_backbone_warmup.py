@@ -69,7 +69,7 @@ def test_groups_and_schedule_of_a_frozen_start():
     for role, fn in zip(roles, lambdas):
         assert [fn(s) for s in range(5)] == ([0.0, 0.0, 0.0, 1.0, 1.0] if role == "backbone"
                                              else [0.25, 0.5, 0.75, 1.0, 1.0]), role
-    with pytest.raises(ValueError, match="needs a model with a .backbone"):
+    with pytest.raises(ValueError, match="need a model with a .backbone"):
         build_optimizer(nn.Linear(2, 2), cfg.optim, backbone_apart=True)
 
 

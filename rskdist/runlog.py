@@ -2,13 +2,15 @@
 
 RUN/config.yaml (the resolved config), RUN/env.json (versions, git SHA, host, model),
 RUN/model.json (the resolved architecture that rebuilds the model, rskdist/models/spec.py),
-RUN/metrics.jsonl (one JSON record per logged step, evaluation and warning),
-TensorBoard events in RUN/tb/, and the progress line on stdout. Rank 0 writes; every
-rank calls `train_step`, which gathers each rank's peak memory.
+RUN/metrics.jsonl (one JSON record per logged step, evaluation and warning), the same
+numbers to the experiment trackers `run.loggers` names (TensorBoard in RUN/tb/, MLflow,
+W&B: rskdist/loggers.py), and the progress line on stdout. Rank 0 writes; every rank
+calls `train_step`, which gathers each rank's peak memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -18,20 +20,22 @@ import torch
 
 from rskdist.comm import gather_rows
 from rskdist.config import Config, save_config
+from rskdist.loggers import Trackers, flatten_params
 from rskdist.models.spec import write_spec
 from rskdist.utils import memory_stats, run_metadata
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, rank: int, device: torch.device, group, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, rank: int, device: torch.device, group, loggers=("tensorboard",)):
         self.run_dir, self.rank, self.device, self.group = Path(run_dir), rank, device, group
-        self.tensorboard = tensorboard
+        self.loggers = list(loggers)
         self._file = None
-        self._tb = None
+        self._trackers = None
+        self._step = 0  # the last record's step: where the end-of-run files go
 
     def open(self, cfg: Config, info: dict, *, fresh: bool, model_spec: dict | None = None) -> None:
         """Write config.yaml, env.json and model.json; a fresh run in a used folder moves the
-        old metrics.jsonl aside, a resumed one appends to it."""
+        old metrics.jsonl aside and starts new tracked runs, a resumed one appends to both."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,10 +47,12 @@ class RunLogger:
         if fresh and metrics.exists():
             metrics.rename(self.run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         self._file = open(metrics, "a")
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        if self.loggers:
+            params = flatten_params(dataclasses.asdict(cfg))
+            self._trackers = Trackers(self.loggers, self.run_dir, run_name=cfg.run.name, params=params, fresh=fresh)
+            for line in self._trackers.started:
+                self.say(f"rskdist: {line}")
+            self._tracker_warnings()
 
     def say(self, line: str) -> None:
         if self.rank == 0:
@@ -62,10 +68,16 @@ class RunLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
+        self._step = record["step"]
+        if self._trackers is not None:
+            self._trackers.log({k: v for k, v in record.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, self._step)
+            self._tracker_warnings()
+
+    def _tracker_warnings(self) -> None:
+        for name, error in self._trackers.failures():  # once per tracker: it is dropped
+            self.warn(self._step, f"{name} logger dropped for the rest of the run, training goes on: {error}",
+                      tracker=name)
 
     def train_step(self, record: dict, *, total_steps: int, eta_seconds: float, bad_samples: int = 0) -> dict:
         """Add every rank's peak memory and the run's count of replaced training images
@@ -95,14 +107,20 @@ class RunLogger:
         table = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
         self.say(f"eval step {step}: {table}{' (best)' if is_best else ''}")
 
-    def close(self, summary: dict) -> None:
+    def close(self, summary: dict | None) -> None:
+        """Write summary.json and end the tracked runs with it and config.yaml; `summary`
+        None: stopped early (SIGTERM), the tracked runs end as killed, to be resumed."""
         if self.rank != 0:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if summary is not None:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self._trackers is not None:
+            files = [p for p in (self.run_dir / "config.yaml", self.run_dir / "summary.json") if p.is_file()]
+            self._trackers.close(files, self._step, "FINISHED" if summary is not None else "KILLED")
+            self._tracker_warnings()
+            self._trackers = None
         if self._file is not None:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def format_seconds(seconds: float) -> str:

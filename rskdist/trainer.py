@@ -75,7 +75,7 @@ class Trainer:
                                              keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group,
                                              model_spec=self.model_spec)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
-                             tensorboard=cfg.run.tensorboard)
+                             loggers=cfg.run.loggers)
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
                                    device=ctx.device, mean=model.mean, std=model.std,
                                    steps_per_epoch=self.steps_per_epoch)
@@ -115,6 +115,7 @@ class Trainer:
                 self.save()
             if self._preempted():
                 self.save()
+                self.log.close(None)  # the tracked runs end as killed; a resume continues them
                 raise Preempted(f"stopped by SIGTERM after step {self.step}; saved checkpoints/{step_tag(self.step)}. "
                                 f"Rerun the same command to resume from it")
         final = self.evaluate() if self.validator.enabled else None

@@ -163,7 +163,7 @@ def test_every_split_reaches_the_records_the_progress_line_and_the_report(evalua
     from rskdist.runlog import RunLogger
 
     cfg, _, _, metrics = evaluated
-    log = RunLogger(tmp_path, rank=0, device=CPU, group=None, tensorboard=False)
+    log = RunLogger(tmp_path, rank=0, device=CPU, group=None, loggers=())
     log.open(cfg, {}, fresh=True)
     log.evaluation(2, 1.0, metrics, is_best=True)
     log.evaluation(4, 2.0, {**metrics, "val/recall@1": metrics["val/recall@1"] / 2}, is_best=False)

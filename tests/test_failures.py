@@ -206,7 +206,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(small_disk):
     proc = _run(_cmd("rskdist/train.py", small_disk) + ["run.max_steps=8", "run.save_every=2",
-                                                         "run.tensorboard=false"])
+                                                         "run.loggers=[]"])
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "cannot write" in out and "the previous checkpoint step00000002 and latest are intact" in out

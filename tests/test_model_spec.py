@@ -74,7 +74,7 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
     weights = save_weights(tower, str(tmp_path / "weights" / "tower.safetensors"))
     root = make_shards(tmp_path / "shards", [4] * 8, samples_per_shard=10, image_size=32, test_counts=(4, 3, 5, 4))
     overrides = [
-        f"run.output_dir={tmp_path}", "run.name=clip", "run.max_steps=2", "run.log_every=1", "run.tensorboard=false",
+        f"run.output_dir={tmp_path}", "run.name=clip", "run.max_steps=2", "run.log_every=1", "run.loggers=[]",
         "model.backbone=open_clip:ViT-B-16", f"model.pretrained={weights}", "model.image_size=32",
         "model.embed_dim=16", "model.backbone_kwargs={layers: 2, width: 64, patch_size: 16}",
         "data.source=shards", f"data.root={root}", "data.global_batch=16", "data.num_workers=0",

@@ -176,7 +176,7 @@ WARMUP = 4  # the LR changes every step, so a schedule one step behind shows
 def _trainer_config(run_dir):
     cfg = Config()
     cfg.run.name, cfg.run.output_dir = run_dir.name, str(run_dir.parent)
-    cfg.run.max_steps, cfg.run.log_every, cfg.run.tensorboard, cfg.run.resume = STEPS, 1, False, "never"
+    cfg.run.max_steps, cfg.run.log_every, cfg.run.loggers, cfg.run.resume = STEPS, 1, [], "never"
     cfg.model.image_size, cfg.model.embed_dim = 16, 16
     cfg.model.backbone_kwargs = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
     cfg.data.global_batch, cfg.data.chunk_size, cfg.data.synthetic_classes = 16, 8, 8

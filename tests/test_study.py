@@ -249,7 +249,7 @@ def test_two_cell_study_through_the_real_launcher(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, "tools/study.py", "--config", "configs/debug.yaml", "--axis", "data.global_batch=16,32",
            "--seeds", "0", "--out", str(out), "--set", "run.max_steps=2", "--set", "eval.every_epochs=0",
-           "--set", "eval.synthetic_size=64", "--set", "run.save_every=0", "--set", "run.tensorboard=false",
+           "--set", "eval.synthetic_size=64", "--set", "run.save_every=0", "--set", "run.loggers=[]",
            "--set", "data.chunk_size=8"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -287,7 +287,7 @@ def full_disk(drill: Drill, out: Path) -> dict:
     if mount.returncode != 0:
         return dict(skipped=f"cannot mount a tmpfs here (needs root): {mount.stderr.strip()}")
     try:
-        job = Job([deepspeed_cmd("rskdist/train.py", out, extra=("run.save_every=2", "run.tensorboard=false"))])
+        job = Job([deepspeed_cmd("rskdist/train.py", out, extra=("run.save_every=2", "run.loggers=[]"))])
         t_end = job.finish()
         return dict(ended_s=round(t_end - _time_of_line(job, r"checkpoint: cannot write"), 1),
                     exit_codes=job.codes, messages=key_lines(job.log), latest=latest(out))

@@ -6,6 +6,7 @@
 Reads RUN/metrics.jsonl (train and eval records), RUN/config.yaml and RUN/env.json.
 Every evaluated split is plotted and tabulated (the test split's metrics as eval/recall@1,
 others as eval/<split>/recall@1); the best line names the metric that picked checkpoints/best.
+Both files are added to the run's tracked runs (run.loggers, RUN/trackers.json; docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -156,7 +157,26 @@ def main(argv=None) -> int:
         return 2
     print(text)
     print(f"wrote {args.run_dir / 'report.md'} and {args.run_dir / 'recall.png'}")
+    add_to_tracked_runs(args.run_dir)
     return 0
+
+
+def add_to_tracked_runs(run_dir: Path) -> None:
+    """The report and its plot to the trackers the run logged to (rskdist/loggers.py)."""
+    from rskdist.loggers import add_files, read_trackers
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    names = [n for n in cfg.get("run", {}).get("loggers", []) if n in read_trackers(run_dir)]
+    if not names:
+        return
+    train, evals = read_records(run_dir)
+    step = max([r["step"] for r in train + evals], default=0)
+    files = [p for p in (run_dir / "report.md", run_dir / "recall.png") if p.is_file()]
+    where, failures = add_files(run_dir, names, files, step)
+    for line in where:
+        print(f"added report.md and recall.png to {line}")
+    for line in failures:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def append_row(path: Path, row: dict) -> None:
 def run_train_point(args, global_batch: int, world: int, simix: bool, out: Path) -> dict:
     name = f"g{global_batch}_w{world}_{'simix' if simix else 'plain'}"
     overrides = [f"run.output_dir={out / 'points'}", f"run.name={name}", "run.resume=never",
-                 f"run.max_steps={args.steps}", "run.save_every=0", "run.log_every=1", "run.tensorboard=false",
+                 f"run.max_steps={args.steps}", "run.save_every=0", "run.log_every=1", "run.loggers=[]",
                  f"data.global_batch={global_batch}", f"data.chunk_size={args.chunk_size}",
                  f"data.synthetic_classes={max(global_batch // 4, 64)}", f"loss.mix={'simix' if simix else 'none'}",
                  "eval.every_epochs=0", "eval.synthetic_size=512", "eval.ks=[1, 4]",

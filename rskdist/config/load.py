@@ -82,6 +82,8 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
 _RENAMED = {
     "loss.simix": "use loss.mix=simix (was loss.simix: true) or loss.mix=none (was false); "
                   "loss.mix=embedding mixes embeddings instead (docs/loss.md)",
+    "run.tensorboard": "use run.loggers=[tensorboard] (was run.tensorboard: true) or run.loggers=[] (was false); "
+                       "run.loggers also takes mlflow and wandb (docs/tracking.md)",
 }
 
 
@@ -235,6 +237,9 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         raise ValueError(f"config: loss.proxy_lr_multiplier must be >= 0 (0: the loss's default), got {loss.proxy_lr_multiplier}")
     if loss.saturation_steps < 1:
         raise ValueError(f"config: loss.saturation_steps must be >= 1, got {loss.saturation_steps}")
+    from rskdist.loggers import check_loggers
+
+    check_loggers(cfg.run.loggers)
     _check_deepspeed_extra(cfg.deepspeed.extra)
     _check_precision(cfg.deepspeed)
     _check_best_metric(cfg)

@@ -23,7 +23,7 @@ class RunConfig:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones removed after a good save
     resume: str = "auto"  # "auto": continue from the run folder's latest checkpoint; "never"; or a checkpoint folder
-    tensorboard: bool = True  # also write TensorBoard event files
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers fed besides metrics.jsonl, from rank 0: tensorboard (RUN/tb), mlflow, wandb (optional extras; docs/tracking.md); [] for none
     nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/Inf in embeddings or loss gradient on any rank: skip that update on every rank, or stop without saving
     nonfinite_max_skips: int = 10  # consecutive skipped steps after which run.nonfinite=skip stops the run too
     timeout_minutes: float = 30.0  # process-group timeout: a collective some rank never joins fails after this long (raise it if evaluation or checkpointing takes longer)

@@ -45,7 +45,7 @@ def _train(out, name, *overrides):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={out}",
-           f"run.name={name}", "run.save_every=2", "run.keep_checkpoints=5", "run.tensorboard=false",
+           f"run.name={name}", "run.save_every=2", "run.keep_checkpoints=5", "run.loggers=[]",
            "eval.every_epochs=-1", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -21,6 +21,8 @@ from rskdist.config import Config, save_config
 from rskdist.models.spec import write_spec
 from rskdist.utils import memory_stats, run_metadata
 
+SUMMARY_FILE = "summary.json"
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, *, rank: int, device: torch.device, group, tensorboard: bool = True):
@@ -98,11 +100,17 @@ class RunLogger:
     def close(self, summary: dict) -> None:
         if self.rank != 0:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary.json (final step, last record, final evaluation), None if absent."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_seconds(seconds: float) -> str:

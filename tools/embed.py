@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def source_of(args):
-    from rskdist.search.images import FolderImages, ListedImages, ShardImages
+    from rskdist.search.images import ShardImages, folder_images, listed_images
 
     if args.shards:
         if not args.split:
@@ -54,7 +54,7 @@ def source_of(args):
         return ShardImages(args.shards, args.split)
     if args.split:
         raise ValueError("--split applies to --shards only")
-    return FolderImages(args.images) if args.images else ListedImages(args.list)
+    return folder_images(args.images) if args.images else listed_images(args.list)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

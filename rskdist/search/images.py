@@ -15,51 +15,17 @@ import numpy as np
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class FolderImages:
-    """Every image file under `root` (recursively, by suffix), sorted by path relative to it."""
+class FileImages:
+    """Image files under a base folder, in a fixed order; `image_path` is the path relative
+    to the base, as given."""
 
     labels = None
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise ValueError(f"--images {root}: not a folder")
-        found = []
-        for folder, dirs, files in os.walk(self.root):
-            dirs.sort()
-            rel = Path(folder).relative_to(self.root)
-            found += [(rel / f).as_posix() for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-        self.paths = sorted(found)
+    def __init__(self, base: Path, paths: list[str], description: dict):
+        self.base, self.paths, self.description = base, paths, description
 
     def describe(self) -> dict:
-        return {"images": str(self.root.resolve())}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def image_path(self, i: int) -> str:
-        return self.paths[i]
-
-    def read(self, i: int) -> bytes:
-        return (self.root / self.paths[i]).read_bytes()
-
-
-class ListedImages:
-    """The image files a list names, one path a line (blank lines and #-comments skipped);
-    relative paths are taken from the list file's folder and kept as written as `image_path`."""
-
-    labels = None
-
-    def __init__(self, list_file: str | os.PathLike):
-        self.list_file = Path(list_file)
-        if not self.list_file.is_file():
-            raise ValueError(f"--list {list_file}: no such file")
-        lines = (line.strip() for line in self.list_file.read_text().splitlines())
-        self.paths = [line for line in lines if line and not line.startswith("#")]
-        self.base = self.list_file.parent
-
-    def describe(self) -> dict:
-        return {"list": str(self.list_file.resolve())}
+        return self.description
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,6 +35,30 @@ class ListedImages:
 
     def read(self, i: int) -> bytes:
         return (self.base / self.paths[i]).read_bytes()
+
+
+def folder_images(root: str | os.PathLike) -> FileImages:
+    """Every image file under `root` (recursively, by suffix), sorted by path relative to it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--images {root}: not a folder")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = Path(folder).relative_to(root)
+        found += [(rel / f).as_posix() for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    return FileImages(root, sorted(found), {"images": str(root.resolve())})
+
+
+def listed_images(list_file: str | os.PathLike) -> FileImages:
+    """The image files a list names, one path a line (blank lines and #-comments skipped);
+    relative paths are taken from the list file's folder and kept as written as `image_path`."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise ValueError(f"--list {list_file}: no such file")
+    lines = (line.strip() for line in list_file.read_text().splitlines())
+    paths = [line for line in lines if line and not line.startswith("#")]
+    return FileImages(list_file.parent, paths, {"list": str(list_file.resolve())})
 
 
 class ShardImages:

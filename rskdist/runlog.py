@@ -24,6 +24,8 @@ from rskdist.loggers import Trackers, flatten_params
 from rskdist.models.spec import write_spec
 from rskdist.utils import memory_stats, run_metadata
 
+SUMMARY_FILE = "summary.json"
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, *, rank: int, device: torch.device, group, loggers=("tensorboard",)):
@@ -113,14 +115,20 @@ class RunLogger:
         if self.rank != 0:
             return
         if summary is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if self._trackers is not None:
-            files = [p for p in (self.run_dir / "config.yaml", self.run_dir / "summary.json") if p.is_file()]
+            files = [p for p in (self.run_dir / "config.yaml", self.run_dir / SUMMARY_FILE) if p.is_file()]
             self._trackers.close(files, self._step, "FINISHED" if summary is not None else "KILLED")
             self._tracker_warnings()
             self._trackers = None
         if self._file is not None:
             self._file.close()
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary.json (final step, last record, final evaluation), None if absent."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_seconds(seconds: float) -> str:

@@ -3,8 +3,6 @@ the config: a CLIP run from a weights file whose metadata says QuickGELU (and a 
 its own) evaluates, without that file, exactly as the run itself evaluated."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +60,7 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
     then tools/evaluate.py --checkpoint gives the run's final evaluation to the last digit, and
     the rebuilt model embeds an image exactly as the trainer's model does."""
     from test_data_stream import make_shards
+    from tiny_runs import train_two_steps
 
     from rskdist.build import build_model, load_trained_model
     from rskdist.config import load_config
@@ -73,19 +72,9 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
     tower.mean, tower.std = MEAN, STD
     weights = save_weights(tower, str(tmp_path / "weights" / "tower.safetensors"))
     root = make_shards(tmp_path / "shards", [4] * 8, samples_per_shard=10, image_size=32, test_counts=(4, 3, 5, 4))
-    overrides = [
-        f"run.output_dir={tmp_path}", "run.name=clip", "run.max_steps=2", "run.log_every=1", "run.loggers=[]",
-        "model.backbone=open_clip:ViT-B-16", f"model.pretrained={weights}", "model.image_size=32",
-        "model.embed_dim=16", "model.backbone_kwargs={layers: 2, width: 64, patch_size: 16}",
-        "data.source=shards", f"data.root={root}", "data.global_batch=16", "data.num_workers=0",
-        "deepspeed.zero_stage=0", "eval.every_epochs=0", "eval.ks=[1, 2]",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "clip"
+    run = train_two_steps(tmp_path, "clip", root, "model.backbone=open_clip:ViT-B-16", f"model.pretrained={weights}",
+                          "model.image_size=32", "model.embed_dim=16",
+                          "model.backbone_kwargs={layers: 2, width: 64, patch_size: 16}")
     final = json.loads((run / "summary.json").read_text())["final_eval"]
     spec = json.loads((run / "model.json").read_text())
     assert spec["backbone_kwargs"]["quick_gelu"] is True and tuple(spec["mean"]) == MEAN

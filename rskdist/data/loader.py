@@ -46,6 +46,13 @@ MAX_SUBSTITUTES = 4  # other images of the class tried before a black image take
 _SUBSTITUTE_STREAM = 0x5B  # seeds the substitute draw apart from the augmentation of the position
 
 
+def read_error_reason(error: Exception) -> str:
+    """One line saying why an image could not be read (one of READ_ERRORS)."""
+    # PIL's message names a BytesIO object: say what it means instead.
+    reason = "not a recognised image format" if isinstance(error, UnidentifiedImageError) else str(error)
+    return f"{type(error).__name__}: {reason}".replace("\n", " ")
+
+
 class BadSampleWarning(UserWarning):
     """An image could not be read or decoded (issued once per sample and loader)."""
 
@@ -117,9 +124,7 @@ class _ChunkDataset(Dataset):
             try:
                 return self._decode(idx, aug_key, pos), ""
             except READ_ERRORS as e:
-                # PIL's message names a BytesIO object: say what it means instead.
-                reason = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else str(e)
-                reason = f"{type(e).__name__}: {reason}"
+                reason = read_error_reason(e)
                 self.reader.forget(int(self.samples[idx]["shard"]))
         return None, reason
 

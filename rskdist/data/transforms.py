@@ -80,8 +80,17 @@ def eval_resize_size(size: int) -> int:
 
 
 def decode_eval(data: bytes, size: int) -> np.ndarray:
-    """Resize (shorter side to size*256/224) + centre crop -> uint8 [3, size, size]."""
-    im = _open(data)
+    """Resize (shorter side to size*256/224) + centre crop of an encoded image -> uint8 [3, size, size]."""
+    return eval_transform(_open(data), size)
+
+
+def eval_transform(im: Image.Image, size: int) -> np.ndarray:
+    """The evaluation transform of a PIL image -> uint8 [3, size, size] (`decode_eval`'s).
+
+    A JPEG not decoded yet (as `Image.open` returns it) is decoded in draft mode, as the
+    loaders decode it; that decodes the caller's image object at the reduced scale. An
+    image already in memory is resized from its full resolution.
+    """
     width, height = im.size
     short = eval_resize_size(size)
     if im.format == "JPEG":

@@ -24,11 +24,13 @@ from .sources import Item, Listing
 
 
 class Progress:
-    """A plain progress bar on stderr (one updating line on a terminal, a few lines otherwise)."""
+    """A plain progress bar on stderr with images/s and the time left: one updating line on a
+    terminal, otherwise a line each `log_percent` percent (logs of batch jobs)."""
 
-    def __init__(self, total: int, label: str, stream=sys.stderr, enabled: bool = True):
+    def __init__(self, total: int, label: str, stream=sys.stderr, enabled: bool = True, log_percent: int = 50):
         self.total, self.label, self.stream, self.enabled = total, label, stream, enabled
-        self.done, self.t0, self._last, self._last_decile = 0, time.time(), 0.0, -1
+        self.log_percent = max(1, log_percent)
+        self.done, self.t0, self._last, self._last_step = 0, time.time(), 0.0, None
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def update(self, n: int = 1) -> None:
@@ -41,10 +43,11 @@ class Progress:
             self.stream.write("\r" + self._line(now))
             self.stream.flush()
         elif not self.tty:
-            decile = 10 * self.done // max(self.total, 1)
-            if decile != self._last_decile and (decile % 5 == 0 or self.done == self.total):
-                self._last_decile = decile
+            step = (100 * self.done // max(self.total, 1) // self.log_percent, self.done >= self.total)
+            if step != self._last_step:
+                self._last_step = step
                 self.stream.write(self._line(now) + "\n")
+                self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty:
@@ -54,7 +57,9 @@ class Progress:
         frac = self.done / max(self.total, 1)
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
         rate = self.done / max(now - self.t0, 1e-6)
-        return f"{self.label:>6} [{bar}] {self.done}/{self.total} {rate:.0f} img/s"
+        left = int((self.total - self.done) / rate) if rate > 0 else 0
+        return (f"{self.label:>6} [{bar}] {self.done}/{self.total} {rate:.0f} img/s "
+                f"eta {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
 
 
 def encode_item(item: Item, max_size: int | None = None) -> tuple:

@@ -116,9 +116,9 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
 
     records = []
     module.train()
-    batches = zip(*(_endless(s) for s in streams))
+    endless = [_endless(s) for s in streams]
     for step in range(1, total_steps + 1):
-        images, labels = (torch.cat(parts) for parts in zip(*next(batches)))
+        images, labels = (torch.cat(parts) for parts in zip(*(next(e) for e in endless)))
         loss = criterion(model(images.to(device)).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,7 +127,13 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
         optimizer.step()
         records.append({"step": step, "kind": "train", "loss": float(loss.detach()), "lr": schedule.get_last_lr()[0]})
         schedule.step()
-    del batches, streams  # their workers stop with them, before the evaluation's start
+    # Stop the loaders' workers now: left to the garbage collector, their handles would be
+    # inherited by the evaluation's workers, which then fail to shut them down.
+    for e in endless:
+        e.close()
+    for s in streams:
+        if hasattr(s, "close"):  # shard loaders own workers; the synthetic stream has none
+            s.close()
 
     metrics = {}
     ks = tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)

@@ -131,6 +131,26 @@ def read_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of RUN/metrics.jsonl, one per step, sorted by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: is {run_dir} a run folder written by rskdist/train.py?")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("kind") == "eval":
+            evals.append(rec)
+        elif rec.get("kind") == "train":
+            train.append(rec)  # warnings (saturation, non-finite steps) are neither
+    # A resumed run appends: keep the last record of each step.
+    train = list({r["step"]: r for r in train}.values())
+    evals = list({r["step"]: r for r in evals}.values())
+    return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:

@@ -1,9 +1,12 @@
-"""Small shared helpers: memory readings and run metadata."""
+"""Small shared helpers: memory readings, run metadata, and running the launcher for the tools."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -53,3 +56,45 @@ def run_metadata(**extra) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None, **extra,
     }
+
+
+def deepspeed_bin() -> str:
+    """The `deepspeed` launcher of this Python's environment, else the one on PATH."""
+    here = Path(sys.executable).parent / "deepspeed"
+    return str(here) if here.exists() else "deepspeed"
+
+
+def run_logged(cmd: list[str], log_path: Path, *, timeout: float, who: str, cwd: Path | None = None) -> int:
+    """Run a launcher command (tools/study.py, tools/proxy_study.py) in its own session, its
+    output appended to `log_path` under a header line. Returns its exit code, or 124 once it
+    ran `timeout` seconds. On a timeout or Ctrl-C its whole process group is stopped (its
+    launcher and ranks, nothing else): SIGTERM, on which the ranks save their step and exit,
+    then SIGKILL after 120 s; Ctrl-C is raised again."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.pop("WORLD_SIZE", None)  # set by an outer launcher, it would make train.py think it is a rank
+    with log_path.open("a") as log:
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_session(proc)
+            log.write(f"== {who}: stopped after --timeout {timeout:g} s\n")
+            return 124
+        except KeyboardInterrupt:
+            _stop_session(proc)
+            raise
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

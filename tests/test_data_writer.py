@@ -477,3 +477,40 @@ def test_manual_listing_through_writer(tmp_path):
     listing = Listing("demo", {"train": ["a", "b"]}, {"train": items})
     index = write_shards(listing, str(tmp_path / "o"), num_workers=1, progress=False)
     assert index["splits"]["train"]["class_counts"] == [1, 1]
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+def test_digits_cli_writes_scikit_learns_digits_class_disjoint(tmp_path, capsys):
+    """The real package data: 1797 images, digits 0-5 train and 6-9 test, each sample the
+    upsampled RGB image of its scikit-learn digit."""
+    from sklearn.datasets import load_digits
+
+    out = str(tmp_path / "digits")
+    assert _cli_main(["digits", "--out", out, "--image-size", "24", "--workers", "1", "--quiet"]) == 0
+    index = S.load_index(out)
+    train, test = index["splits"]["train"], index["splits"]["test"]
+    assert train["classes"] == ["0", "1", "2", "3", "4", "5"] and test["classes"] == ["6", "7", "8", "9"]
+    digits = load_digits()
+    counts = np.bincount(digits.target, minlength=10)
+    assert train["class_counts"] == counts[:6].tolist() and test["class_counts"] == counts[6:].tolist()
+    assert index["options"]["image_size"] == 24 and index["skipped"]["count"] == 0
+    samples = _read_back(out)
+    for split, rows in samples.items():
+        for key, label, class_name, image_id, data, ext in rows[::97]:
+            assert ext == "png" and class_name == str(digits.target[int(image_id)])
+            assert index["splits"][split]["classes"][label] == class_name
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.mode == "RGB" and im.size == (24, 24)
+                back = np.asarray(im.convert("L").resize((8, 8), Image.BOX), dtype=np.float64)
+            # The image shrunk back to 8x8 is its source digit, not another one.
+            corr = [np.corrcoef(back.ravel(), d.ravel())[0, 1] for d in digits.images]
+            assert int(np.argmax(corr)) == int(image_id) or corr[int(image_id)] > 0.95
+
+
+def test_digits_bad_image_size_is_one_clear_message(tmp_path, capsys):
+    assert _cli_main(["digits", "--out", str(tmp_path / "d"), "--image-size", "4", "--quiet"]) == 2
+    assert "--image-size >= 8" in capsys.readouterr().err
+    with pytest.raises(DataSourceError, match="does not take"):
+        list_source("digits", train_fraction=0.5)

@@ -183,7 +183,7 @@ def key_lines(log: str, limit: int = 3) -> list[str]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    from report import read_records  # tools/report.py, next to this file
+    from rskdist.runlog import read_records
 
     return {r["step"]: r["loss"] for r in read_records(run_dir)[0]}
 

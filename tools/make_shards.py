@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write WebDataset shards + index for a retrieval dataset (class-disjoint train/test).
 
-    python tools/make_shards.py {inat,sop,cars196,cub,vehicleid,folder,csv,demo} --root SRC --out DST
+    python tools/make_shards.py {inat,sop,cars196,cub,vehicleid,folder,csv,demo,digits} --root SRC --out DST
 
 writes DST/<split>/*.tar for each split (train, test; VehicleID: train, test_800, test_1600,
 test_2400), DST/index.json and DST/skipped.txt.
@@ -24,7 +24,7 @@ from rskdist.data.writer import write_shards  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=SOURCES)
-    p.add_argument("--root", help="source dataset (folder; the .csv file for `csv`; unused for `demo`)")
+    p.add_argument("--root", help="source dataset (folder; the .csv file for `csv`; unused for `demo`, `digits`)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: min(8, cpus))")
@@ -38,11 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-fraction", type=float, help="fraction of the sorted classes used for train (0.5)")
     g.add_argument("--train-classes", dest="train_classes_file", help="file naming the train classes, one a line")
     g.add_argument("--image-root", help="csv: folder the paths are relative to (default: the csv's folder)")
-    g = p.add_argument_group("demo")
-    g.add_argument("--num-classes", type=int, help="number of classes, half train half test (200)")
-    g.add_argument("--images-per-class", type=int, help="images per class (24)")
-    g.add_argument("--image-size", type=int, help="image side in pixels (64)")
-    g.add_argument("--seed", type=int, help="generator seed (0)")
+    g = p.add_argument_group("demo / digits")
+    g.add_argument("--num-classes", type=int, help="demo: number of classes, half train half test (200)")
+    g.add_argument("--images-per-class", type=int, help="demo: images per class (24)")
+    g.add_argument("--image-size", type=int, help="image side in pixels (demo 64, digits 32)")
+    g.add_argument("--seed", type=int, help="demo: generator seed (0)")
     return p.parse_args(argv)
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             options={k: v for k, v in options.items() if v is not None}
-            | ({"root": os.path.abspath(args.root)} if args.root and args.source != "demo" else {}),
+            | ({"root": os.path.abspath(args.root)} if args.root and args.source not in ("demo", "digits") else {}),
         )
     except (DataSourceError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,8 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from report import read_records  # noqa: E402
 from rskdist.config import load_config, to_dict, validate  # noqa: E402
+from rskdist.runlog import read_records  # noqa: E402
+from rskdist.utils import deepspeed_bin, run_logged  # noqa: E402
 
 # The study owns these: each run's folder, its seed and how it resumes.
 OWNED_KEYS = {"run.output_dir": "--out", "run.name": "--out", "run.seed": "--seeds", "run.resume": "the study (auto)"}
@@ -215,11 +216,6 @@ def is_done(study: Study, cell: Cell) -> bool:
 
 
 # ----------------------------------------------------------------------------- launching
-def deepspeed_bin() -> str:
-    here = Path(sys.executable).parent / "deepspeed"
-    return str(here) if here.exists() else "deepspeed"
-
-
 def local_command(study: Study, cell: Cell, port: int | str) -> list[str]:
     # Every run gets its own rendezvous port: two deepspeed runs on one machine both default to 29500.
     return [deepspeed_bin(), "--num_gpus", str(study.nproc), "--master_port", str(port), "rskdist/train.py",
@@ -235,42 +231,12 @@ def slurm_command(study: Study, cell: Cell) -> list[str]:
             *(shlex.quote(o) for o in study.overrides(cell))]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the run's own process group (the ranks save and exit), then SIGKILL."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def launch_local(study: Study, cell: Cell, timeout: float) -> int:
     """Train one cell through `deepspeed`; its output goes to the cell's log. Returns the exit code."""
     from rskdist.comm import free_port
 
-    cmd = local_command(study, cell, free_port())
-    log_path = study.log_path(cell)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.pop("WORLD_SIZE", None)  # set by an outer launcher, it would make train.py think it is a rank
-    with log_path.open("a") as log:
-        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        log.flush()
-        # Its own session: a timeout or Ctrl-C here stops this run's launcher and ranks, nothing else.
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            log.write(f"== study: stopped after --timeout {timeout:g} s\n")
-            return 124
-        except KeyboardInterrupt:
-            _stop(proc)
-            raise
+    return run_logged(local_command(study, cell, free_port()), study.log_path(cell), timeout=timeout, who="study",
+                      cwd=ROOT)
 
 
 # ----------------------------------------------------------------------------- reading runs

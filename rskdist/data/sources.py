@@ -14,6 +14,8 @@ Splits (docs/method.md section 6):
 - folder:  one sub-folder per class; first half of the sorted class names train.
 - csv:     path,label[,split] rows; without a split column, classes split as `folder`.
 - demo:    the embedded synthetic dataset (rskdist.data.demo_images).
+- digits:  scikit-learn's handwritten digits (`load_digits`, shipped with the package:
+           1797 8x8 grey images); digits 0-5 train, 6-9 test, upsampled to RGB.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import csv
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SOURCES = ("inat", "sop", "cars196", "cub", "vehicleid", "folder", "csv", "demo")
+SOURCES = ("inat", "sop", "cars196", "cub", "vehicleid", "folder", "csv", "demo", "digits")
 
 
 class DataSourceError(ValueError):
@@ -39,6 +41,7 @@ class Item:
     image_id: str
     path: str | None = None  # image file to read; None for generated images
     synth: tuple | None = None  # generator arguments (demo source)
+    data: bytes | None = None  # the encoded image itself (sources whose images ship in a package)
 
 
 @dataclass
@@ -349,6 +352,38 @@ def list_demo(num_classes: int = 200, images_per_class: int = 24, image_size: in
     return listing
 
 
+DIGITS_TRAIN = tuple(str(d) for d in range(6))  # digits 0-5 train, 6-9 test
+
+
+def list_digits(image_size: int = 32) -> Listing:
+    """scikit-learn's handwritten digits (1797 images, 8x8, 17 grey levels; no download):
+    digits 0-5 train, 6-9 test, each image upsampled (bilinear) to `image_size` px RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise DataSourceError(f"digits needs --image-size >= 8 (the images are 8x8), got {image_size}")
+    digits = load_digits()
+    grey = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    rows: dict[str, list] = {"train": [], "test": []}
+    data: dict[str, bytes] = {}
+    for n, (pixels, target) in enumerate(zip(grey, digits.target)):
+        image = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        image_id = f"{n:04d}"
+        data[image_id] = buf.getvalue()
+        rows["train" if str(target) in DIGITS_TRAIN else "test"].append((str(target), image_id, None))
+    listing = _build("digits", rows)
+    listing.items = {split: [replace(it, data=data[it.image_id]) for it in items]
+                     for split, items in listing.items.items()}
+    listing.options = dict(image_size=image_size, train_digits=list(DIGITS_TRAIN))
+    return listing
+
+
 def list_source(source: str, root: str | None = None, **options) -> Listing:
     """Dispatch to `list_<source>`; options that a source does not take are an error if set."""
     funcs = {
@@ -360,6 +395,7 @@ def list_source(source: str, root: str | None = None, **options) -> Listing:
         "folder": list_folder,
         "csv": list_csv,
         "demo": list_demo,
+        "digits": list_digits,
     }
     if source not in funcs:
         raise DataSourceError(f"unknown source {source!r}; choose one of {list(funcs)}")
@@ -371,10 +407,10 @@ def list_source(source: str, root: str | None = None, **options) -> Listing:
     if unused:
         flags = ["--train-classes" if k == "train_classes_file" else "--" + k.replace("_", "-") for k in unused]
         raise DataSourceError(f"source {source!r} does not take option(s) {', '.join(flags)}")
-    if source != "demo":
+    if source not in ("demo", "digits"):
         if root is None:
             raise DataSourceError(f"source {source!r} needs --root SRC")
         options["root"] = root
     elif root is not None:
-        print(f"note: --root {root} is not used by the demo source", file=sys.stderr)
+        print(f"note: --root {root} is not used by the {source} source", file=sys.stderr)
     return funcs[source](**options)

@@ -63,7 +63,7 @@ class Progress:
 
 
 def encode_item(item: Item, max_size: int | None = None) -> tuple:
-    """Read (or generate) one image and check that it decodes.
+    """Read (or generate, or take from `item.data`) one image and check that it decodes.
 
     Returns ("ok", ext, data, width, height) or ("skip", reason). JPEG and PNG bytes are
     kept as stored; other formats are re-encoded as PNG; images larger than `max_size`
@@ -74,11 +74,14 @@ def encode_item(item: Item, max_size: int | None = None) -> tuple:
 
         seed, class_id, instance, size = item.synth
         return ("ok", "jpg", render_jpeg(seed, class_id, instance, size), size, size)
-    try:
-        with open(item.path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return ("skip", f"unreadable: {e.strerror or e}")
+    if item.data is not None:
+        data = item.data
+    else:
+        try:
+            with open(item.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return ("skip", f"unreadable: {e.strerror or e}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # full decode: catches truncated and corrupt files, not just bad headers

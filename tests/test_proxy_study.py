@@ -96,14 +96,13 @@ def test_study_rows_report_and_resume(tmp_path, digits_root):
             "--impls", "plain", "plain_ranks", "--set", f"data.root={digits_root}", "--set", "run.max_steps=3",
             "--set", "data.num_workers=0"]
     code, lines = _main(argv)
-    assert code == 0 and len(lines) == 4  # one JSON line per finished run
+    assert code == 0 and len(lines) == 3  # one JSON line per finished run; plain_ranks on the first seed only
     for line in lines:
         assert line["status"] == "done" and line["steps"] == 3 and line["dataset"] == "digits"
         assert 0.0 <= line["recall@1"] <= 1.0 and 0.0 <= line["map@r"] <= 1.0 and line["seconds"] > 0
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["impl"], r["seed"]) for r in rows] == [("plain", "0"), ("plain_ranks", "0"), ("plain", "1"),
-                                                      ("plain_ranks", "1")]
+    assert [(r["impl"], r["seed"]) for r in rows] == [("plain", "0"), ("plain_ranks", "0"), ("plain", "1")]
     assert {r["recall@1"] for r in rows} == {str(line["recall@1"]) for line in lines}
     report = (out / "report.md").read_text()
     assert "python tools/proxy_study.py --out" in report and "| digits | cosface |" in report
@@ -162,4 +161,6 @@ def test_rskdist_on_two_ranks_follows_the_plain_loop_on_its_batches(tmp_path, di
                          "--set", "run.max_steps=6", "--set", "data.num_workers=0"])
     assert code == 0 and [line["impl"] for line in lines] == ["rskdist", "plain_ranks"]
     (gap,) = proxy_study.loss_gaps(lines)
-    assert gap["steps"] == 6 and gap["max_loss_gap"] < 1e-4 and gap["max_recall@1_gap"] < 1e-3
+    assert gap["steps"] == 6 and gap["max_loss_gap"] < 1e-4 and gap["max_map@r_gap"] < 1e-4
+    # Float rounding may flip one near-tie among the 714 test queries, no more.
+    assert gap["max_recall@1_gap"] <= 1 / 714 + 1e-9

@@ -374,7 +374,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     runs_dir = out / "runs"
-    command = shlex.join(["python", "tools/proxy_study.py", *(sys.argv[1:] if argv is None else argv)])
+    # The command that trains the study (--report-only only rereads it).
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    command = shlex.join(["python", "tools/proxy_study.py", *given])
     ranks_seeds = args.seeds[:1] if args.plain_ranks_seeds is None else args.plain_ranks_seeds
     plan = []
     try:

@@ -17,6 +17,7 @@ from rskdist.build import (
 from rskdist.config import Config
 from rskdist.loss import make_loss
 from rskdist.models import RetrievalModel
+from test_engine_distributed import join_gloo, leave_with
 
 GLOBAL_BATCH, CHUNK, NUM_CLASSES, FROZEN = 24, 5, 6, 2
 
@@ -78,9 +79,7 @@ def _worker(rank, world, init, out_dir, stages):
 
     from rskdist.parallel.step import two_pass_step
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    join_gloo(rank, world, init)
     local = GLOBAL_BATCH // world
     rows = slice(rank * local, (rank + 1) * local)
     results = {}
@@ -104,9 +103,7 @@ def _worker(rank, world, init, out_dir, stages):
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
                 states.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
         results[zero_stage] = states
-    torch.save(results, os.path.join(out_dir, f"r{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_with(results, out_dir, f"r{rank}.pt")
 
 
 @pytest.mark.distributed

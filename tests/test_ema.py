@@ -15,6 +15,7 @@ from rskdist.checkpoint import CheckpointManager
 from rskdist.config import Config
 from rskdist.models import create_model
 from rskdist.parallel.ema import WeightEMA
+from test_engine_distributed import join_gloo, leave_with
 
 DECAY, STEPS = 0.6, 3
 VIT = dict(patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -47,9 +48,7 @@ def _worker(rank, world, init, out_dir, stages):
 
     from rskdist.parallel.step import two_pass_step
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    join_gloo(rank, world, init)
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     labels = torch.arange(16) // 4
     local = 16 // world
@@ -90,9 +89,7 @@ def _worker(rank, world, init, out_dir, stages):
         out[zero_stage] = dict(weights=weights, after_out=after_out, raw_out=raw_out, ema_out=ema_out,
                                resumed_out=resumed_out, updates=restored.updates,
                                shadow_equal=all(torch.equal(a, b) for a, b in zip(ema.shadow, restored.shadow)))
-    torch.save(out, os.path.join(out_dir, f"r{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_with(out, out_dir, f"r{rank}.pt")
 
 
 @pytest.mark.distributed

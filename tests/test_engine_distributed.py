@@ -65,13 +65,25 @@ def _reference_params(simix):
     return {k: v.clone() for k, v in model.state_dict().items()}, float(loss.detach()), float(grad_emb.norm())
 
 
-def start_rank(rank, world, init):
-    """Join the gloo group and DeepSpeed; this rank's rows of the global batch and its size."""
+def join_gloo(rank, world, init):
+    """Join the gloo group (file rendezvous `init`) and DeepSpeed, as a launcher's rank would."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def leave_with(results, out_dir, name):
+    """Save this rank's results as OUT/<name>, then leave the group together."""
+    torch.save(results, os.path.join(out_dir, name))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def start_rank(rank, world, init):
+    """Join the gloo group and DeepSpeed; this rank's rows of the global batch and its size."""
+    join_gloo(rank, world, init)
     images, labels = _global_batch()
     local = GLOBAL_BATCH // world
     sl = slice(rank * local, (rank + 1) * local)

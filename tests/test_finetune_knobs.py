@@ -13,6 +13,7 @@ from rskdist.build import build_optimizer, deepspeed_config, lr_lambdas, make_lo
 from rskdist.config import Config
 from rskdist.models import create_model
 from rskdist.models.params import backbone_layer_ids, freeze_parameters
+from test_engine_distributed import join_gloo, leave_with
 
 VIT = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
 
@@ -103,9 +104,7 @@ def _worker(rank, world, init, out_dir, stages):
 
     from rskdist.parallel.step import two_pass_step
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    join_gloo(rank, world, init)
     gen = torch.Generator().manual_seed(3)
     images = torch.randn(16, 3, 32, 32, generator=gen)
     labels = torch.arange(16) // 4
@@ -137,9 +136,7 @@ def _worker(rank, world, init, out_dir, stages):
         else:
             kept = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
         out[zero_stage] = (state, kept, schedule.get_last_lr())
-    torch.save(out, os.path.join(out_dir, f"r{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_with(out, out_dir, f"r{rank}.pt")
 
 
 @pytest.mark.distributed

@@ -9,7 +9,6 @@ rskdist/parallel/gradients.py.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import torch
@@ -142,32 +141,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-# DeepSpeed's CPU backend (its shm allreduce) creates one shared-memory file per rank at
-# init_distributed, named by this prefix, the user id, MASTER_ADDR, MASTER_PORT and the rank.
-SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def shm_buffer_path(rank: int, shm_dir: str = "/dev/shm") -> str:
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return os.path.join(shm_dir, f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
-
-
-def release_shm_buffer(rank: int, shm_dir: str = "/dev/shm") -> bool:
-    """Remove the name of this rank's DeepSpeed shared-memory buffer; True if there was one.
-
-    DeepSpeed never removes these files (66 MB a rank), so every CPU run left its buffers
-    in /dev/shm until it filled. Each rank maps every peer's buffer inside
-    init_distributed; after a barrier nobody opens them by name again, and a mapping
-    outlives its name: the memory stays in use until the processes end, however they end,
-    and is freed then. Call it on every rank right after init_distributed.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    try:
-        os.unlink(shm_buffer_path(rank, shm_dir))
-    except FileNotFoundError:
-        return False
-    return True
-

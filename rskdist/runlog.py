@@ -25,6 +25,7 @@ from rskdist.models.spec import write_spec
 from rskdist.utils import memory_stats, run_metadata
 
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class RunLogger:
@@ -45,7 +46,7 @@ class RunLogger:
         (self.run_dir / "env.json").write_text(json.dumps(run_metadata(**info), indent=2))
         if model_spec is not None:
             write_spec(model_spec, self.run_dir)
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.run_dir / METRICS_FILE
         if fresh and metrics.exists():
             metrics.rename(self.run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         self._file = open(metrics, "a")
@@ -131,16 +132,21 @@ def read_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of RUN/metrics.jsonl, one per step, sorted by step."""
-    path = Path(run_dir) / "metrics.jsonl"
+def iter_records(run_dir: Path):
+    """Every record of RUN/metrics.jsonl in the order written (train, eval and warning
+    records; a resumed run's records follow the ones it repeats)."""
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: is {run_dir} a run folder written by rskdist/train.py?")
-    train, evals = [], []
     for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+        if line.strip():
+            yield json.loads(line)
+
+
+def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of RUN/metrics.jsonl, one per step, sorted by step."""
+    train, evals = [], []
+    for rec in iter_records(run_dir):
         if rec.get("kind") == "eval":
             evals.append(rec)
         elif rec.get("kind") == "train":
@@ -149,6 +155,11 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     train = list({r["step"]: r for r in train}.values())
     evals = list({r["step"]: r for r in evals}.values())
     return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} of a run folder (the last record of each step)."""
+    return {r["step"]: r["loss"] for r in read_records(run_dir)[0]}
 
 
 def format_seconds(seconds: float) -> str:

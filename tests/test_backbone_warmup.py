@@ -3,8 +3,6 @@ and proxies alone): the backbone's parameter groups get LR 0 for the first steps
 schedule; on 2 ranks under ZeRO 0, 2 and 3 the backbone does not move while the head and the
 proxies do, and moves once the warm-up is over."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

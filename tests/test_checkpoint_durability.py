@@ -4,17 +4,13 @@ or short is skipped on resume, which takes the one before and continues with the
 uninterrupted run's losses."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from launching import run_cmd, train_losses
 
 from rskdist.checkpoint import MANIFEST, _disagreement, verify_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_verify_names_a_missing_or_short_file(tmp_path):
@@ -42,25 +38,15 @@ def test_ranks_that_disagree_never_make_a_complete_save():
 
 
 def _train(out, name, *overrides):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={out}",
-           f"run.name={name}", "run.save_every=2", "run.keep_checkpoints=5", "run.loggers=[]",
-           "eval.every_epochs=-1", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    return run_cmd([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={out}",
+                    f"run.name={name}", "run.save_every=2", "run.keep_checkpoints=5", "run.loggers=[]",
+                    "eval.every_epochs=-1", *overrides], timeout=600)
 
 
 @pytest.mark.integration
 def test_resume_skips_a_checkpoint_with_a_short_or_missing_file(tmp_path):
     _train(tmp_path, "full", "run.max_steps=6")
-    full = _losses(tmp_path / "full")
+    full = train_losses(tmp_path / "full")
     _train(tmp_path, "cut", "run.max_steps=4")
     cut = tmp_path / "cut"
     manifest = json.loads((cut / "checkpoints/step00000004" / MANIFEST).read_text())
@@ -73,6 +59,6 @@ def test_resume_skips_a_checkpoint_with_a_short_or_missing_file(tmp_path):
     for name in ("cut", "gone"):
         proc = _train(tmp_path, name, "run.max_steps=6")
         assert "skipping step00000004" in proc.stderr and "resumed from" in proc.stdout, proc.stderr[-2000:]
-        resumed = _losses(tmp_path / name)
+        resumed = train_losses(tmp_path / name)
         for step in (3, 4, 5, 6):
             assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (name, step)

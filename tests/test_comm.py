@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rskdist.comm import release_shm_buffer, shm_buffer_path
+from rskdist.launch import release_shm_buffer, shm_buffer_path
 
 
 def test_release_shm_buffer_removes_only_this_ranks_name(tmp_path, monkeypatch):

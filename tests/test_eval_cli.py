@@ -5,14 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import evaluate
 import numpy as np
 import pytest
 
 from rskdist.eval import retrieval_metrics, retrieval_metrics_qg, save_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
 
 
 @pytest.fixture

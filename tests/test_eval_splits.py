@@ -6,11 +6,12 @@ split's metrics are named in results, records and the progress line, which split
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import evaluate
 import numpy as np
 import pytest
+import report
 import torch
 
 from test_data_stream import SIZE, make_shards
@@ -23,9 +24,6 @@ from rskdist.eval import evaluate_model
 from rskdist.validator import Validator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
-import report  # noqa: E402
 
 CPU = torch.device("cpu")
 COUNTS = [4, 5, 4, 6, 4, 4, 5, 4, 4, 4, 5, 4]  # images per training class (12 classes, 53 images)

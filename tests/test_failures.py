@@ -3,46 +3,29 @@ exception on one rank, a NaN on one rank, SIGTERM (preemption) and SIGKILL (a lo
 The faults come from tests/faults/train_with_fault.py, which patches the trainer from
 outside the package."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from rskdist.comm import free_port
+from launching import ROOT, deepspeed_cmd, launch_env, records, run_cmd, train_losses
+
+from rskdist.runlog import read_summary
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 FAULTY = "tests/faults/train_with_fault.py"
 
 
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _cmd(script, out_dir, *args):
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script, *args, "--config",
-            "configs/debug.yaml", f"run.output_dir={out_dir}", "eval.every_epochs=-1", "run.log_every=1"]
+    return deepspeed_cmd(*args, "--config", "configs/debug.yaml", f"run.output_dir={out_dir}", "eval.every_epochs=-1",
+                         "run.log_every=1", script=script)
 
 
 def _run(cmd, timeout=300):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
+    return run_cmd(cmd, timeout=timeout, check=False)
 
 
 def test_exception_on_one_rank_ends_the_job_and_every_rank_says_why(tmp_path):
@@ -56,10 +39,10 @@ def test_exception_on_one_rank_ends_the_job_and_every_rank_says_why(tmp_path):
 def test_nan_on_one_rank_is_skipped_on_every_rank_or_stops_the_run(tmp_path):
     proc = _run(_cmd(FAULTY, tmp_path / "skip", "nan", "1", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = _records(tmp_path / "skip" / "debug")
-    warnings = [r for r in records if r["kind"] == "warning"]
+    written = records(tmp_path / "skip" / "debug")
+    warnings = [r for r in written if r["kind"] == "warning"]
     assert [(w["step"], w["stage"], w["ranks"]) for w in warnings] == [(3, "embeddings", [1])]
-    losses = _losses(tmp_path / "skip" / "debug")
+    losses = train_losses(tmp_path / "skip" / "debug")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[3] != losses[3]  # the skipped step logs NaN
     assert all(0 < losses[s] < 1 for s in (4, 5, 6))  # training went on with finite losses
     report = _run([sys.executable, "tools/report.py", str(tmp_path / "skip" / "debug")])  # reads past warnings
@@ -75,7 +58,7 @@ def test_nan_on_one_rank_is_skipped_on_every_rank_or_stops_the_run(tmp_path):
 def _signal_mid_run(cmd, pattern: str, sig, after_step: int = 4):
     """Start `cmd`, wait for the progress line of `after_step`, send `sig` to the processes
     matching `pattern`; returns (returncode, output)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -102,7 +85,7 @@ def test_sigterm_saves_the_last_step_and_the_rerun_continues_exactly(tmp_path):
     assert (out / "debug" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
     rerun = _run(cmd)
     assert rerun.returncode == 0 and f"at step {stopped}" in rerun.stdout
-    resumed, expected = _losses(out / "debug"), _losses(tmp_path / "full" / "debug")
+    resumed, expected = train_losses(out / "debug"), train_losses(tmp_path / "full" / "debug")
     assert sorted(resumed) == list(range(1, 15))
     for step in range(stopped + 1, 15):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
@@ -114,7 +97,7 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
     the step, save it and exit 143, and the rerun resumes from that step."""
     out = tmp_path / "run"
     cmd = _cmd("rskdist/train.py", out) + ["run.max_steps=400", "run.save_every=100"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -131,7 +114,7 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
     assert (out / "debug" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
     rerun = _run(_cmd("rskdist/train.py", out) + [f"run.max_steps={stopped + 2}"])
     assert rerun.returncode == 0 and f"at step {stopped}" in rerun.stdout, rerun.stderr[-3000:]
-    assert sorted(_losses(out / "debug"))[-1] == stopped + 2
+    assert sorted(train_losses(out / "debug"))[-1] == stopped + 2
 
 
 def test_a_kill_during_a_save_never_resumes_from_the_half_written_tag(tmp_path):
@@ -144,7 +127,7 @@ def test_a_kill_during_a_save_never_resumes_from_the_half_written_tag(tmp_path):
     assert (ckpts / "step00000004").is_dir() and (ckpts / "latest").read_text() == "step00000002"
     rerun = _run(_cmd("rskdist/train.py", out) + ["run.max_steps=8", "run.save_every=2"])
     assert rerun.returncode == 0 and "at step 2" in rerun.stdout, rerun.stderr[-3000:]
-    resumed, expected = _losses(out / "debug"), _losses(tmp_path / "full" / "debug")
+    resumed, expected = train_losses(out / "debug"), train_losses(tmp_path / "full" / "debug")
     for step in range(3, 9):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
 
@@ -180,12 +163,12 @@ def test_unreadable_images_are_counted_in_the_logs_and_the_summary(tmp_path):
                  "run.max_steps=0", "run.epochs=1", "eval.every_epochs=0", "model.pretrained="])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bad images replaced" in proc.stdout
-    records = _records(tmp_path / "debug")
-    steps = [r for r in records if r["kind"] == "train"]
+    written = records(tmp_path / "debug")
+    steps = [r for r in written if r["kind"] == "train"]
     assert steps[-1]["bad_samples"] == 2
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = [r for r in written if r["kind"] == "eval"]
     assert evals[-1]["eval/num_unreadable_images"] == 1 and evals[-1]["eval/num_queries"] <= 11
-    summary = json.loads((tmp_path / "debug" / "summary.json").read_text())
+    summary = read_summary(tmp_path / "debug")
     assert summary["bad_samples"] == 2 and summary["final_eval"]["num_unreadable_images"] == 1
 
 

@@ -2,8 +2,6 @@
 The groups get the right LRs, frozen parameters get no gradient and no optimizer state, and on
 2 ranks under ZeRO 0, 2 and 3 they do not move while the rest trains."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -9,41 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env, records, run_cmd, train_losses
+
 from rskdist.comm import free_port
+from rskdist.runlog import read_summary
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 COMMON = ["run.log_every=1", "eval.every_epochs=-1"]
 # The debug ViT with near-zero LayerScale: untrained, it embeds every image nearly alike.
 COLLAPSED_VIT = "model.backbone_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2, init_values: 1.0e-6}"
 
 
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _run(cmd, timeout=300):
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def _train_2proc(out_dir, *overrides):
-    return _run([DEEPSPEED, "--num_gpus", "2", "rskdist/train.py", "--config", "configs/debug.yaml",
-                 f"run.output_dir={out_dir}", *COMMON, *overrides])
+    return run_cmd([DEEPSPEED, "--num_gpus", "2", "rskdist/train.py", "--config", "configs/debug.yaml",
+                    f"run.output_dir={out_dir}", *COMMON, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +39,21 @@ def test_launcher_run_writes_a_complete_run_folder(uninterrupted):
         assert (run / name).exists(), name
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 2 and env["git_sha"] and "deepspeed" in env["versions"]
-    losses = _losses(run)
+    losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4]
     assert list((run / "tb").glob("events.out.tfevents.*"))
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step00000004"
 
 
-def test_resume_continues_with_the_same_losses(uninterrupted, tmp_path):
+def test_resume_continues_with_the_sametrain_losses(uninterrupted, tmp_path):
     _train_2proc(tmp_path, "run.max_steps=2")
-    first = _losses(tmp_path / "debug")
+    first = train_losses(tmp_path / "debug")
     assert sorted(first) == [1, 2]
     proc = _train_2proc(tmp_path, "run.max_steps=4")
     assert "resumed from" in proc.stdout
-    resumed = _losses(tmp_path / "debug")
-    full = _losses(uninterrupted)
+    resumed = train_losses(tmp_path / "debug")
+    full = train_losses(uninterrupted)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
@@ -89,12 +69,12 @@ def test_two_nodes_on_loopback_match_one_node(uninterrupted, tmp_path):
                "--master_addr", "127.0.0.1", "--master_port", port, "rskdist/train.py", "--config",
                "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2", *COMMON]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=_env()))
+                                      env=launch_env()))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     assert "nnodes=2" in logs[1] and "node_rank=1" in logs[1]
-    two_nodes = _losses(tmp_path / "debug")
-    full = _losses(uninterrupted)
+    two_nodes = train_losses(tmp_path / "debug")
+    full = train_losses(uninterrupted)
     # Same global batch (rank-ordered) on two nodes as on one node with two processes.
     for step in (1, 2):
         assert two_nodes[step] == pytest.approx(full[step], abs=1e-6)
@@ -103,21 +83,18 @@ def test_two_nodes_on_loopback_match_one_node(uninterrupted, tmp_path):
 
 def test_unusable_weights_give_one_clear_message(tmp_path):
     base = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}"]
-    proc = subprocess.run(base + ["model.pretrained=/nowhere/vit.safetensors"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=_env())
+    proc = run_cmd(base + ["model.pretrained=/nowhere/vit.safetensors"], timeout=120, check=False)
     assert proc.returncode == 2
     assert "/nowhere/vit.safetensors" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run(base + ["model.pretrained=hub"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=_env())
+    proc = run_cmd(base + ["model.pretrained=hub"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.pretrained=" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_memory_estimate_within_25_percent_of_measured(uninterrupted):
-    measured = max(json.loads(l)["rss_peak_mb_max"] for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(l).get("kind") == "train")
-    proc = _run([sys.executable, "tools/estimate_memory.py", "--config", "configs/debug.yaml", "--world-size", "2",
-                 "--device", "cpu"])
+    measured = max(r["rss_peak_mb_max"] for r in records(uninterrupted, "train"))
+    proc = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", "configs/debug.yaml", "--world-size", "2",
+                    "--device", "cpu"])
     estimate = json.loads(proc.stdout.strip().splitlines()[-1])["total_mb"]
     assert abs(estimate - measured) / measured < 0.25, (estimate, measured)
 
@@ -130,13 +107,12 @@ def test_memory_estimate_within_15_percent_on_vit_large(tmp_path):
     2 cores). Its peak is the optimizer step, set by DeepSpeed's fp32 copies and Adam's
     temporaries, which a tiny backbone cannot show (docs/scaling.md)."""
     setup = ["data.global_batch=16", "data.chunk_size=4"]
-    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "rskdist/train.py", "--config",
-          "configs/inat_vit_l16.yaml", "data.source=synthetic", "model.pretrained=", "run.max_steps=1",
-          f"run.output_dir={tmp_path}", *setup, *COMMON], timeout=3000)
-    records = [json.loads(l) for l in (tmp_path / "inat_vit_l16" / "metrics.jsonl").read_text().splitlines()]
-    measured = max(r["rss_peak_mb_max"] for r in records if r.get("kind") == "train")
-    proc = _run([sys.executable, "tools/estimate_memory.py", "--config", "configs/inat_vit_l16.yaml", "--world-size",
-                 "2", "--device", "cpu", *setup], timeout=600)
+    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "rskdist/train.py", "--config",
+             "configs/inat_vit_l16.yaml", "data.source=synthetic", "model.pretrained=", "run.max_steps=1",
+             f"run.output_dir={tmp_path}", *setup, *COMMON], timeout=3000)
+    measured = max(r["rss_peak_mb_max"] for r in records(tmp_path / "inat_vit_l16", "train"))
+    proc = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", "configs/inat_vit_l16.yaml", "--world-size",
+                    "2", "--device", "cpu", *setup], timeout=600)
     estimate = json.loads(proc.stdout.strip().splitlines()[-1])
     assert estimate["peak_phase"] == "step", estimate
     assert abs(estimate["total_mb"] - measured) / measured < 0.15, (estimate, measured)
@@ -147,18 +123,18 @@ def test_bf16_zero3_checkpointing_drop_path(tmp_path):
     stochastic depth replayed in the backprop pass all go through one real step each."""
     _train_2proc(tmp_path, "run.max_steps=2", "deepspeed.precision=bf16", "deepspeed.zero_stage=3",
                  "model.grad_checkpointing=true", "model.drop_path_rate=0.1")
-    losses = _losses(tmp_path / "debug")
+    losses = train_losses(tmp_path / "debug")
     assert sorted(losses) == [1, 2] and all(0.0 < v < 1.0 for v in losses.values())
 
 
 def test_standalone_evaluation_of_a_checkpoint_matches_training(uninterrupted, tmp_path):
-    trained = json.loads((uninterrupted / "summary.json").read_text())["final_eval"]
-    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(uninterrupted), "--out", str(tmp_path / "r.json")])
+    trained = read_summary(uninterrupted)["final_eval"]
+    run_cmd([sys.executable, "tools/evaluate.py", "--checkpoint", str(uninterrupted), "--out", str(tmp_path / "r.json")])
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     for key in ("recall@1", "recall@2", "recall@4", "map@r"):
         assert results[key] == pytest.approx(trained[key], abs=1e-9), key
-    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "nothing")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=_env())
+    proc = run_cmd([sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "nothing")], timeout=120,
+                   check=False)
     assert proc.returncode != 0 and "error: checkpoint: no checkpoint at" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -169,13 +145,12 @@ def _shm_buffers(port: int) -> list[Path]:
 
 
 def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     port = free_port()
-    _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-          "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2",
-          *COMMON])
-    losses = _losses(tmp_path / "debug")
-    full = _losses(uninterrupted)
+    run_cmd([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={tmp_path}", "run.max_steps=2",
+             *COMMON])
+    losses = train_losses(tmp_path / "debug")
+    full = train_losses(uninterrupted)
     for step in (1, 2):
         assert losses[step] == pytest.approx(full[step], abs=1e-6)
     assert _shm_buffers(port) == []  # the ranks removed their shared-memory buffers' names
@@ -184,24 +159,21 @@ def test_torchrun_runs_the_same_entry_point(uninterrupted, tmp_path):
 def _train_1proc(out_dir, *overrides, check=True):
     cmd = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", f"run.output_dir={out_dir}",
            "run.log_every=1", *overrides]
-    if check:
-        return _run(cmd)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    return run_cmd(cmd, check=check)
 
 
 def test_best_checkpoint_survives_pruning_and_evaluates(tmp_path):
     # 16 steps per epoch: evaluations at steps 2 and 4; keep only the newest checkpoint.
     _train_1proc(tmp_path, "run.max_steps=4", "eval.every_epochs=0.125", "run.keep_checkpoints=1")
     run = tmp_path / "debug"
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r for r in evals if r["kind"] == "eval"}
+    evals = {r["step"]: r for r in records(run, "eval")}
     assert sorted(evals) == [2, 4]
     best_step = max(evals, key=lambda s: (evals[s]["eval/recall@1"], -s))  # ties keep the earlier one
     best_tag = (run / "checkpoints" / "best").read_text()
     assert best_tag == f"step{best_step:08d}" and (run / "checkpoints" / best_tag).is_dir()
     assert (run / "checkpoints" / "latest").read_text() == "step00000004"
-    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
-          str(tmp_path / "best.json")])
+    run_cmd([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
+             str(tmp_path / "best.json")])
     results = json.loads((tmp_path / "best.json").read_text())["results"]
     for key in ("recall@1", "map@r"):
         assert results[key] == pytest.approx(evals[best_step][f"eval/{key}"], abs=1e-9), key
@@ -221,20 +193,19 @@ def test_validation_classes_pick_best_while_test_is_reported(tmp_path):
     _train_1proc(tmp_path, "run.max_steps=4", "eval.every_epochs=0.1667", "data.val_classes=16",
                  "loss.name=proxy_anchor", "loss.mix=none")
     run = tmp_path / "debug"
-    evals = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-             if r["kind"] == "eval"}
+    evals = {r["step"]: r for r in records(run, "eval")}
     assert sorted(evals) == [2, 4]
     assert all(0 <= r["eval/val/recall@1"] <= 1 and 0 <= r["eval/recall@1"] <= 1 for r in evals.values())
     assert all(r["eval/val/num_queries"] == 16 * 8 and r["eval/num_queries"] == 128 for r in evals.values())
     best_step = max(evals, key=lambda s: (evals[s]["eval/val/recall@1"], -s))  # ties keep the earlier one
     best_tag = (run / "checkpoints" / "best").read_text()
     assert best_tag == f"step{best_step:08d}"
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["best"]["metric"] == "val/recall@1" and summary["best"]["best_step"] == best_step
     assert {"val/recall@1", "recall@1", "val/map@r", "map@r"} <= set(summary["final_eval"])
 
-    _run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
-          str(tmp_path / "best.json")])
+    run_cmd([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--tag", "best", "--out",
+             str(tmp_path / "best.json")])
     results = json.loads((tmp_path / "best.json").read_text())["results"]
     for key in ("val/recall@1", "recall@1", "val/map@r", "map@r"):
         assert results[key] == pytest.approx(evals[best_step][f"eval/{key}"], abs=1e-9), key
@@ -254,23 +225,22 @@ def test_saturated_loss_stops_the_run_with_the_remedies(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: the RS@k loss is saturated" in proc.stderr and "model.pretrained" in proc.stderr
     assert "Traceback" not in proc.stderr
-    records = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
-    assert any(r["kind"] == "warning" and r["saturated"] for r in records)
-    assert all(r["emb_grad_norm"] < 1e-2 for r in records if r["kind"] == "train")
+    written = records(tmp_path / "debug")
+    assert [r["step"] for r in written if r["kind"] == "train"] == [1, 2]
+    assert any(r["kind"] == "warning" and r["saturated"] for r in written)
+    assert all(r["emb_grad_norm"] < 1e-2 for r in written if r["kind"] == "train")
 
 
 @pytest.mark.slow  # 1-2.5 minutes on 2 shared cores: embeds 16k test images twice
 def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
     # Near-zero LayerScale: the untrained ViT maps every image to nearly the same
     # embedding. Before the tie cap, ranking them took far beyond gloo's timeout.
-    _run([DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
-          "configs/debug.yaml", f"run.output_dir={tmp_path}", *COMMON, "run.max_steps=1", "run.save_every=0",
-          "eval.every_epochs=0", "eval.at_start=true", "eval.synthetic_size=16384", "eval.batch_size=256",
-          "run.timeout_minutes=5",
-          COLLAPSED_VIT],
-         timeout=900)
-    evals = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "eval"]
+    run_cmd([DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "rskdist/train.py", "--config",
+             "configs/debug.yaml", f"run.output_dir={tmp_path}", *COMMON, "run.max_steps=1", "run.save_every=0",
+             "eval.every_epochs=0", "eval.at_start=true", "eval.synthetic_size=16384", "eval.batch_size=256",
+             "run.timeout_minutes=5",
+             COLLAPSED_VIT],
+            timeout=900)
+    evals = records(tmp_path / "debug", "eval")
     assert [e["step"] for e in evals] == [0, 1]
     assert evals[0]["eval/num_queries"] == 16384 and evals[0]["eval/num_tie_capped_queries"] == 16384

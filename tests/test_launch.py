@@ -8,35 +8,21 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from launching import DEEPSPEED, ROOT, launch_env, records, train_losses
+
 from rskdist.comm import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 RUN = ["--config", "configs/debug.yaml", "run.max_steps=3", "run.log_every=1", "run.save_every=0",
        "eval.every_epochs=-1"]
-
-
-def _env(**extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("WORLD_SIZE", None)
-    # The remote side gets PYTHONPATH from the runner (it exports every PYTHON* variable and
-    # prepends its cwd), so the checkout under test is the one imported there too.
-    return env
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
 def _run(cmd, env, timeout=600):
@@ -113,7 +99,7 @@ def test_pdsh_two_nodes_over_ssh_match_one_node(loopback_nodes, tmp_path):
     # Reference: the same config as 2 processes on one node.
     one_node = tmp_path / "one_node"
     _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "rskdist/train.py", *RUN,
-          f"run.output_dir={one_node}"], _env())
+          f"run.output_dir={one_node}"], launch_env())
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
@@ -123,17 +109,18 @@ def test_pdsh_two_nodes_over_ssh_match_one_node(loopback_nodes, tmp_path):
     out = _run([DEEPSPEED, "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "1", "--no_ssh_check",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "rskdist/train.py", *RUN,
                 f"run.output_dir={two_nodes}"],
-               _env(PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-F {loopback_nodes}"))
+               # The remote side gets PYTHONPATH from the runner (it exports every PYTHON* variable
+               # and prepends its cwd), so the checkout under test is the one imported there too.
+               launch_env(PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-F {loopback_nodes}"))
 
     # pdsh prefixes every line with the host it came from: both launched a node.
     assert "127.0.0.1: " in out and "127.0.0.2: " in out
     assert "node_rank=0" in out and "node_rank=1" in out
     run = two_nodes / "debug"
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r.get("kind") == "train"]
+    train = records(run, "train")
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(len(r["rss_peak_mb_per_rank"]) == 2 and min(r["rss_peak_mb_per_rank"]) > 0 for r in train)
-    reference = _losses(one_node / "debug")
+    reference = train_losses(one_node / "debug")
     for r in train:  # same global batch, rank-ordered, on two nodes as on one
         assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), r["step"]

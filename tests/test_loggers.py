@@ -14,12 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from launching import ROOT, launch_env, records, run_cmd, train_losses
 
 from rskdist.comm import free_port
 from rskdist.config import load_config, validate
 from rskdist.loggers import flatten_params, read_trackers, tracked_name
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------- unit
@@ -56,10 +55,8 @@ def test_logger_config_errors(monkeypatch):
 
 # ----------------------------------------------------------------------- training runs
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true", **extra)
-    env.pop("WORLD_SIZE", None)
-    return env
+    env = {k: v for k, v in launch_env().items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    return dict(env, MLFLOW_DISABLE_TELEMETRY="true", **extra)
 
 
 def _train(out: Path, name: str, *overrides, env: dict, wait: bool = True):
@@ -67,14 +64,7 @@ def _train(out: Path, name: str, *overrides, env: dict, wait: bool = True):
            f"run.name={name}", "run.save_every=0", *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def _records(run: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("kind") == kind]
+    return run_cmd(cmd, timeout=600, environ=env)
 
 
 def _tracker_warnings(stderr: str, name: str) -> list[str]:
@@ -135,9 +125,9 @@ def test_mlflow_round_trip_resume_and_report(mlflow_server, tmp_path):
     def history(key):
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
-    losses = {r["step"]: r["loss"] for r in _records(run, "train")}
+    losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3] and history("loss") == losses
-    (final,) = _records(run, "eval")
+    (final,) = records(run, "eval")
     assert history("eval/recall_at_1") == {3: final["eval/recall@1"]}
     assert history("eval/map_at_r") == {3: final["eval/map@r"]}
     assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "summary.json"}
@@ -149,7 +139,7 @@ def test_mlflow_round_trip_resume_and_report(mlflow_server, tmp_path):
 
     _train(tmp_path, "tracked", "run.max_steps=5", "run.loggers=[tensorboard, mlflow]", env=env)
     assert read_trackers(run)["mlflow"]["run_id"] == run_id
-    losses = {r["step"]: r["loss"] for r in _records(run, "train")}
+    losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5]
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]  # each step once
     assert history("loss") == losses and set(history("eval/recall_at_1")) == {3, 5}
@@ -167,7 +157,7 @@ def test_mlflow_round_trip_resume_and_report(mlflow_server, tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def _wandb_records(path: Path):
+def _wandbrecords(path: Path):
     """The records of a W&B transaction log (run-ID.wandb): a ':W&B' header, then LevelDB-log
     framing (32 KiB blocks; each piece a 7-byte header: CRC, length, kind) around protobufs."""
     from wandb.proto import wandb_internal_pb2
@@ -204,13 +194,13 @@ def test_unreachable_mlflow_is_dropped_while_wandb_offline_records_the_run(tmp_p
     (warning,) = _tracker_warnings(proc.stderr, "mlflow")
     assert "start failed after" in warning and "Connection" in warning
     assert float(warning.split("start failed after ")[1].split(" s")[0]) < 15  # import + 2 quick retries
-    assert [r["tracker"] for r in _records(run, "warning")] == ["mlflow"]
+    assert [r["tracker"] for r in records(run, "warning")] == ["mlflow"]
     assert (run / "summary.json").is_file() and "mlflow" not in read_trackers(run)
 
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     assert log.name == f"run-{read_trackers(run)['wandb']['id']}.wandb"
     history, config, files = {}, {}, set()
-    for record in _wandb_records(log):
+    for record in _wandbrecords(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
@@ -220,10 +210,10 @@ def test_unreachable_mlflow_is_dropped_while_wandb_offline_records_the_run(tmp_p
             config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in updates})
         elif kind == "files":
             files |= {f.path for f in record.files.files}
-    losses = {r["step"]: r["loss"] for r in _records(run, "train")}
+    losses = train_losses(run)
     assert sorted(history) == [1, 2, 3]  # a step per record with numbers (the MLflow warning has none)
     assert {step: row["loss"] for step, row in history.items()} == losses
-    (final,) = _records(run, "eval")
+    (final,) = records(run, "eval")
     assert history[3]["eval/recall_at_1"] == final["eval/recall@1"]
     assert config["run.max_steps"] == "3" and config["optim.lr"] == "0.001"
     assert {"config.yaml", "summary.json"} <= files
@@ -246,5 +236,5 @@ def test_server_lost_mid_run_warns_once_and_training_goes_on(mlflow_server, tmp_
     assert proc.returncode == 0, stderr[-3000:]
     (warning,) = _tracker_warnings(stderr, "mlflow")
     assert "log_metrics failed" in warning
-    assert sorted(r["step"] for r in _records(tmp_path / "lost", "train")) == [1, 2, 3, 4]
-    assert [r["tracker"] for r in _records(tmp_path / "lost", "warning")] == ["mlflow"]
+    assert sorted(r["step"] for r in records(tmp_path / "lost", "train")) == [1, 2, 3, 4]
+    assert [r["tracker"] for r in records(tmp_path / "lost", "warning")] == ["mlflow"]

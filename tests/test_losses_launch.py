@@ -2,36 +2,20 @@
 each under ZeRO-2, and a proxy loss under ZeRO-3 that saves and resumes its proxies with
 the model (the resumed losses equal an uninterrupted run's)."""
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launching import deepspeed_cmd, run_cmd, train_losses
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 COMMON = ["run.log_every=1", "eval.every_epochs=-1", "data.global_batch=32", "run.save_every=2"]
 BASELINES = ["contrastive", "multi_similarity", "triplet", "smooth_ap", "proxy_anchor", "norm_softmax", "arcface", "cosface"]
 
 
 def _train(out_dir, *overrides):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "rskdist/train.py", "--config", "configs/debug.yaml",
-           f"run.output_dir={out_dir}", *COMMON, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    return run_cmd(deepspeed_cmd("--config", "configs/debug.yaml", f"run.output_dir={out_dir}", *COMMON, *overrides))
 
 
 @pytest.mark.slow
@@ -39,7 +23,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("name", BASELINES)
 def test_every_baseline_trains_two_steps_under_zero2(tmp_path, name, mix):
     _train(tmp_path, f"loss.name={name}", f"loss.mix={mix}", "run.max_steps=2", "deepspeed.zero_stage=2")
-    losses = _losses(tmp_path / "debug")
+    losses = train_losses(tmp_path / "debug")
     assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(losses.values()))))
 
 
@@ -47,7 +31,7 @@ def test_every_baseline_trains_two_steps_under_zero2(tmp_path, name, mix):
 @pytest.mark.parametrize("name", ["proxy_anchor", "norm_softmax", "arcface"])
 def test_every_proxy_loss_trains_two_steps_under_zero3(tmp_path, name):
     _train(tmp_path, f"loss.name={name}", "loss.mix=embedding", "run.max_steps=2", "deepspeed.zero_stage=3")
-    losses = _losses(tmp_path / "debug")
+    losses = train_losses(tmp_path / "debug")
     assert sorted(losses) == [1, 2] and losses[1] != losses[2]
 
 
@@ -57,7 +41,7 @@ def test_proxies_under_zero3_resume_with_the_model(tmp_path):
     step2 = tmp_path / "full" / "debug" / "checkpoints" / "step00000002"
     proc = _train(tmp_path / "cut", *args, "run.max_steps=4", f"run.resume={step2}")
     assert "resumed from" in proc.stdout
-    full, resumed = _losses(tmp_path / "full" / "debug"), _losses(tmp_path / "cut" / "debug")
+    full, resumed = train_losses(tmp_path / "full" / "debug"), train_losses(tmp_path / "cut" / "debug")
     assert sorted(resumed) == [3, 4]
     assert len(set(full.values())) == 4  # the loss moves, so equality below says the proxies resumed
     for step in (3, 4):
@@ -66,18 +50,15 @@ def test_proxies_under_zero3_resume_with_the_model(tmp_path):
 
 @pytest.mark.slow  # the same path is checked for exactness in tests/test_loss_params_distributed.py
 def test_embedding_mixup_with_a_pair_loss_under_zero2(tmp_path):
-    proc = _train(tmp_path, "loss.name=multi_similarity", "loss.mix=embedding", "run.max_steps=2")
-    losses = _losses(tmp_path / "debug")
+    _train(tmp_path, "loss.name=multi_similarity", "loss.mix=embedding", "run.max_steps=2")
+    losses = train_losses(tmp_path / "debug")
     assert sorted(losses) == [1, 2] and losses[1] != losses[2]
     assert "multi_similarity" in (tmp_path / "debug" / "config.yaml").read_text()
 
 
 def test_simix_with_a_baseline_is_refused_at_start_up(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml",
-                           f"run.output_dir={tmp_path}", "loss.name=contrastive"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    proc = run_cmd([sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml",
+                    f"run.output_dir={tmp_path}", "loss.name=contrastive"], timeout=120, check=False)
     assert proc.returncode == 2
     assert "loss.mix=simix does not apply to loss.name=contrastive" in proc.stderr
     assert not (tmp_path / "debug" / "checkpoints").exists()

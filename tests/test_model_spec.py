@@ -3,11 +3,12 @@ the config: a CLIP run from a weights file whose metadata says QuickGELU (and a 
 its own) evaluates, without that file, exactly as the run itself evaluated."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from rskdist.runlog import read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 TOWER = dict(layers=2, width=64, patch_size=16)
@@ -75,7 +76,7 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
     run = train_two_steps(tmp_path, "clip", root, "model.backbone=open_clip:ViT-B-16", f"model.pretrained={weights}",
                           "model.image_size=32", "model.embed_dim=16",
                           "model.backbone_kwargs={layers: 2, width: 64, patch_size: 16}")
-    final = json.loads((run / "summary.json").read_text())["final_eval"]
+    final = read_summary(run)["final_eval"]
     spec = json.loads((run / "model.json").read_text())
     assert spec["backbone_kwargs"]["quick_gelu"] is True and tuple(spec["mean"]) == MEAN
     assert (run / "checkpoints" / "step00000002" / "model.json").is_file()
@@ -96,7 +97,6 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
 
     torch.testing.assert_close(embed(rebuilt), embed(trainer_model), rtol=0, atol=0)
 
-    sys.path.insert(0, str(ROOT / "tools"))
     import evaluate
 
     record = evaluate.main(["--checkpoint", str(run)])

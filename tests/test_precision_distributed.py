@@ -10,7 +10,6 @@ DeepSpeed's CPU accelerator reports fp16 as unsupported without AVX512-FP16, alt
 torch runs fp16 on any CPU; the workers tell it otherwise.
 """
 
-import json
 import os
 
 import pytest
@@ -21,6 +20,7 @@ from torch import nn
 
 from rskdist.config import Config, validate
 from rskdist.loss import rsk_loss
+from rskdist.runlog import read_records
 
 pytestmark = pytest.mark.distributed
 
@@ -237,8 +237,7 @@ def test_overflow_skipped_step_keeps_schedule_and_step_in_sync(tmp_path):
         assert state["step"] == state["global_steps"] == state["schedule_steps"] == STEPS
         assert state["skipped_steps"] == 1
         assert state["data"]["step"] == STEPS  # the skipped step consumed its batch
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+    train = read_records(run_dir)[0]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert [r["skipped_steps"] for r in train] == [int(s > INF_STEP) for s in range(1, STEPS + 1)]
     kw = dict(steps_per_epoch=states[0]["steps_per_epoch"], warmup_steps=WARMUP, decay_epochs=[], decay_factor=0.3)

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 import rskdist
+from rskdist.runlog import read_summary
 from rskdist.search import layout
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_export_onnx_from_a_run_with_its_card(trained, tmp_path):
     from rskdist.data.transforms import eval_transform
 
     card = export.main(["--checkpoint", str(trained.run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
-    summary = json.loads((trained.run / "summary.json").read_text())
+    summary = read_summary(trained.run)
     assert card["config_sha256"] == hashlib.sha256((trained.run / "config.yaml").read_bytes()).hexdigest()
     assert card["final_eval"] == summary["final_eval"] and "recall@1" in card["final_eval"]
     assert card["checkpoint"] == "step00000002" and card["backbone"] == "vit_tiny_patch16_224"

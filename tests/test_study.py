@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from rskdist.config import load_config, save_config
+from rskdist.runlog import read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "study.py")
@@ -259,7 +260,7 @@ def test_two_cell_study_through_the_real_launcher(tmp_path):
     assert [(r["data.global_batch"], r["status"], r["steps"]) for r in rows] == [("16", "done", "2"),
                                                                                 ("32", "done", "2")]
     for row in rows:
-        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        summary = read_summary(Path(row["run_dir"]))
         assert float(row["recall@1"]) == summary["final_eval"]["recall@1"]
         assert len(row["rss_peak_mb_per_rank"].split()) == 2  # one peak per rank
         assert float(row["images_per_s"]) > 0 and float(row["wall_seconds"]) > 0

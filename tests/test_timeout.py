@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist import train
+from rskdist import launch, train
 from rskdist.config import load_config, validate
 
 
@@ -46,7 +46,7 @@ def _worker(rank, init_method, out_dir):
             try:
                 dist.barrier()  # rank 1 never joins
             except RuntimeError as exc:
-                message = train.collective_timeout_message(exc, 0.05, rank) or f"not recognised: {exc}"
+                message = launch.collective_timeout_message(exc, 0.05, rank) or f"not recognised: {exc}"
                 with open(os.path.join(out_dir, "message"), "w") as f:
                     f.write(message)
         else:
@@ -60,4 +60,4 @@ def test_gloo_timeout_message_names_the_setting(tmp_path):
     mp.spawn(_worker, args=(f"file://{tmp_path / 'rdzv'}", str(tmp_path)), nprocs=2, join=True)
     message = (tmp_path / "message").read_text()
     assert message.startswith("error: rank 0: a collective timed out after run.timeout_minutes=0.05"), message
-    assert train.collective_timeout_message(RuntimeError("shape mismatch"), 30, 0) is None
+    assert launch.collective_timeout_message(RuntimeError("shape mismatch"), 30, 0) is None

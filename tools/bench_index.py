@@ -20,7 +20,6 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -109,4 +108,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

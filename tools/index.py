@@ -97,4 +97,3 @@ def main(argv: Sequence[str] | None = None):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -46,7 +46,7 @@ import torch
 import rskdist
 from rskdist.comm import free_port
 from rskdist.config import Config, load_config, save_config, to_dict, validate
-from rskdist.runlog import read_records
+from rskdist.runlog import METRICS_FILE, SUMMARY_FILE, read_records
 from rskdist.utils import deepspeed_bin, run_logged
 
 LOSSES = ("proxy_anchor", "norm_softmax", "arcface", "cosface")
@@ -62,7 +62,7 @@ DATASETS: dict[str, list[str]] = {
     "digits": ["data.root=data/digits", "data.dataset=digits", "data.m=8", "data.global_batch=48",
                "data.chunk_size=24", "data.hflip=false", "data.crop_scale=[0.5, 1.0]"],
 }
-SUMMARY = "summary.json"  # the trainer writes it last; the plain loop too
+SUMMARY = SUMMARY_FILE  # the trainer writes it last; the plain loop too
 TIMING = "study_seconds.json"  # the wall time of a run as the study measured it (launcher included)
 LAST_STEPS = 10  # the training loss is reported as the mean over this many last steps
 
@@ -152,7 +152,7 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
         save_config(cfg, run_dir / "config.yaml")
         evaluation = {"step": total_steps, "kind": "eval",
                       **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records, evaluation]))
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in [*records, evaluation]))
         (run_dir / SUMMARY).write_text(json.dumps({"step": total_steps, "final_eval": metrics,
                                                    "proxy_change": out["proxy_change"]}, indent=2))
     return out

@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from rskdist.runlog import METRICS_FILE, read_records
+from rskdist.utils import deepspeed_bin
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 FIELDS = ["mode", "global_batch", "world_size", "simix", "local_batch", "steps", "images_per_s", "step_seconds",
           "loss_seconds", "rss_peak_mb_max", "estimate_mb", "estimate_error", "recall@1", "loss", "status",
@@ -61,17 +63,15 @@ def run_train_point(args, global_batch: int, world: int, simix: bool, out: Path)
                  f"data.synthetic_classes={max(global_batch // 4, 64)}", f"loss.mix={'simix' if simix else 'none'}",
                  "eval.every_epochs=0", "eval.synthetic_size=512", "eval.ks=[1, 4]",
                  *(TINY if args.tiny else []), *args.overrides]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "rskdist/train.py",
+    cmd = [deepspeed_bin(), "--num_gpus", str(world), "rskdist/train.py",
            "--config", args.config, *overrides]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout, env=env)
     run_dir = out / "points" / name
-    if proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():
+    if proc.returncode != 0 or not (run_dir / METRICS_FILE).exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"status": f"failed: {' | '.join(tail)[:300]}"}
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    train, evals = read_records(run_dir)
     steady = train[1:] or train  # the first step carries start-up costs
     row = {
         "local_batch": global_batch // world, "steps": len(train),

@@ -37,16 +37,15 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+from rskdist.config import load_config, to_dict, validate
+from rskdist.runlog import METRICS_FILE, SUMMARY_FILE, read_records
+from rskdist.utils import deepspeed_bin, run_logged
 
-from rskdist.config import load_config, to_dict, validate  # noqa: E402
-from rskdist.runlog import read_records  # noqa: E402
-from rskdist.utils import deepspeed_bin, run_logged  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # The study owns these: each run's folder, its seed and how it resumes.
 OWNED_KEYS = {"run.output_dir": "--out", "run.name": "--out", "run.seed": "--seeds", "run.resume": "the study (auto)"}
-SUMMARY = "summary.json"  # written by the trainer as the very last thing of a finished run
+SUMMARY = SUMMARY_FILE  # written by the trainer as the very last thing of a finished run
 
 
 # ----------------------------------------------------------------------------- cells
@@ -244,7 +243,7 @@ def read_run(run_dir: Path) -> dict:
     """What a run folder says: final metrics, best, throughput, peak memory per rank."""
     summary_path = run_dir / SUMMARY
     # One record per step (a resumed run appends; the last record of a step counted).
-    train = read_records(run_dir)[0] if (run_dir / "metrics.jsonl").is_file() else []
+    train = read_records(run_dir)[0] if (run_dir / METRICS_FILE).is_file() else []
     row: dict = {}
     if train:
         steady = train[1:] or train  # the first step carries start-up costs
@@ -291,7 +290,7 @@ def collect(study: Study, state: dict) -> list[dict]:
         elif record.get("status") in ("failed", "interrupted", "submitted"):
             status = record["status"]
         else:
-            status = "incomplete" if (run_dir / "metrics.jsonl").is_file() else "not started"
+            status = "incomplete" if (run_dir / METRICS_FILE).is_file() else "not started"
         row.update(status=status, exit_code=record.get("exit_code", ""), wall_seconds=record.get("wall_seconds", ""),
                    run_dir=str(run_dir), log=record.get("log", ""))
         rows.append(row)

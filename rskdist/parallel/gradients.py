@@ -4,7 +4,7 @@ The global batch is the concatenation, in rank order, of every rank's local batc
 (E_r, y_r), r = 0..W-1. Write E = [E_0; ...; E_{W-1}] (B x d) and L(E) for the RS@k loss
 of the global batch (mean over all its queries).
 
-1. Forward of the loss (`rsk_loss(..., group=...)`, `_RSkFunction` in rskdist/loss/distributed.py)
+1. Forward of the loss (`rsk_loss(..., group=...)`, `RSkFunction` in rskdist/loss/distributed.py)
    Only an explicit group gathers: group=None is the one-process loss of the rows given,
    with no collective, even inside an initialised process group.
    - `gather_rows` (rskdist/comm.py, like every collective here) all-gathers E_r and y_r WITHOUT autograd (raw all_gather; sizes may

@@ -348,7 +348,7 @@ import rskdist.build, rskdist.eval, rskdist.data, rskdist.models
 importlib.import_module(sys.argv[3])  # the backbone library, imported by the trainer when it builds the model
 from torch.utils.tensorboard import SummaryWriter
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-from rskdist.comm import release_shm_buffer
+from rskdist.launch import release_shm_buffer
 release_shm_buffer(0)
 model = torch.nn.Linear(8, 8)
 deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={

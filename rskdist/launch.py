@@ -2,7 +2,8 @@
 process group, the launchers it watches, and the one message it leaves when it fails.
 
 rskdist/train.py is the entry point and calls these in order: `world_from_env` (what the
-launcher set), `single_process_env` (a plain `python` run is a world of one),
+launcher set), `resume_after_restart` (a group restarted by torchrun's elastic agent
+continues from its latest checkpoint), `single_process_env` (a plain `python` run is a world of one),
 `init_process_group` (device, process group with run.timeout_minutes, DeepSpeed's shared
 memory released), `watch_launchers`, and `report_failure` when training raises.
 """
@@ -24,6 +25,27 @@ if TYPE_CHECKING:
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by the deepspeed launcher or torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def elastic_restart() -> int:
+    """How many times torchrun's elastic agent has restarted this rank's group (0: the
+    first attempt, or not under the agent)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def resume_after_restart(resume: str, rank: int) -> str:
+    """`run.resume` for a group the elastic agent restarted: the run folder's newest
+    complete checkpoint, whatever the first attempt was told. A restarted group continues the
+    job it belongs to; `never` would start it over and a named checkpoint would go back to
+    where the job began."""
+    count = elastic_restart()
+    if count == 0:
+        return resume
+    if rank == 0:
+        told = "" if resume == "auto" else f" (run.resume={resume} was for the first attempt)"
+        print(f"rskdist: restart {count} by torchrun's elastic agent: resuming from the run folder's latest "
+              f"checkpoint{told}", flush=True)
+    return "auto"
 
 
 def single_process_env() -> None:

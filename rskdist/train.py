@@ -29,12 +29,13 @@ def main(argv=None) -> int:
     # Everything a user can get wrong in the config is checked here, before any
     # process group, model or allocation exists: every rank fails the same way.
     from rskdist.config import ignored_settings, load_config, validate
-    from rskdist.launch import (init_process_group, report_failure, single_process_env, watch_launchers,
-                                world_from_env)
+    from rskdist.launch import (init_process_group, report_failure, resume_after_restart, single_process_env,
+                                watch_launchers, world_from_env)
 
     rank, world_size, local_rank = world_from_env()
     try:
         cfg = load_config(args.config, args.overrides)
+        cfg.run.resume = resume_after_restart(cfg.run.resume, rank)
         if rank == 0:
             for key in ignored_settings(cfg):
                 print(f"warning: {key} is set, but data.source=synthetic does not use it", file=sys.stderr,

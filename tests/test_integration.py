@@ -244,3 +244,41 @@ def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
     evals = records(tmp_path / "debug", "eval")
     assert [e["step"] for e in evals] == [0, 1]
     assert evals[0]["eval/num_queries"] == 16384 and evals[0]["eval/num_tie_capped_queries"] == 16384
+
+
+def _torchrun_nodes(out: Path, nodes: int, *overrides: str, **extra: str) -> list[subprocess.Popen]:
+    """launchers/torchrun.sh on `nodes` loopback "nodes" of one rank each, meeting through a
+    c10d rendezvous on 127.0.0.1 (each agent is a node: its own process tree and restarts)."""
+    env = launch_env(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=str(nodes), NPROC="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RDZV_ID=out.name, **extra)
+    cmd = ["bash", "launchers/torchrun.sh", f"run.output_dir={out}", "run.loggers=[]", *COMMON, *overrides]
+    logs = [open(out.parent / f"{out.name}.node{n}.log", "w") for n in range(nodes)]
+    return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            for log in logs]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+
+
+def test_elastic_agent_restarts_a_killed_rank_and_the_run_resumes_exactly(uninterrupted, tmp_path):
+    """Two torchrun agents as two nodes: rank 1 dies by SIGKILL before step 3 (in the first
+    attempt only); the agents restart the group, which resumes from step 2's checkpoint and
+    ends with the uninterrupted run's losses, no person involved."""
+    out = tmp_path / "elastic"
+    procs = _torchrun_nodes(out, 2, "run.max_steps=4", "run.save_every=2", SCRIPT="tests/faults/train_with_fault.py",
+                            RSKDIST_TEST_FAULT="kill 1 3")
+    codes = _wait_all(procs, timeout=600)
+    log = "".join((tmp_path / f"elastic.node{n}.log").read_text() for n in range(2))
+    assert codes == [0, 0], log[-4000:]
+    assert "restart 1 by torchrun's elastic agent" in log
+    assert "resumed from" in log and "step00000002" in log
+    resumed, full = train_losses(out / "debug"), train_losses(uninterrupted)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step

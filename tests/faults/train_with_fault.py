@@ -1,11 +1,13 @@
 """rskdist/train.py with one injected fault, for the failure tests (tests/test_failures.py).
 
     deepspeed --num_gpus 2 tests/faults/train_with_fault.py FAULT RANK STEP --config C [key=value ...]
+    RSKDIST_TEST_FAULT="FAULT RANK STEP" SCRIPT=tests/faults/train_with_fault.py bash launchers/torchrun.sh ...
 
 FAULT is `raise` (an exception on rank RANK before step STEP), `nan` (rank RANK's
 embeddings become NaN at step STEP), `kill` (rank RANK kills itself with SIGKILL before
 step STEP), `killsave` (rank RANK writes its part of the checkpoint of step STEP, then
-kills itself before `latest` moves) or `hang` (rank RANK sleeps before step STEP). The fault lives here, not in
+kills itself before `latest` moves) or `hang` (rank RANK sleeps before step STEP). Under
+torchrun's elastic agent the fault strikes in the first attempt only, not in the restarts. The fault lives here, not in
 the package: the trainer is patched from outside.
 """
 
@@ -20,8 +22,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[2])  # the checkout root, as 
 
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+    if "RSKDIST_TEST_FAULT" in os.environ:  # for launchers that put their own arguments first
+        args = os.environ["RSKDIST_TEST_FAULT"].split() + args
     fault, fault_rank, fault_step, argv = args[0], int(args[1]), int(args[2]), args[3:]
     rank = int(os.environ.get("RANK", 0))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        fault = "none"  # a fault strikes once: the group torchrun's agent restarts runs clean
 
     import rskdist.trainer as trainer_mod
     from rskdist import train

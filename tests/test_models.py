@@ -440,6 +440,23 @@ def test_batchnorm_stays_frozen_in_train_mode():
     assert all(not bn.training for bn in bns)
 
 
+def test_batch_norm_types_cover_torch_and_timm():
+    """freeze_bn's public list of BatchNorm classes holds every BatchNorm torch and timm define:
+    each subclass of torch's private base class, quantized (inference-only) modules aside."""
+    import timm.layers  # noqa: F401  (defines BatchNormAct2d, SyncBatchNormAct, SplitBatchNorm2d)
+
+    from rskdist.models.model import BATCH_NORM_TYPES
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    found = {c for c in subclasses(nn.modules.batchnorm._BatchNorm) if not c.__module__.startswith("torch.ao.")}
+    assert {nn.BatchNorm2d, nn.SyncBatchNorm, timm.layers.BatchNormAct2d} <= found
+    assert [c.__name__ for c in found if not issubclass(c, BATCH_NORM_TYPES)] == []
+
+
 def test_unfrozen_batchnorm_warns():
     with pytest.warns(UserWarning, match="freeze_bn=False"):
         model = create_model("test_resnet", embed_dim=16, freeze_bn=False).train()

@@ -133,17 +133,19 @@ def test_config_plumbs_gem_and_normalization_into_the_model():
 
     vit = ["model.backbone=vit_tiny_patch16_224", "model.image_size=32", "model.embed_dim=16",
            "model.backbone_kwargs={depth: 1}"]
-    own = build_model(load_config(None, vit), pretrained=False)
+    own = build_model(load_config(None, vit).model, pretrained=False)
     assert own.mean == (0.5, 0.5, 0.5) and own.std == (0.5, 0.5, 0.5)  # the augreg weights' own
-    forced = build_model(load_config(None, [*vit, "model.normalization=imagenet"]), pretrained=False)
+    forced = build_model(load_config(None, [*vit, "model.normalization=imagenet"]).model, pretrained=False)
     assert forced.mean == IMAGENET_MEAN and forced.std == IMAGENET_STD
     assert "model.normalization=imagenet" in describe(forced)
     with pytest.warns(UserWarning, match="gem_learnable=true has no effect"):
-        build_model(load_config(None, [*vit, "model.gem_learnable=true"]), pretrained=False)
+        build_model(load_config(None, [*vit, "model.gem_learnable=true"]).model, pretrained=False)
 
     r18 = ["model.backbone=resnet18", "model.embed_dim=16"]
-    assert isinstance(build_model(load_config(None, [*r18, "model.gem_learnable=true"])).pool.p, nn.Parameter)
-    assert build_model(load_config(None, r18)).pool.p == 3.0
+    assert isinstance(build_model(load_config(None, [*r18, "model.gem_learnable=true"]).model).pool.p, nn.Parameter)
+    assert build_model(load_config(None, r18).model).pool.p == 3.0
+    with pytest.raises(TypeError, match=r"model section \(cfg.model\), got Config"):
+        build_model(load_config(None, r18))  # the builder takes its own section, not the root config
 
 
 def test_bad_arguments_are_value_errors():

@@ -78,14 +78,14 @@ def create_model(
     if drop_path_rate < 0 or drop_path_rate >= 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     pretrained = (os.fspath(pretrained) or None) if pretrained is not None else None  # "": random init
-    # The architecture arguments, passed to the library's builder and recorded as the model's spec.
-    arch = dict(embed_dim=embed_dim, pool=pool, gem_p=gem_p, gem_learnable=gem_learnable, image_size=image_size,
-                freeze_bn=freeze_bn, drop_path_rate=drop_path_rate, backbone_kwargs=dict(backbone_kwargs or {}))
-    if backbone.startswith(OPEN_CLIP_PREFIX):
-        model = build_open_clip(backbone.removeprefix(OPEN_CLIP_PREFIX), pretrained=pretrained, **arch)
+    common = dict(embed_dim=embed_dim, pool=pool, image_size=image_size, freeze_bn=freeze_bn,
+                  drop_path_rate=drop_path_rate, backbone_kwargs=dict(backbone_kwargs or {}))
+    if backbone.startswith(OPEN_CLIP_PREFIX):  # the tower's own output: no GeM
+        model = build_open_clip(backbone.removeprefix(OPEN_CLIP_PREFIX), pretrained=pretrained, **common)
     else:
-        model = build_timm(backbone, pretrained=pretrained, **arch)
-    model.spec = make_spec(model, dict(backbone=backbone, **arch))
+        model = build_timm(backbone, pretrained=pretrained, gem_p=gem_p, gem_learnable=gem_learnable, **common)
+    # What was asked for, with what the weights decided filled in: rebuilds the model without them.
+    model.spec = make_spec(model, dict(backbone=backbone, gem_p=gem_p, gem_learnable=gem_learnable, **common))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

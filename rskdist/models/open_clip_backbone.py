@@ -38,8 +38,6 @@ def build_open_clip(
     embed_dim: int,
     pretrained: str | None,
     pool: str,
-    gem_p: float,
-    gem_learnable: bool,
     image_size: int | None,
     freeze_bn: bool,
     drop_path_rate: float,
@@ -47,7 +45,7 @@ def build_open_clip(
 ) -> RetrievalModel:
     """The RetrievalModel of open_clip config `name`'s image tower (the name without
     "open_clip:"); the arguments are create_model's (`pretrained` normalised: None, a file
-    path, or an open_clip tag)."""
+    path, or an open_clip tag). No GeM arguments: the tower's own output is the feature."""
     import open_clip
     from open_clip.modified_resnet import ModifiedResNet
 

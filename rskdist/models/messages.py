@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import shlex
 import warnings
+from typing import TYPE_CHECKING
 
 from .weights import OPEN_CLIP_PREFIX, WeightsConfig, WeightsMismatchError, count_blocks
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 
 def check_recorded_backbone(weights_cfg: WeightsConfig | None, name: str, path: str, *, library: str) -> None:
@@ -84,7 +88,7 @@ def open_clip_configs_like(tower_state: dict) -> list[str]:
     return out[:6]
 
 
-def offline_message_timm(tagged: str, cfg, cause: str) -> str:
+def offline_message_timm(tagged: str, cfg: PretrainedCfg, cause: str) -> str:
     """The WeightsNotFoundError text for timm hub weights (`tagged`: "arch.tag", `cfg` its timm
     PretrainedCfg) that cannot be downloaded here: how to fetch the file elsewhere and pass it."""
     out = f"{tagged}.safetensors"

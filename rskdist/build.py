@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rskdist.comm import gather_rows
-from rskdist.config import Config
+from rskdist.config import Config, ModelConfig
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from rskdist.loss import simix_generator, simix_plan
 
@@ -119,8 +119,8 @@ def lr_lambdas(optimizer: torch.optim.Optimizer, optim_cfg, *, steps_per_epoch: 
     return [frozen_first if g.get("role") == "backbone" else schedule for g in optimizer.param_groups]
 
 
-def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
-    """The retrieval model of a config (random init when `pretrained` is False).
+def build_model(model_cfg: ModelConfig, *, pretrained: bool = True) -> torch.nn.Module:
+    """The retrieval model of a config's `model` section (random init when `pretrained` is False).
 
     `model.normalization=imagenet` replaces the mean/std the weights expect with ImageNet's
     (the published code's choice for every backbone); the data pipeline reads model.mean/std.
@@ -128,7 +128,9 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
     from rskdist.models import GeM, create_model
     from rskdist.models.spec import set_preprocessing
 
-    m = cfg.model
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"build_model takes the config's model section (cfg.model), got {type(model_cfg).__name__}")
+    m = model_cfg
     model = create_model(
         m.backbone, embed_dim=m.embed_dim, pretrained=(m.pretrained or None) if pretrained else None, pool=m.pool,
         gem_p=m.gem_p, gem_learnable=m.gem_learnable, image_size=m.image_size,
@@ -149,12 +151,12 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> torch.nn.Module:
     return model
 
 
-def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = None) -> torch.nn.Module:
+def load_trained_model(path, tag: str | None = None, *, model_cfg: ModelConfig | None = None) -> torch.nn.Module:
     """The trained model of a run or checkpoint folder (`tag`: latest, best or a step tag),
     rebuilt from the architecture the run recorded (model.json in the checkpoint folder,
     else in the run folder) and loaded with the checkpoint's weights; no weights file or hub
-    is needed. Runs written before model.json existed are rebuilt from `cfg` (their
-    config.yaml), with a warning: what the weights file decided (QuickGELU, mean/std)
+    is needed. Runs written before model.json existed are rebuilt from `model_cfg` (the
+    model section of their config.yaml), with a warning: what the weights file decided (QuickGELU, mean/std)
     cannot be recovered from it."""
     import warnings
 
@@ -165,7 +167,7 @@ def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = Non
     spec = read_spec(folder / tag) or read_spec(folder.parent)
     if spec is not None:
         model = rebuild_model(spec)
-    elif cfg is None:
+    elif model_cfg is None:
         raise ValueError(f"{folder / tag}: no model.json beside the checkpoint or in its run folder; pass the run's "
                          "config (--config) to rebuild the model from it")
     else:
@@ -175,7 +177,7 @@ def load_trained_model(path, tag: str | None = None, *, cfg: Config | None = Non
             "mean/std) is not known: set them with overrides (model.backbone_kwargs) if the run used such a file",
             stacklevel=2,
         )
-        model = build_model(cfg, pretrained=False)
+        model = build_model(model_cfg, pretrained=False)
     model.load_state_dict(load_model_state(folder, tag))
     return model
 

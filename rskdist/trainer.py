@@ -51,7 +51,7 @@ class Trainer:
         self.group = dist.group.WORLD if ctx.world_size > 1 else None
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-        model = build_model(cfg)
+        model = build_model(cfg.model)
         self.model_info = describe(model)
         self.model_spec = model.spec  # the resolved architecture, written beside every checkpoint
         self.train_stream = build_train_stream(cfg, rank=ctx.rank, world_size=ctx.world_size, mean=model.mean,

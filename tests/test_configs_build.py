@@ -96,7 +96,7 @@ def test_config_builds_everything_but_weights(path):
 
     # Model: architecture only, on the meta device (ViT-L would take ~1.2 GB and seconds on CPU).
     with torch.device("meta"):
-        model = build_model(cfg, pretrained=False)
+        model = build_model(cfg.model, pretrained=False)
     assert model.embed_dim == cfg.model.embed_dim and model.image_size == cfg.model.image_size
     assert all(p.is_meta for p in model.parameters())
     if cfg.model.normalization == "imagenet":  # what the data pipeline will normalise with

@@ -90,9 +90,9 @@ def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypa
         f.write(b"\0" * int(row["size"]))
 
     common = ["model.pretrained=", "data.num_workers=0", "data.source=shards"]
-    model = build_model(load_config(str(ROOT / "configs/debug.yaml"), common + [f"data.root={clean}"]),
+    model = build_model(load_config(str(ROOT / "configs/debug.yaml"), common + [f"data.root={clean}"]).model,
                         pretrained=False)
-    monkeypatch.setattr(rskdist.build, "load_trained_model", lambda path, tag=None, cfg=None: model)  # one fixed model
+    monkeypatch.setattr(rskdist.build, "load_trained_model", lambda path, tag=None, model_cfg=None: model)  # one fixed model
 
     def evaluate_shards(root, name):
         argv = ["--checkpoint", str(tmp_path / "run"), "--config", str(ROOT / "configs/debug.yaml"), "--ks", "1", "2",

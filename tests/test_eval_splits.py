@@ -48,7 +48,7 @@ def _config(root, *overrides):
 
 def _model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg, pretrained=False)
+    return build_model(cfg.model, pretrained=False)
 
 
 def test_validation_classes_are_a_seeded_class_disjoint_draw():

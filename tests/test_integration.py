@@ -213,7 +213,7 @@ def test_validation_classes_pick_best_while_test_is_reported(tmp_path):
     states = run / "checkpoints" / best_tag / "mp_rank_00_model_states.pt"
     assert torch.load(states, weights_only=True)["module"]["criterion.proxies"].shape[0] == 64
     cfg = load_config(run / "config.yaml", [f"model.pretrained={states}"])
-    loaded = build_model(cfg).state_dict()
+    loaded = build_model(cfg.model).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in load_model_state(run, "best").items())
 
 

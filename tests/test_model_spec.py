@@ -82,7 +82,7 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
     assert (run / "checkpoints" / "step00000002" / "model.json").is_file()
 
     # The trainer's model: built from the config with the weights file, then the checkpoint's state.
-    trainer_model = build_model(load_config(str(run / "config.yaml")))
+    trainer_model = build_model(load_config(str(run / "config.yaml")).model)
     trainer_model.load_state_dict(load_trained_model(run).state_dict())
     image = torch.rand(1, 3, 32, 32)
 
@@ -105,6 +105,18 @@ def test_clip_run_with_quick_gelu_weights_evaluates_as_it_trained(tmp_path):
             assert record["results"][key] == value, key
     assert {"recall@1", "map@r"} <= set(record["results"])
 
+    # A run from before model.json: rebuilt from its config's model section, with a warning.
+    for spec_file in run.rglob("model.json"):
+        spec_file.unlink()
+    with pytest.raises(ValueError, match="no model.json"):
+        load_trained_model(run)
+    model_cfg = load_config(str(run / "config.yaml"), ["model.pretrained="]).model
+    with pytest.warns(UserWarning, match="rebuilt from the config alone"):
+        from_config = load_trained_model(run, model_cfg=model_cfg)
+    expected = rebuilt.state_dict()
+    assert from_config.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in from_config.state_dict().items())
+
 
 def test_spec_keeps_learned_gem_and_forced_normalisation():
     """model.normalization=imagenet (applied after create_model) and a learned GeM exponent
@@ -117,7 +129,7 @@ def test_spec_keeps_learned_gem_and_forced_normalisation():
     cfg = load_config(str(ROOT / "configs/debug.yaml"), [
         "model.backbone=resnet18", "model.pool=gem", "model.gem_learnable=true", "model.normalization=imagenet",
         "model.backbone_kwargs={}", "model.image_size=32"])
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg.model, pretrained=False)
     assert tuple(model.spec["mean"]) == IMAGENET_MEAN and model.spec["gem_learnable"] is True
     with torch.no_grad():
         model.pool.p.fill_(4.5)

@@ -133,17 +133,19 @@ def test_config_plumbs_gem_and_normalization_into_the_model():
 
     vit = ["model.backbone=vit_tiny_patch16_224", "model.image_size=32", "model.embed_dim=16",
            "model.backbone_kwargs={depth: 1}"]
-    own = build_model(load_config(None, vit), pretrained=False)
+    own = build_model(load_config(None, vit).model, pretrained=False)
     assert own.mean == (0.5, 0.5, 0.5) and own.std == (0.5, 0.5, 0.5)  # the augreg weights' own
-    forced = build_model(load_config(None, [*vit, "model.normalization=imagenet"]), pretrained=False)
+    forced = build_model(load_config(None, [*vit, "model.normalization=imagenet"]).model, pretrained=False)
     assert forced.mean == IMAGENET_MEAN and forced.std == IMAGENET_STD
     assert "model.normalization=imagenet" in describe(forced)
     with pytest.warns(UserWarning, match="gem_learnable=true has no effect"):
-        build_model(load_config(None, [*vit, "model.gem_learnable=true"]), pretrained=False)
+        build_model(load_config(None, [*vit, "model.gem_learnable=true"]).model, pretrained=False)
 
     r18 = ["model.backbone=resnet18", "model.embed_dim=16"]
-    assert isinstance(build_model(load_config(None, [*r18, "model.gem_learnable=true"])).pool.p, nn.Parameter)
-    assert build_model(load_config(None, r18)).pool.p == 3.0
+    assert isinstance(build_model(load_config(None, [*r18, "model.gem_learnable=true"]).model).pool.p, nn.Parameter)
+    assert build_model(load_config(None, r18).model).pool.p == 3.0
+    with pytest.raises(TypeError, match=r"model section \(cfg.model\), got Config"):
+        build_model(load_config(None, r18))  # the builder takes its own section, not the root config
 
 
 def test_bad_arguments_are_value_errors():
@@ -438,6 +440,23 @@ def test_batchnorm_stays_frozen_in_train_mode():
         assert torch.equal(bn.running_mean, rm)
     model.eval().train()  # toggling keeps them frozen
     assert all(not bn.training for bn in bns)
+
+
+def test_batch_norm_types_cover_torch_and_timm():
+    """freeze_bn's public list of BatchNorm classes holds every BatchNorm torch and timm define:
+    each subclass of torch's private base class, quantized (inference-only) modules aside."""
+    import timm.layers  # noqa: F401  (defines BatchNormAct2d, SyncBatchNormAct, SplitBatchNorm2d)
+
+    from rskdist.models.model import BATCH_NORM_TYPES
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    found = {c for c in subclasses(nn.modules.batchnorm._BatchNorm) if not c.__module__.startswith("torch.ao.")}
+    assert {nn.BatchNorm2d, nn.SyncBatchNorm, timm.layers.BatchNormAct2d} <= found
+    assert [c.__name__ for c in found if not issubclass(c, BATCH_NORM_TYPES)] == []
 
 
 def test_unfrozen_batchnorm_warns():

@@ -64,7 +64,7 @@ def test_plain_loop_starts_where_the_trainer_starts():
     cfg = _debug_cfg("arcface", steps=1)
     plain = proxy_study.train_plain(cfg)["losses"][0]
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     stream = build_train_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std, device=torch.device("cpu"))
     criterion = build_criterion(cfg, num_classes=num_train_classes(cfg))
     images, labels = next(iter(stream))

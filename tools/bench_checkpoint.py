@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg.model, pretrained=False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                       config=deepspeed_config(cfg, chunk_size=2, num_chunks=1, world_size=1))
     out = engine(torch.randn(2, 3, model.image_size, model.image_size))

@@ -112,7 +112,7 @@ def embed_checkpoint(args, cfg) -> dict[str, dict]:
 
     # The architecture the run recorded (model.json), not the config's: a weights file may
     # have decided part of it (open_clip QuickGELU, mean/std), and it is not needed here.
-    model = load_trained_model(args.checkpoint, args.tag, cfg=cfg)
+    model = load_trained_model(args.checkpoint, args.tag, model_cfg=cfg.model)
     cfg.model.image_size = model.image_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)

@@ -98,7 +98,7 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
         raise ValueError(f"loss.mix={cfg.loss.mix}: the plain loop has no mixup; set loss.mix=none")
     # The trainer's order of construction, so the same seed gives the same weights and proxies.
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model).to(device)
     streams = [build_train_stream(cfg, rank=r, world_size=batch_ranks, mean=model.mean, std=model.std, device=device)
                for r in range(batch_ranks)]
     criterion, _ = build_pml_loss(name, num_classes=num_train_classes(cfg), embed_dim=cfg.model.embed_dim,

@@ -35,11 +35,11 @@ from rskdist.comm import comm_device
 from rskdist.eval.neighbors import (
     MAX_TIE_CLUSTER,
     ExactSearch,
-    _work_device,
     as_float32_matrix,
     resolve_backend,
     warn_if_costly,
     warn_if_tie_capped,
+    work_device,
 )
 
 METRICS = ("recall", "map_at_r", "r_precision")
@@ -229,7 +229,7 @@ def retrieval_metrics(
     _check_world(rank, world_size, group)
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
     requested, backend = backend, resolve_backend(backend)
-    dev = _work_device(requested, backend, device, embeddings)
+    dev = work_device(requested, backend, device, embeddings)
     emb = as_float32_matrix(embeddings, "embeddings").to(dev)
     (lab,) = _encode_labels(labels)
     if lab.numel() != emb.shape[0]:
@@ -277,7 +277,7 @@ def retrieval_metrics_qg(
     _check_world(rank, world_size, group)
     ks, metrics = _check_ks(ks), _check_metrics(metrics)
     requested, backend = backend, resolve_backend(backend)
-    dev = _work_device(requested, backend, device, query_embeddings, gallery_embeddings)
+    dev = work_device(requested, backend, device, query_embeddings, gallery_embeddings)
     q = as_float32_matrix(query_embeddings, "query_embeddings").to(dev)
     g = as_float32_matrix(gallery_embeddings, "gallery_embeddings").to(dev)
     if q.shape[1] != g.shape[1]:

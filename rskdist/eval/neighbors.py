@@ -167,7 +167,7 @@ class _FaissGpuSearcher:
         return torch.from_numpy(s).to(q.device), torch.from_numpy(i).to(q.device)
 
 
-def _work_device(requested: str, backend: str, device: str | torch.device | None, *tensors) -> torch.device:
+def work_device(requested: str, backend: str, device: str | torch.device | None, *tensors) -> torch.device:
     """Where search, re-scoring and metrics run: ``device`` if given; the GPU for
     faiss_gpu; for torch, the inputs' CUDA device, else CUDA when the backend was
     chosen automatically, else the CPU."""
@@ -449,7 +449,7 @@ def knn(
     that cluster (a warning says how many; module docstring); ``None`` lifts the cap.
     """
     requested, backend = backend, resolve_backend(backend)
-    dev = _work_device(requested, backend, device, queries, gallery)
+    dev = work_device(requested, backend, device, queries, gallery)
     q = as_float32_matrix(queries, "queries").to(dev)
     loo = gallery is None
     g = q if loo else as_float32_matrix(gallery, "gallery").to(dev)

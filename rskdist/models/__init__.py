@@ -4,11 +4,11 @@ Public API: create_model, RetrievalModel, GeM, param_groups, count_params, descr
 read_state_dict, rebuild_model, read_spec, write_spec, WeightsNotFoundError, WeightsMismatchError. See docs/models.md.
 """
 
-from .factory import OPEN_CLIP_PREFIX, create_model
+from .factory import create_model
 from .model import GeM, RetrievalModel, count_params, describe
 from .params import param_groups
 from .spec import read_spec, rebuild_model, write_spec
-from .weights import WeightsMismatchError, WeightsNotFoundError, read_state_dict
+from .weights import OPEN_CLIP_PREFIX, WeightsMismatchError, WeightsNotFoundError, read_state_dict
 
 __all__ = [
     "OPEN_CLIP_PREFIX",

@@ -7,8 +7,9 @@ Run on a machine with internet, copy the file to the offline machine, pass it as
     python -m rskdist.models.fetch_weights open_clip:ViT-L-14 --pretrained openai --out vitl14.safetensors
 
 The file holds the backbone's state dict (timm model without classifier, or the
-open_clip visual tower) plus metadata (backbone, tag, mean, std, quick_gelu) that
-create_model uses to restore the matching preprocessing.
+open_clip visual tower) plus metadata (backbone, tag, mean, std, native image size and,
+for open_clip, quick_gelu) that create_model uses to restore the matching preprocessing
+and architecture.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import argparse
 import json
 import os
 
-from .factory import OPEN_CLIP_PREFIX, create_model
-from .weights import METADATA_KEY
+from .factory import create_model
+from .weights import METADATA_KEY, OPEN_CLIP_PREFIX
 
 
 def fetch(backbone: str, out: str, pretrained: str = "hub") -> str:

@@ -1,7 +1,9 @@
 """RetrievalModel: backbone -> pooled feature -> LayerNorm -> Linear -> L2 normalisation.
 
 The model is a plain nn.Module; activation checkpointing, sharding and precision are
-applied from outside (the trainer calls `set_grad_checkpointing`, DeepSpeed wraps it).
+applied from outside: `create_model(grad_checkpointing=True)` (`model.grad_checkpointing`
+in a config) calls `set_grad_checkpointing` on the built model, and DeepSpeed wraps it for
+sharding and precision.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import torch.nn.functional as F
 
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, timm BatchNormAct2d
+# The layers `freeze_bn` keeps in eval mode: torch's BatchNorms (their common base class is
+# private to torch) and what subclasses them (timm's BatchNormAct2d, SyncBatchNormAct, ...).
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)
 
 
 class GeM(nn.Module):
@@ -65,7 +72,9 @@ class RetrievalModel(nn.Module):
             non-reentrant activation checkpointing upstream: "saved [1024] vs recomputed [0]").
         mean, std, image_size, interpolation: preprocessing the weights expect, for the
             data pipeline.
-        info: free-form facts for `describe()` (backbone name, weight source, pooling).
+        info: facts for `describe()` (backbone name, weight source, pooling, preprocessing
+            source) and the spec (library, quick_gelu); `supports_grad_checkpointing=False`
+            makes `set_grad_checkpointing` warn and leave the backbone as it is.
     """
 
     def __init__(
@@ -100,7 +109,7 @@ class RetrievalModel(nn.Module):
         # without its weights file; None for a model built by hand.
         self.spec: dict[str, Any] | None = None
         self.grad_checkpointing = False
-        if not self.freeze_bn and any(isinstance(m, _BatchNorm) for m in self.modules()):
+        if not self.freeze_bn and any(isinstance(m, BATCH_NORM_TYPES) for m in self.modules()):
             warnings.warn(
                 "freeze_bn=False on a backbone with BatchNorm: the recompute pass of the "
                 "two-pass step will not reproduce the first pass's embeddings exactly "
@@ -119,7 +128,7 @@ class RetrievalModel(nn.Module):
         super().train(mode)
         if self.freeze_bn:
             for module in self.modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, BATCH_NORM_TYPES):
                     module.eval()
         return self
 

@@ -28,6 +28,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".npz
 _NEST_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 METADATA_KEY = "rskdist"  # safetensors metadata written by rskdist.models.fetch_weights
+OPEN_CLIP_PREFIX = "open_clip:"  # a backbone name "open_clip:<config>" is an open_clip image tower, any other timm's
 # The config file each library's Hugging Face Hub layout keeps beside its weights (one model per folder):
 # timm: model.safetensors / pytorch_model.bin + config.json ({"architecture", "pretrained_cfg": {...}});
 # open_clip: open_clip_model.safetensors / open_clip_pytorch_model.bin + open_clip_config.json
@@ -125,7 +126,7 @@ def _check_not_zero3(state, path: Path) -> None:
 
 def model_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The retrieval model's weights of an rskdist checkpoint's state dict. A run whose loss
-    had class proxies trained the model and the loss together (rskdist.build.TrainModule:
+    had class proxies trained the model and the loss together (one module holding both:
     model.*, criterion.*): its model.* part, prefix removed; any other state dict as is."""
     if any(k.startswith("criterion.") for k in state) and any(k.startswith("model.") for k in state):
         return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -196,7 +197,7 @@ def read_weights_config(path: str | os.PathLike, metadata: dict, library: str) -
     if metadata:
         backbone = metadata.get("backbone")
         tag = metadata.get("open_clip_tag") or (
-            backbone.partition(".")[2] if backbone and not backbone.startswith("open_clip:") else None
+            backbone.partition(".")[2] if backbone and not backbone.startswith(OPEN_CLIP_PREFIX) else None
         )
         return WeightsConfig(
             source=f"metadata in {os.fspath(path)}",
@@ -291,6 +292,7 @@ def layout_summary(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of numbered blocks under `prefix` in a state dict ("blocks." -> blocks.0., blocks.1., ...)."""
     found = {m.group(1) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return len(found)
 

@@ -11,8 +11,9 @@ Every (dataset, loss, seed) is trained three ways from one config:
 - `plain`: one process, no DeepSpeed, no two-pass step: the same model (`build_model`,
   same seed), the same batches (the TrainLoader with world_size=1, same seed and sampler:
   the same images as the ranks', the crops of rank 0's share alike), the same optimizer,
-  parameter groups and LR schedule (`build_optimizer` on a `TrainModule`, `lr_factor`),
-  pytorch-metric-learning's loss built by `build_pml_loss` (not rskdist's wrapper),
+  parameter groups and LR schedule (`build_optimizer` on a `TrainModule`, `lr_factor`;
+  the loss's frozen-backbone warm-up, loss.backbone_warmup_epochs, as the trainer's
+  backbone groups at LR 0), pytorch-metric-learning's loss built by `build_pml_loss` (not rskdist's wrapper),
   `loss.backward(); optimizer.step()`;
 - `plain_ranks`: the same plain loop fed the NPROC ranks' own batches concatenated (every
   crop the same as the rskdist run's), so the two can be compared step by step.
@@ -105,14 +106,30 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
                                   **cfg.loss.options)  # proxy losses take no miner
     criterion.to(device)
     module = TrainModule(model, criterion, lr_multiplier=cfg.loss.proxy_lr_multiplier or BASELINES[name].lr_multiplier)
-    optimizer = build_optimizer(module, cfg.optim)
     o = cfg.optim
     steps_per_epoch = streams[0].steps_per_epoch
+    # The paper's frozen-backbone warm-up (Proxy-Anchor: one epoch), as rskdist documents it
+    # (docs/loss.md): the backbone's groups at LR 0 for those steps, its gradients and AdamW
+    # moments still computed, then the schedule.
+    warmup_epochs = cfg.loss.backbone_warmup_epochs
+    if warmup_epochs < 0:
+        warmup_epochs = BASELINES[name].backbone_warmup_epochs
+    frozen_steps = int(round(warmup_epochs * steps_per_epoch))
+    optimizer = build_optimizer(module, cfg.optim, backbone_apart=frozen_steps > 0)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, steps_per_epoch=steps_per_epoch, warmup_steps=o.warmup_steps,
+                         decay_epochs=o.decay_epochs, decay_factor=o.decay_factor)
+
+    def backbone_factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else factor(step)
+
+    roles = [g["role"] for g in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, warmup_steps=o.warmup_steps,
-                                       decay_epochs=o.decay_epochs, decay_factor=o.decay_factor))
+        optimizer, [backbone_factor if role == "backbone" else factor for role in roles])
     total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * steps_per_epoch))
     proxies_start = [p.detach().clone() for p in criterion.parameters()]
+    backbone_start = [p.detach().clone() for p in model.backbone.parameters()]
 
     records = []
     module.train()
@@ -125,7 +142,8 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
         if o.grad_clip > 0:  # what DeepSpeed's gradient_clipping does (off at 0)
             torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip)
         optimizer.step()
-        records.append({"step": step, "kind": "train", "loss": float(loss.detach()), "lr": schedule.get_last_lr()[0]})
+        records.append({"step": step, "kind": "train", "loss": float(loss.detach()),
+                        "lr": optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1]["lr_scale"]})
         schedule.step()
     # Stop the loaders' workers now: left to the garbage collector, their handles would be
     # inherited by the evaluation's workers, which then fail to shut them down.
@@ -144,9 +162,9 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
         finally:
             eval_stream.close()
         metrics.update({split_metric(split, key): value for key, value in result.items()})
-    moved = sum(float((p.detach() - p0).norm()) for p, p0 in zip(criterion.parameters(), proxies_start))
     out = {"losses": [r["loss"] for r in records], "final_eval": metrics,
-           "proxy_change": moved / max(sum(float(p0.norm()) for p0 in proxies_start), 1e-12)}
+           "proxy_change": _change(criterion.parameters(), proxies_start),
+           "backbone_change": _change(model.backbone.parameters(), backbone_start), "frozen_steps": frozen_steps}
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -154,8 +172,15 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
                       **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in [*records, evaluation]))
         (run_dir / SUMMARY).write_text(json.dumps({"step": total_steps, "final_eval": metrics,
-                                                   "proxy_change": out["proxy_change"]}, indent=2))
+                                                   **{k: out[k] for k in ("proxy_change", "backbone_change",
+                                                                          "frozen_steps")}}, indent=2))
     return out
+
+
+def _change(params, start: list[torch.Tensor]) -> float:
+    """|params - start| / |start|, summed over the tensors: how far training moved them."""
+    moved = sum(float((p.detach() - p0).norm()) for p, p0 in zip(params, start))
+    return moved / max(sum(float(p0.norm()) for p0 in start), 1e-12)
 
 
 # ----------------------------------------------------------------------------- the rskdist run

@@ -72,6 +72,25 @@ def test_plain_loop_starts_where_the_trainer_starts():
         assert float(criterion(model(images), labels)) == pytest.approx(plain, rel=1e-6)
 
 
+def test_plain_loop_freezes_the_backbone_as_the_trainer_does():
+    """Proxy-Anchor's frozen-backbone warm-up (loss.backbone_warmup_epochs; -1 = its paper's
+    one epoch, the trainer's rule): the backbone keeps still while the proxies learn, and
+    moves once the warm-up is over."""
+    from rskdist.build import backbone_frozen_steps, build_criterion, num_train_classes
+
+    cfg = _debug_cfg("proxy_anchor", steps=3)
+    frozen = proxy_study.train_plain(cfg)
+    rule = backbone_frozen_steps(cfg.loss, build_criterion(cfg, num_classes=num_train_classes(cfg)),
+                                 steps_per_epoch=16)  # debug.yaml's epoch
+    assert frozen["frozen_steps"] == rule == 16
+    assert frozen["backbone_change"] == 0.0 and frozen["proxy_change"] > 1e-3
+    cfg.loss.backbone_warmup_epochs = 1 / 16  # one frozen step, then the schedule
+    thawed = proxy_study.train_plain(cfg)
+    assert thawed["frozen_steps"] == 1 and thawed["backbone_change"] > 1e-3
+    # The first update moves the same parameters in both runs; the second, the backbone too.
+    assert thawed["losses"][:2] == frozen["losses"][:2] and thawed["losses"][2] != frozen["losses"][2]
+
+
 def test_plain_loop_refuses_what_it_does_not_train():
     with pytest.raises(ValueError, match="loss.name=multi_similarity: the plain loop trains proxy losses only"):
         proxy_study.train_plain(_debug_cfg("multi_similarity"))
@@ -87,8 +106,9 @@ def _main(argv) -> tuple[int, list[dict]]:
     return code, [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
 
 
-# Slow tier until fixed: after the merge into main the last of its 4 runs (plain_ranks, seed 1)
-# is missing from the study's rows while the tool exits 0 (seen once; not yet diagnosed).
+# Slow tier: three plain runs and their evaluations (~35 s on shared cores). The "3 of 4 runs"
+# once seen here was the test's count, not the tool: plain_ranks trains the first seed only
+# by default (--plain-ranks-seeds), and the test expected it on both seeds.
 @pytest.mark.slow
 def test_study_rows_report_and_resume(tmp_path, digits_root):
     out = tmp_path / "study"
@@ -154,13 +174,16 @@ def test_loss_gaps_read_both_run_folders(tmp_path):
 def test_rskdist_on_two_ranks_follows_the_plain_loop_on_its_batches(tmp_path, digits_root):
     """rskdist/train.py on 2 CPU ranks (ZeRO-2) and the plain loop fed the same ranks'
     batches: the same loss at every step and the same final metrics (~60 s, two launcher
-    start-ups of DeepSpeed on CPU)."""
+    start-ups of DeepSpeed on CPU). Proxy-Anchor's default warm-up keeps the backbone still
+    for its first epoch (23 steps of digits); the 26 steps cross into the steps that move it."""
     out = tmp_path / "study"
     code, lines = _main(["--out", str(out), "--config", STUDY, "--datasets", "digits", "--losses", "proxy_anchor",
                          "--seeds", "1", "--impls", "rskdist", "plain_ranks", "--set", f"data.root={digits_root}",
-                         "--set", "run.max_steps=6", "--set", "data.num_workers=0"])
+                         "--set", "run.max_steps=26", "--set", "data.num_workers=0"])
     assert code == 0 and [line["impl"] for line in lines] == ["rskdist", "plain_ranks"]
+    plain = json.loads((out / "runs" / "digits__proxy_anchor__plain_ranks__seed1" / "summary.json").read_text())
+    assert plain["frozen_steps"] == 23 and plain["backbone_change"] > 0
     (gap,) = proxy_study.loss_gaps(lines)
-    assert gap["steps"] == 6 and gap["max_loss_gap"] < 1e-4 and gap["max_map@r_gap"] < 1e-4
+    assert gap["steps"] == 26 and gap["max_loss_gap"] < 1e-4 and gap["max_map@r_gap"] < 1e-4
     # Float rounding may flip one near-tie among the 714 test queries, no more.
     assert gap["max_recall@1_gap"] <= 1 / 714 + 1e-9

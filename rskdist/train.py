@@ -56,7 +56,11 @@ def report_failure(exc: BaseException, *, rank: int, world_size: int, timeout_mi
         return 130
     text = str(exc)
     timed_out = collective_timeout_message(exc, timeout_minutes, rank)
-    if timed_out:
+    if type(exc).__name__ == "StoreUnavailable":  # the store stopped answering (rskdist/store/fs.py); a
+        # DataLoader worker's is re-raised with its traceback in the text: its last line is the message
+        print(f"error: {where}{text.strip().splitlines()[-1].removeprefix('rskdist.store.fs.StoreUnavailable: ')}",
+              file=sys.stderr, flush=True)
+    elif timed_out:
         print(timed_out, file=sys.stderr, flush=True)
     elif "Connection closed by peer" in text or "Connection reset by peer" in text:
         print(f"error: {where}lost the connection to another rank, which failed or was killed first "
@@ -175,6 +179,8 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from rskdist.comm import release_shm_buffer
+    from rskdist.store import is_url, join
+    from rskdist.store.mirror import default_stage_dir
     from rskdist.trainer import Context, Preempted, Trainer
 
     if torch.cuda.is_available():
@@ -194,8 +200,13 @@ def main(argv=None) -> int:
     if device.type == "cpu":  # DeepSpeed's CPU backend; its buffers would stay in /dev/shm after the run
         release_shm_buffer(dist.get_rank())
     watch_launchers(dist.get_rank())
+    run_dir, run_url = Path(cfg.run.output_dir) / cfg.run.name, None
+    if is_url(cfg.run.output_dir):  # written to node-local staging, mirrored to the store (rskdist/store/mirror.py)
+        run_dir, run_url = Path(cfg.run.stage_dir or default_stage_dir()) / cfg.run.name, join(cfg.run.output_dir,
+                                                                                                cfg.run.name)
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
-                  run_dir=Path(cfg.run.output_dir) / cfg.run.name)
+                  run_dir=run_dir, run_url=run_url,
+                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
     try:
         Trainer(cfg, ctx).train()
     except Preempted as exc:

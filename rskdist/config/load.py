@@ -22,7 +22,7 @@ import yaml
 
 from rskdist.config import schema
 from rskdist.config.schema import CHOICES, Config
-from rskdist.store.fs import is_url, local_path
+from rskdist.store.fs import Store, is_url, local_path
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -198,6 +198,8 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
     if cfg.run.store_retries < 1 or cfg.run.upload_wait_minutes < 0:
         raise ValueError(f"config: run.store_retries must be >= 1 and run.upload_wait_minutes >= 0, got "
                          f"{cfg.run.store_retries} and {cfg.run.upload_wait_minutes:g}")
+    if check_paths and is_url(cfg.run.output_dir):  # the bucket of the run folder, before any rank starts
+        Store(cfg.run.output_dir, retries=cfg.run.store_retries).check_bucket("run.output_dir")
     local_root = not is_url(d.root)  # a store URL is checked with its splits, below
     if check_paths and d.source == "shards" and local_root and not (Path(local_path(d.root)) / "index.json").is_file():
         raise ValueError(

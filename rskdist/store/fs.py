@@ -130,6 +130,15 @@ class Store:
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
                 if e.get("type") == "file"}
 
+    def check_bucket(self, what: str) -> None:
+        """The URL's bucket (or top folder) exists and answers with these credentials, else a
+        StoreError naming it; `what` names the setting in the message."""
+        scheme, rest = self.url.split("://", 1)
+        bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+        if not self.exists(bucket):
+            raise StoreError(f"{what}: {bucket} not found{endpoint_hint(bucket)}; create it, or point {what} at "
+                             f"an existing bucket")
+
     def exists(self, url: str) -> bool:
         return bool(self.call("check", url, self.fs.exists, self.path(url)))
 

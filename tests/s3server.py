@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from rskdist.comm import free_port
 
 # What a client needs to reach the loopback server: the standard AWS variables only.
-FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "rsk-test-key-1c9e", "AWS_SECRET_ACCESS_KEY": "rsk-test-secret-7f3a",
                     "AWS_DEFAULT_REGION": "us-east-1"}
 
 

@@ -9,7 +9,7 @@ import torch
 
 from rskdist.data.loader import build_eval_loader, build_train_loader
 from rskdist.data.remote import StoreReading, coalesce
-from rskdist.data.shards import check_store_shards, load_index
+from rskdist.data.shards import check_store_shards, load_index, upload_shards
 from rskdist.store.fs import Store, StoreError, StoreUnavailable
 from test_data_stream import make_shards
 
@@ -20,7 +20,7 @@ DEBUG = str(Path(__file__).resolve().parent.parent / "configs" / "debug.yaml")
 def shards(s3_server, tmp_path_factory):
     local = make_shards(tmp_path_factory.mktemp("local"), [6] * 8, samples_per_shard=10)
     url = s3_server.make_bucket("rsk-shards") + "/demo"
-    Store(url).put_tree(local, url)
+    upload_shards(local, url)
     return local, url
 
 
@@ -126,3 +126,17 @@ def test_config_refuses_a_missing_bucket_before_training(shards):
     with pytest.raises(ValueError, match=r"s3://no-such-bucket-x/demo/index.json: not found"):
         validate(cfg, world_size=2)
     validate(load_config(DEBUG, [*common, f"data.root={shards[1]}"]), world_size=2)
+
+
+def test_make_shards_uploads_to_a_store(s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    url = s3_server.make_bucket("rsk-digits") + "/digits"
+    tool = Path(__file__).resolve().parent.parent / "tools" / "make_shards.py"
+    proc = subprocess.run([sys.executable, str(tool), "digits", "--out", str(tmp_path / "digits"), "--quiet",
+                           "--upload", url], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"data.root={url}" in proc.stderr
+    assert load_index(url) == load_index(str(tmp_path / "digits"))
+    check_store_shards(url, ["train", "test"])

@@ -168,6 +168,19 @@ def load_split(root: str, split: str, *, retries: int = DEFAULT_RETRIES) -> Spli
     return SplitTable(root, split, shard_paths, samples, list(info["classes"]), shards=list(info["shards"]))
 
 
+def upload_shards(folder: str, url: str, *, retries: int = DEFAULT_RETRIES) -> None:
+    """Copy a shard folder written by tools/make_shards.py to a store URL; index.json goes
+    last, so a reader never takes a half-uploaded folder for a complete one."""
+    store = Store(url, retries=retries)
+    index = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{index} not found: upload a folder written by tools/make_shards.py")
+    for name in sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs):
+        if name != INDEX_FILE:
+            store.put(os.path.join(folder, name), join(url, *name.split(os.sep)))
+    store.put(index, join(url, INDEX_FILE))
+
+
 def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES) -> None:
     """Before training: every shard of `splits` is on the store at `root` with the size its
     index gives (one listing per split); else a StoreError naming the first missing object."""

@@ -148,13 +148,6 @@ class Store:
     def put_text(self, url: str, text: str) -> None:
         self.call("upload", url, self.fs.pipe_file, self.path(url), text.encode())
 
-    def put_tree(self, local: str, url: str) -> list[str]:
-        """Upload every file under the folder `local` to `url` (same relative names); returns them."""
-        names = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
-        for name in names:
-            self.put(os.path.join(local, name), join(url, *name.split(os.sep)))
-        return names
-
     def get(self, url: str, local: str) -> None:
         self.call("download", url, self.fs.get_file, self.path(url), local)
 

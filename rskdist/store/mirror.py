@@ -53,6 +53,7 @@ class RunMirror:
         self._unsent: dict[str, str] = {}  # checkpoint tag (or "records") -> why it is not on the store
         self._complete: set[str] = set()  # tags whole on the store
         self._warned: set[str] = set()
+        self.await_s = 600.0  # how long rank 0's node waits for the other nodes' files of a save
 
     # ------------------------------------------------------------------ called by the trainer
     def saved(self, tag: str) -> None:
@@ -61,6 +62,11 @@ class RunMirror:
 
     def marked_best(self, tag: str) -> None:
         self._submit(("best", tag))
+
+    @property
+    def unsent(self) -> dict[str, str]:
+        """What failed to upload so far ({checkpoint tag or "records": why}), to be tried again."""
+        return dict(self._unsent)
 
     def finish(self, wait_s: float) -> list[str]:
         """Wait up to `wait_s` for the pending uploads (a last try of failed ones and of the
@@ -125,12 +131,12 @@ class RunMirror:
             raise StoreError(f"{folder} has no {MANIFEST}: the save was not marked complete, so it is not uploaded")
         files = json.loads(manifest.read_text())["files"]
         self._put(manifest)
-        self._await_files(tag, {name: entry["size"] for name, entry in files.items()})
+        self._await_files(tag, {name: entry["size"] for name, entry in files.items()}, self.await_s)
         self.store.put_text(self._ckpt_url("latest"), tag)  # last: the store's latest names whole checkpoints
         self._complete.add(tag)
         self._prune(tag)
 
-    def _await_files(self, tag: str, sizes: dict[str, int], timeout_s: float = 600.0) -> None:
+    def _await_files(self, tag: str, sizes: dict[str, int], timeout_s: float) -> None:
         """Until the store lists every file of the save at its size (other nodes upload theirs)."""
         end = time.monotonic() + timeout_s
         while True:

@@ -78,7 +78,7 @@ class Trainer:
                                              keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group,
                                              model_spec=self.model_spec)
         self.mirror = None if ctx.run_url is None else RunMirror(
-            ctx.run_dir, ctx.run_url, rank=ctx.rank, local_rank=ctx.local_rank,
+            ctx.run_dir, ctx.run_url, rank=ctx.rank, local_rank=ctx.local_rank, world_size=ctx.world_size,
             local_world_size=ctx.local_world_size, retries=cfg.run.store_retries)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
                              loggers=cfg.run.loggers)

@@ -24,8 +24,8 @@ def _checkpoint(run, tag, files, world_size=2):
     (run / "checkpoints" / "latest").write_text(tag)
 
 
-def _mirror(run, url, rank=0, local_rank=0):
-    mirror = RunMirror(run, url, rank=rank, local_rank=local_rank, retries=2, backoff_s=0.05)
+def _mirror(run, url, rank=0, local_rank=0, world_size=2):
+    mirror = RunMirror(run, url, rank=rank, local_rank=local_rank, world_size=world_size, retries=2, backoff_s=0.05)
     mirror.await_s = 1.0
     return mirror
 
@@ -89,6 +89,10 @@ def test_restore_on_an_empty_node_fetches_what_its_ranks_need(s3_server, tmp_pat
     assert (node_a / "metrics.jsonl").read_text() == '{"step": 4}\n'
     assert (node_a / "checkpoints" / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() \
         == b"o0" * 30
+    # Resumed by another world size: every file, whichever ranks saw it.
+    node_c = tmp_path / "node-c"
+    assert _mirror(node_c, url, rank=0, world_size=4).restore() == "step00000004"
+    assert {p.name for p in (node_c / "checkpoints" / "step00000004").iterdir()} == {*files, "complete.json"}
     # A node already holding that checkpoint keeps its copy; no store at all: nothing to restore.
     assert _mirror(node_a, url).restore() == "step00000004"
     assert _mirror(tmp_path / "c", s3_server.make_bucket("empty-bucket") + "/r").restore() is None

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from rskdist.store.fs import is_url
+
 from .remote import StoreReading, open_reader
 from .shards import SplitTable
 from .transforms import decode_eval, decode_train
@@ -60,7 +62,8 @@ class _ChunkDataset(Dataset):
         self.table = table
         self.samples = table.samples
         self.reader = open_reader(table, store)
-        self.shard_names = [p[len(table.root):].lstrip("/") if p.startswith(table.root) else os.path.relpath(p, table.root)
+        # Shard paths relative to the root, as messages name them (URLs are not filesystem paths).
+        self.shard_names = [p[len(table.root):].lstrip("/") if is_url(table.root) else os.path.relpath(p, table.root)
                             for p in table.shard_paths]
         self._fetched: dict[int, bytes] = {}  # a ranged reader's bytes of the current request
         self.image_size, self.augment = image_size, augment  # decode_train's scale, ratio, hflip

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,13 +117,3 @@ def _mismatch(path: Path, size: int, sha256: str | None) -> str | None:
     if sha256 and file_sha256(path) != sha256:
         return "its SHA-256 differs from the index's"
     return None
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    """Poll `predicate()` until true or `timeout_s` passed; returns its last value."""
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval_s)
-    return True

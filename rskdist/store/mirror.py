@@ -41,10 +41,11 @@ def default_stage_dir() -> str:
 
 
 class RunMirror:
-    def __init__(self, local_dir: str | Path, url: str, *, rank: int, local_rank: int, local_world_size: int = 1,
-                 retries: int = 5, backoff_s: float = 0.5):
+    def __init__(self, local_dir: str | Path, url: str, *, rank: int, local_rank: int, world_size: int = 1,
+                 local_world_size: int = 1, retries: int = 5, backoff_s: float = 0.5):
         self.local, self.url = Path(local_dir), url.rstrip("/")
         self.rank, self.local_rank, self.local_world_size = rank, local_rank, local_world_size
+        self.world_size = world_size
         self.store = Store(self.url, retries=retries, backoff_s=backoff_s)
         self.uploader, self.lead = local_rank == 0, rank == 0
         self._queue: queue.Queue = queue.Queue()
@@ -109,6 +110,9 @@ class RunMirror:
         try:
             fn(what)
             self._unsent.pop(what, None)
+            if what in self._complete:  # older saves that never made it are superseded by this one
+                for older in [t for t in self._unsent if t.startswith("step") and t < what]:
+                    self._unsent.pop(older)
         except (StoreError, StoreUnavailable, OSError) as err:
             self._unsent[what] = str(err)
             if what not in self._warned:
@@ -191,10 +195,11 @@ class RunMirror:
         folder.mkdir(parents=True, exist_ok=True)
         manifest = json.loads(self.store.cat(join(self._ckpt_url(tag), MANIFEST)))
         node_ranks = set(range(self.rank - self.local_rank, self.rank - self.local_rank + self.local_world_size))
+        whole = manifest["world_size"] != self.world_size  # saved by another world: every rank may need any file
         for name, entry in manifest["files"].items():
             ranks = set(entry["ranks"])
             # A file only other nodes' ranks saw is theirs (each node fetches what it needs).
-            if ranks & node_ranks or len(ranks) == manifest["world_size"] or not ranks:
+            if whole or ranks & node_ranks or len(ranks) == manifest["world_size"] or not ranks:
                 self._fetch(join(self._ckpt_url(tag), name), folder / name, entry["size"])
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         self._write_local_pointer("latest", tag)

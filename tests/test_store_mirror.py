@@ -30,6 +30,13 @@ def _mirror(run, url, rank=0, local_rank=0, world_size=2):
     return mirror
 
 
+def _wait_unsent(mirror, tag):
+    deadline = time.monotonic() + 60
+    while tag not in mirror.unsent:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_failed_upload_is_retried_and_latest_only_names_whole_checkpoints(s3_server, tmp_path):
     run, url = tmp_path / "run", "s3://late-bucket/runs/a"
     (run / "metrics.jsonl").parent.mkdir(parents=True)
@@ -37,30 +44,37 @@ def test_failed_upload_is_retried_and_latest_only_names_whole_checkpoints(s3_ser
     _checkpoint(run, "step00000002", {"mp_rank_00_model_states.pt": (b"w2" * 100, [0, 1])})
     mirror = _mirror(run, url)
     mirror.saved("step00000002")  # the bucket does not exist yet: the upload fails, in the background
-    deadline = time.monotonic() + 60
-    while "step00000002" not in mirror.unsent:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_unsent(mirror, "step00000002")
     assert "late-bucket" in mirror.unsent["step00000002"]
     s3_server.make_bucket("late-bucket")
-    _checkpoint(run, "step00000004", {"mp_rank_00_model_states.pt": (b"w4" * 100, [0, 1])})
-    mirror.saved("step00000004")
-    assert mirror.finish(60) == []
+    assert mirror.finish(60) == []  # tried again at the end
     store = Store(url)
-    assert store.cat(f"{url}/checkpoints/latest") == b"step00000004"
-    for tag in ("step00000002", "step00000004"):
-        assert set(store.listing(f"{url}/checkpoints/{tag}")) == {"mp_rank_00_model_states.pt", "complete.json"}
+    assert store.cat(f"{url}/checkpoints/latest") == b"step00000002"
     assert store.cat(f"{url}/metrics.jsonl") == b'{"step": 2}\n'
 
+    # A failed save is superseded by the next one that reaches the store.
+    mirror = _mirror(run, url.replace("late-bucket", "later-bucket"))
+    _checkpoint(run, "step00000004", {"mp_rank_00_model_states.pt": (b"w4" * 100, [0, 1])})
+    mirror.saved("step00000004")
+    _wait_unsent(mirror, "step00000004")
+    s3_server.make_bucket("later-bucket")
+    _checkpoint(run, "step00000006", {"mp_rank_00_model_states.pt": (b"w6" * 100, [0, 1])})
+    mirror.saved("step00000006")
+    assert mirror.finish(60) == []
+    later = url.replace("late-bucket", "later-bucket")
+    assert store.cat(f"{later}/checkpoints/latest") == b"step00000006"
+    assert set(store.listing(f"{later}/checkpoints/step00000006")) == {"mp_rank_00_model_states.pt", "complete.json"}
+
     # A save whose other node never uploads its file: not marked complete, reported at the end.
-    _checkpoint(run, "step00000006", {"mp_rank_00_model_states.pt": (b"w6" * 100, [0]),
+    _checkpoint(run, "step00000008", {"mp_rank_00_model_states.pt": (b"w8" * 100, [0]),
                                       "zero_pp_rank_1_mp_rank_00_optim_states.pt": (None, [1])})
     mirror = _mirror(run, url)
-    mirror.saved("step00000006")
+    mirror.saved("step00000008")
     missing = mirror.finish(60)
-    assert len(missing) == 1 and missing[0].startswith("step00000006:")
+    assert len(missing) == 1 and missing[0].startswith("checkpoint step00000008:")
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt not uploaded" in missing[0]
-    assert store.cat(f"{url}/checkpoints/latest") == b"step00000004"
+    assert store.cat(f"{url}/checkpoints/latest") == b"step00000002"
+    assert store.exists(f"{url}/checkpoints/step00000008/mp_rank_00_model_states.pt")
 
 
 def test_restore_on_an_empty_node_fetches_what_its_ranks_need(s3_server, tmp_path):

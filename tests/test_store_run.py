@@ -123,3 +123,43 @@ def test_store_dying_mid_run_retries_then_stops_with_the_last_checkpoint_intact(
     tag = read_pointer(folder, "latest")
     assert tag is not None and verify_checkpoint(folder / tag, 0) is None
     assert (folder / tag / "complete.json").is_file()
+
+
+def test_store_gone_for_uploads_ends_the_job_listing_what_is_missing(tmp_path):
+    """The data is local, the store dies after the first upload: training finishes, the end of
+    the job waits for the uploads, then fails naming what is not on the store; the staging
+    folder holds every checkpoint whole."""
+    server = S3Server(tmp_path / "moto.log")
+    try:
+        with s3_environment(server):
+            url = server.make_bucket("rsk-uploads")
+            stage = tmp_path / "stage"
+            cmd = [sys.executable, "rskdist/train.py", "--config", "configs/debug.yaml", "run.loggers=[]",
+                   "run.name=up", f"run.output_dir={url}/runs", f"run.stage_dir={stage}", "run.save_every=2",
+                   "run.max_steps=12", "run.store_retries=2", "run.upload_wait_minutes=1", "eval.every_epochs=-1",
+                   "deepspeed.zero_stage=0"]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=_env())
+            store, deadline = Store(url), time.monotonic() + 300
+            try:
+                while not store.exists(f"{url}/runs/up/checkpoints/latest"):
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+                    time.sleep(0.2)
+            except BaseException:
+                proc.kill()
+                raise
+            server.stop()
+            out, err = proc.communicate(timeout=400)
+    finally:
+        server.stop()
+    assert proc.returncode == 2, err[-3000:]
+    assert f"the run folder on {url}/runs/up is behind its staging copy {stage / 'up'}" in err
+    summary = err[err.index("is behind its staging copy"):]
+    assert "checkpoint step00000012 (and " in summary and "older save(s) it supersedes): upload s3://" in summary
+    assert "the run's records (metrics.jsonl, config.yaml, ...) neither" in summary
+    assert "rerun the same command on this node to upload it" in summary and len(summary) < 1200
+    assert err.count("warning: rank 0: upload of") == 1
+    folder = stage / "up" / "checkpoints"
+    assert read_pointer(folder, "latest") == "step00000012"
+    assert verify_checkpoint(folder / "step00000012", 0) is None
+    assert "step 12/12" in out

@@ -9,8 +9,9 @@ works on a background thread, so a step never waits for the network:
   only then moves `checkpoints/latest` on the store, so the store's `latest` always names a
   whole checkpoint; older checkpoints pruned locally are then deleted on the store;
 - rank 0's node also mirrors the run's records (everything outside checkpoints/ that changed).
-A checkpoint whose upload fails (after the store's bounded retries) is tried again with the
-next save and at the end; it is never named by `latest` until whole. `finish` waits a bounded
+A checkpoint whose upload fails (after the store's bounded retries) is tried again after the
+next save (unless that newer one takes its place) and at the end; it is never named by
+`latest` until whole. `finish` waits a bounded
 time for what is pending and returns what is still missing.
 
 `restore` is the other direction, for a resume on fresh nodes: each node's uploader reads
@@ -53,7 +54,7 @@ class RunMirror:
         self._sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) on the store
         self._unsent: dict[str, str] = {}  # checkpoint tag (or "records") -> why it is not on the store
         self._complete: set[str] = set()  # tags whole on the store
-        self._warned: set[str] = set()
+        self._warned = False
         self.await_s = 600.0  # how long rank 0's node waits for the other nodes' files of a save
 
     # ------------------------------------------------------------------ called by the trainer
@@ -77,10 +78,23 @@ class RunMirror:
         self._submit(("checkpoint", None))  # retries whatever failed, then the records
         self._queue.put(_STOP)
         self._thread.join(wait_s)
-        missing = [f"{what}: {why}" for what, why in sorted(self._unsent.items())]
+        missing = self._describe_unsent()
         if self._thread.is_alive():
             missing.insert(0, f"uploads still running after {wait_s:.0f} s (run.upload_wait_minutes)")
         return missing
+
+    def _describe_unsent(self) -> list[str]:
+        """What is not on the store: the newest checkpoint (older failed ones it supersedes are
+        counted), the records, the best pointer; the first with the store's error."""
+        unsent = dict(self._unsent)
+        tags = sorted(t for t in unsent if t.startswith("step"))
+        items = []
+        if tags:
+            older = f" (and {len(tags) - 1} older save(s) it supersedes)" if len(tags) > 1 else ""
+            items.append((f"checkpoint {tags[-1]}{older}", unsent[tags[-1]]))
+        names = {"records": "the run's records (metrics.jsonl, config.yaml, ...)", "best": "the best pointer"}
+        items += [(names[k], unsent[k]) for k in names if k in unsent]
+        return [f"{what}: {why}" if i == 0 else f"{what} neither" for i, (what, why) in enumerate(items)]
 
     # ------------------------------------------------------------------ upload thread
     def _submit(self, job) -> None:
@@ -97,10 +111,12 @@ class RunMirror:
             if job is _STOP:
                 return
             kind, tag = job
-            for pending in sorted(t for t in self._unsent if t != "records"):  # earlier failures first
-                self._attempt(pending, self._upload_checkpoint)
-            if kind == "checkpoint" and tag is not None:
-                self._attempt(tag, self._upload_checkpoint)
+            if kind == "checkpoint":
+                # The newest save that is not on the store yet (a failed one is tried again; an older
+                # failed one needs no upload once a newer one is there, and none while the store is down).
+                newest = max([t for t in self._unsent if t.startswith("step")] + ([tag] if tag else []), default=None)
+                if newest is not None:
+                    self._attempt(newest, self._upload_checkpoint)
             elif kind == "best" and self.lead and tag in self._complete:
                 self._attempt("best", lambda _: self.store.put_text(self._ckpt_url("best"), tag))
             if self.lead:
@@ -115,8 +131,8 @@ class RunMirror:
                     self._unsent.pop(older)
         except (StoreError, StoreUnavailable, OSError) as err:
             self._unsent[what] = str(err)
-            if what not in self._warned:
-                self._warned.add(what)
+            if not self._warned:  # once: the end of the job lists what is still missing
+                self._warned = True
                 print(f"warning: rank {self.rank}: upload of {what} to {self.url} failed ({err}); it is tried "
                       f"again after the next save and at the end, and the store's latest does not name it",
                       file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 
@@ -16,17 +17,21 @@ FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "rsk-test-key-1c9e", "AWS_SECRET_ACCESS
 
 
 class S3Server:
-    def __init__(self, log_path):
+    def __init__(self, log_path, *, check_credentials: bool = False):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
         self._log = open(log_path, "w")
+        # moto checks credentials (against its own IAM) only when asked to.
+        env = dict(os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while True:
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:  # it answers (403 when it checks credentials)
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -1,6 +1,7 @@
 """Shards on a real S3 server (moto on loopback): the same batches as from local disk in both
 reading modes, a verified node-local cache, and clear errors for missing buckets and objects."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,22 @@ def test_make_shards_uploads_to_a_store(s3_server, tmp_path):
     assert f"data.root={url}" in proc.stderr
     assert load_index(url) == load_index(str(tmp_path / "digits"))
     check_store_shards(url, ["train", "test"])
+
+
+def test_refused_credentials_name_the_url_and_never_the_keys(tmp_path):
+    from rskdist.config import load_config, validate
+    from s3server import S3Server, s3_environment
+
+    server = S3Server(tmp_path / "moto.log", check_credentials=True)  # the test's keys are unknown to it
+    try:
+        with s3_environment(server):
+            with pytest.raises(StoreError, match=r"read s3://locked/demo/index.json: access denied") as err:
+                load_index("s3://locked/demo")
+            cfg = load_config(DEBUG, ["run.output_dir=s3://locked/runs", "run.store_retries=1"])
+            with pytest.raises(StoreError, match=r"run.output_dir: check s3://locked: access denied") as err2:
+                validate(cfg, world_size=1)
+            for text in (str(err.value), str(err2.value)):
+                assert "check the credentials" in text
+                assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+    finally:
+        server.stop()

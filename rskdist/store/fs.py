@@ -135,9 +135,13 @@ class Store:
         StoreError naming it; `what` names the setting in the message."""
         scheme, rest = self.url.split("://", 1)
         bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-        if not self.exists(bucket):
+        try:  # not fs.exists: it answers False for refused credentials too
+            self.call("check", bucket, self.fs.info, self.path(bucket))
+        except StoreError as err:
+            if not isinstance(err.__cause__, FileNotFoundError):
+                raise StoreError(f"{what}: {err}") from err.__cause__
             raise StoreError(f"{what}: {bucket} not found{endpoint_hint(bucket)}; create it, or point {what} at "
-                             f"an existing bucket")
+                             f"an existing bucket") from err.__cause__
 
     def exists(self, url: str) -> bool:
         return bool(self.call("check", url, self.fs.exists, self.path(url)))

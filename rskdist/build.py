@@ -206,8 +206,17 @@ def build_eval_stream(cfg: Config, *, split: str = "test", rank: int, world_size
     return build_eval_loader(
         d.root, split="train" if held is not None else split, rank=rank, world_size=world_size,
         batch_size=e.batch_size, image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
-        keep_labels=held,
+        keep_labels=held, store=store_reading(cfg),
     )
+
+
+def store_reading(cfg: Config):
+    """How shards on a store are read (data.read_mode, data.cache_*, data.request_kb, run.store_retries)."""
+    from rskdist.data.remote import StoreReading
+
+    d = cfg.data
+    return StoreReading(mode=d.read_mode, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
+                        request_bytes=d.request_kb * 1024, retries=cfg.run.store_retries)
 
 
 def num_train_classes(cfg: Config) -> int:
@@ -218,7 +227,7 @@ def num_train_classes(cfg: Config) -> int:
         return d.synthetic_classes
     from rskdist.data.shards import load_index
 
-    return len(load_index(d.root)["splits"]["train"]["classes"])
+    return len(load_index(d.root, retries=cfg.run.store_retries)["splits"]["train"]["classes"])
 
 
 def validation_labels(cfg: Config) -> np.ndarray | None:
@@ -377,6 +386,7 @@ def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, de
         image_size=cfg.model.image_size, num_workers=d.num_workers, seed=cfg.run.seed, mean=mean, std=std,
         keep_labels=keep, scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
         steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length, sampler=d.sampler,
+        store=store_reading(cfg),
         # On GPUs images travel as uint8 and are normalised on the device.
         **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),
     )

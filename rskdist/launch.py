@@ -72,7 +72,11 @@ def report_failure(exc: BaseException, *, rank: int, world_size: int, timeout_mi
         return 130
     text = str(exc)
     timed_out = collective_timeout_message(exc, timeout_minutes, rank)
-    if timed_out:
+    if type(exc).__name__ == "StoreUnavailable":  # the store stopped answering (rskdist/store/fs.py); a
+        # DataLoader worker's is re-raised with its traceback in the text: its last line is the message
+        print(f"error: {where}{text.strip().splitlines()[-1].removeprefix('rskdist.store.fs.StoreUnavailable: ')}",
+              file=sys.stderr, flush=True)
+    elif timed_out:
         print(timed_out, file=sys.stderr, flush=True)
     elif "Connection closed by peer" in text or "Connection reset by peer" in text:
         print(f"error: {where}lost the connection to another rank, which failed or was killed first "

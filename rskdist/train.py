@@ -49,12 +49,19 @@ def main(argv=None) -> int:
     single_process_env()
     import torch.distributed as dist
 
+    from rskdist.store import is_url, join
+    from rskdist.store.mirror import default_stage_dir
     from rskdist.trainer import Context, Preempted, Trainer
 
     device = init_process_group(local_rank, cfg.run.timeout_minutes)
     watch_launchers(dist.get_rank())
+    run_dir, run_url = Path(cfg.run.output_dir) / cfg.run.name, None
+    if is_url(cfg.run.output_dir):  # written to node-local staging, mirrored to the store (rskdist/store/mirror.py)
+        run_dir, run_url = Path(cfg.run.stage_dir or default_stage_dir()) / cfg.run.name, join(cfg.run.output_dir,
+                                                                                                cfg.run.name)
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
-                  run_dir=Path(cfg.run.output_dir) / cfg.run.name)
+                  run_dir=run_dir, run_url=run_url,
+                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
     try:
         Trainer(cfg, ctx).train()
     except Preempted as exc:

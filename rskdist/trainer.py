@@ -25,6 +25,7 @@ from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.ema import WeightEMA
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
+from rskdist.store.mirror import RunMirror
 from rskdist.validator import Validator
 
 
@@ -36,7 +37,9 @@ class Context:
     world_size: int
     local_rank: int
     device: torch.device
-    run_dir: Path
+    run_dir: Path  # where this process writes the run (the node-local staging folder when run_url is set)
+    run_url: str | None = None  # the run folder on an object store, kept in step with run_dir (rskdist/store/mirror.py)
+    local_world_size: int = 1  # processes on this node
 
 
 class Trainer:
@@ -74,6 +77,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
                                              keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group,
                                              model_spec=self.model_spec)
+        self.mirror = None if ctx.run_url is None else RunMirror(
+            ctx.run_dir, ctx.run_url, rank=ctx.rank, local_rank=ctx.local_rank, world_size=ctx.world_size,
+            local_world_size=ctx.local_world_size, retries=cfg.run.store_retries)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
                              loggers=cfg.run.loggers)
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
@@ -116,6 +122,7 @@ class Trainer:
             if self._preempted():
                 self.save()
                 self.log.close(None)  # the tracked runs end as killed; a resume continues them
+                self.finish_uploads()
                 raise Preempted(f"stopped by SIGTERM after step {self.step}; saved checkpoints/{step_tag(self.step)}. "
                                 f"Rerun the same command to resume from it")
         final = self.evaluate() if self.validator.enabled else None
@@ -125,6 +132,7 @@ class Trainer:
                    "bad_samples": last.get("bad_samples", 0),
                    "best": None if best.best_step is None else best.state_dict()}
         self.log.close(summary)
+        self.finish_uploads()
         return summary
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
@@ -157,6 +165,8 @@ class Trainer:
         if is_best and self.cfg.eval.save_best and self.step > 0:  # step 0 is the seed's untrained model
             self.save()
             self.checkpoints.mark_best(step_tag(self.step))
+            if self.mirror is not None:
+                self.mirror.marked_best(step_tag(self.step))
         self.log.evaluation(self.step, self._epoch(), metrics, is_best=is_best)
         return metrics
 
@@ -167,9 +177,14 @@ class Trainer:
             return
         state = {"step": self.step, "data": self.train_stream.state_dict(),
                  "best": self.validator.best.state_dict()}
-        self.checkpoints.save(self.step, {"trainer": state}, rank_files=self._ema_files())
+        tag = self.checkpoints.save(self.step, {"trainer": state}, rank_files=self._ema_files())
+        if self.mirror is not None:
+            self.mirror.saved(tag)  # uploaded in the background; the step does not wait
 
     def resume(self) -> bool:
+        if self.mirror is not None and self.cfg.run.resume == "auto":
+            self.mirror.restore()  # fresh nodes: the store's latest checkpoint, downloaded
+            self._barrier()
         loaded = self.checkpoints.resume(self.cfg.run.resume)
         if loaded is None:
             return False
@@ -185,6 +200,17 @@ class Trainer:
             self.validator.best.load_state_dict(state["best"])
         self.log.say(f"resumed from {load_path} at step {self.step}")
         return True
+
+    def finish_uploads(self) -> None:
+        """Wait (run.upload_wait_minutes at most) for the run folder's uploads to the store;
+        what is still missing ends the job with an error that lists it."""
+        if self.mirror is None:
+            return
+        missing = self.mirror.finish(60 * self.cfg.run.upload_wait_minutes)
+        if missing:
+            raise ValueError(f"the run folder on {self.ctx.run_url} is behind its staging copy {self.ctx.run_dir} "
+                             f"(rank {self.ctx.rank}): " + "; ".join(missing) + ". Everything is in the staging "
+                             "folder; rerun the same command on this node to upload it")
 
     # ----------------------------------------------------------------- records
     def _open_run_folder(self) -> None:

@@ -38,3 +38,19 @@ def no_network(monkeypatch, tmp_path):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on a free loopback port, with this process's AWS_* variables pointed at
+    it for the module's tests (the dev extra installs moto[server] and s3fs)."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[dev]')")
+    pytest.importorskip("s3fs", reason="needs s3fs (pip install -e '.[dev]')")
+    from s3server import S3Server, s3_environment
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "server.log")
+    try:
+        with s3_environment(server):
+            yield server
+    finally:
+        server.stop()

@@ -3,6 +3,13 @@
 
     python tools/bench_data.py --workers 0,1,2 --image-size 224
     python tools/bench_data.py --root DST            # measure on existing shards
+    python tools/bench_data.py --moto --request-kb 64,256,1024,4096   # local disk vs an S3 server on loopback
+    python tools/bench_data.py --store s3://bucket/prefix              # vs a real store (AWS_* env for access)
+
+With --moto (moto's S3 server on a free 127.0.0.1 port, started and stopped here) or --store,
+the shards are uploaded there and each worker count is measured from local disk, from the
+store with data.read_mode=stage (a fresh cache: `first_batch_s` includes fetching shards) and
+with read_mode=ranged for each --request-kb.
 
 Without --root it builds a temporary dataset of photo-sized JPEGs (default 500x375,
 like CUB/iNaturalist; demo renders upscaled with pixel noise so they compress like
@@ -16,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +36,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rskdist.data.loader import build_train_loader  # noqa: E402
+from rskdist.data.remote import StoreReading  # noqa: E402
+from rskdist.data.shards import upload_shards  # noqa: E402
+from rskdist.store.fs import Store  # noqa: E402
 from rskdist.data.sources import list_source  # noqa: E402
 from rskdist.data.demo_images import render  # noqa: E402
 from rskdist.data.writer import write_shards  # noqa: E402
@@ -63,7 +74,8 @@ def _cpu_seconds() -> float:
     return total
 
 
-def measure(root: str, workers: int, args) -> dict:
+def measure(root: str, workers: int, args, store: StoreReading | None = None) -> dict:
+    t_open = time.perf_counter()
     loader = build_train_loader(
         root,
         rank=0,
@@ -74,11 +86,13 @@ def measure(root: str, workers: int, args) -> dict:
         num_workers=workers,
         seed=0,
         read_size=args.read_size,
+        store=store,
     )
-    done, t0, cpu0, images = 0, None, None, 0
+    done, t0, cpu0, images, first = 0, None, None, 0, None
     while done < args.warmup + args.steps:
         for x, _ in loader:
             done += 1
+            first = first or time.perf_counter() - t_open
             if done == args.warmup:
                 t0, cpu0 = time.perf_counter(), _cpu_seconds()
             elif done > args.warmup:
@@ -88,8 +102,12 @@ def measure(root: str, workers: int, args) -> dict:
     elapsed = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0  # main process + its DataLoader workers, while measuring
     loader.close()
+    source = "local" if store is None else f"store-{store.mode}"
     return {
         "bench": "train_stream",
+        "source": source,
+        **({"request_kb": store.request_bytes // 1024} if store is not None and store.mode == "ranged" else {}),
+        "first_batch_s": round(first, 2),  # loader start, worker start-up and (stage) fetching included
         "workers": workers,
         "image_size": args.image_size,
         "batch_size": args.classes_per_rank * args.m,
@@ -118,6 +136,10 @@ def main(argv=None) -> int:
     p.add_argument("--source-size", default="500x375", help="WxH of the generated JPEGs")
     p.add_argument("--num-classes", type=int, default=40)
     p.add_argument("--per-class", type=int, default=12)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--moto", action="store_true", help="also measure from moto's S3 server on loopback")
+    where.add_argument("--store", help="also measure from this store URL (the shards are uploaded under it)")
+    p.add_argument("--request-kb", default="64,256,1024,4096", help="read_mode=ranged request sizes to measure")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -130,9 +152,55 @@ def main(argv=None) -> int:
                           for f in fs) / (args.num_classes * args.per_class) / 1024
             print(f"built {args.num_classes * args.per_class} {w}x{h} JPEGs (mean {mean_kb:.0f} KB) "
                   f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-        for workers in (int(v) for v in args.workers.split(",")):
-            print(json.dumps(measure(root, workers, args)), flush=True)
+        server = start_moto() if args.moto else None
+        try:
+            url = None
+            if server is not None or args.store:
+                url = (make_bucket("rskdist-bench") if server is not None else args.store.rstrip("/")) + "/shards"
+                t = time.perf_counter()
+                upload_shards(root, url)
+                print(f"uploaded the shards to {url} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            for workers in (int(v) for v in args.workers.split(",")):
+                print(json.dumps(measure(root, workers, args)), flush=True)
+                if url is None:
+                    continue
+                stage = StoreReading(mode="stage", cache_dir=os.path.join(tmp, f"cache-{workers}"))
+                print(json.dumps(measure(url, workers, args, stage)), flush=True)
+                for kb in (int(v) for v in args.request_kb.split(",")):
+                    ranged = StoreReading(mode="ranged", request_bytes=kb * 1024)
+                    print(json.dumps(measure(url, workers, args, ranged)), flush=True)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
     return 0
+
+
+def start_moto() -> subprocess.Popen:
+    """moto's S3 server on a free loopback port; this process's AWS_* variables point at it."""
+    import urllib.request
+
+    from rskdist.comm import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"], timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise SystemExit("moto server did not start within 60 s")
+
+
+def make_bucket(name: str) -> str:
+    store = Store(f"s3://{name}")
+    store.fs.mkdir(name)
+    return f"s3://{name}"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: min(8, cpus))")
     p.add_argument("--max-size", type=int, default=None, help="downscale images whose long side exceeds this")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--upload", metavar="URL", help="then copy the folder to this store URL (s3://bucket/prefix; "
+                   "credentials from the environment), index.json last")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("inat")
     g.add_argument("--train-list", help="train split file (default Inaturalist_train_set1.txt in --root)")
@@ -89,6 +91,16 @@ def main(argv=None) -> int:
         with open(report) as f:
             for line in list(f)[:5]:
                 print("  " + line.rstrip("\n").replace("\t", "  "), file=sys.stderr)
+    if args.upload:
+        from rskdist.data.shards import upload_shards
+        from rskdist.store import StoreError, StoreUnavailable
+
+        try:
+            upload_shards(args.out, args.upload)
+        except (StoreError, StoreUnavailable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"uploaded to {args.upload} (train with data.root={args.upload})", file=sys.stderr)
     print(f"done in {time.time() - t0:.1f}s: {os.path.join(args.out, 'index.json')}", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ import yaml
 
 from rskdist.config import schema
 from rskdist.config.schema import CHOICES, Config
+from rskdist.store.fs import Store, is_url, local_path
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -191,12 +192,21 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
         )
     if d.source == "shards" and not d.root:
         raise ValueError("config: data.source=shards needs data.root (a folder written by tools/make_shards.py)")
-    if check_paths and d.source == "shards" and not (Path(d.root) / "index.json").is_file():
+    if d.cache_gb <= 0 or d.request_kb < 1:
+        raise ValueError(f"config: data.cache_gb must be > 0 and data.request_kb >= 1, got {d.cache_gb:g} and "
+                         f"{d.request_kb}")
+    if cfg.run.store_retries < 1 or cfg.run.upload_wait_minutes < 0:
+        raise ValueError(f"config: run.store_retries must be >= 1 and run.upload_wait_minutes >= 0, got "
+                         f"{cfg.run.store_retries} and {cfg.run.upload_wait_minutes:g}")
+    if check_paths and is_url(cfg.run.output_dir):  # the bucket of the run folder, before any rank starts
+        Store(cfg.run.output_dir, retries=cfg.run.store_retries).check_bucket("run.output_dir")
+    local_root = not is_url(d.root)  # a store URL is checked with its splits, below
+    if check_paths and d.source == "shards" and local_root and not (Path(local_path(d.root)) / "index.json").is_file():
         raise ValueError(
             f"config: data.root={d.root!r} holds no index.json; write the shards first "
             f"(python tools/make_shards.py {d.dataset} --root SRC --out {d.root}) or point data.root at them"
         )
-    _check_splits(d, check_paths)
+    _check_splits(d, check_paths, retries=cfg.run.store_retries)
     if not cfg.run.timeout_minutes > 0:
         raise ValueError(f"config: run.timeout_minutes must be > 0, got {cfg.run.timeout_minutes}")
     if cfg.run.epochs <= 0 and cfg.run.max_steps <= 0:
@@ -300,7 +310,7 @@ def _check_best_metric(cfg: Config) -> None:
                          f"{', '.join(names)} (or add its k to eval.ks)")
 
 
-def _check_splits(d, check_paths: bool) -> None:
+def _check_splits(d, check_paths: bool, retries: int) -> None:
     """data.test_splits and data.val_classes: names, and enough training classes left for one
     global batch (the batch plan would only fail once every rank has started)."""
     from rskdist.data.holdout import num_validation_classes
@@ -325,11 +335,15 @@ def _check_splits(d, check_paths: bool) -> None:
     elif check_paths:
         from rskdist.data.shards import load_index
 
-        splits = load_index(d.root)["splits"]
+        splits = load_index(d.root, retries=retries)["splits"]
         missing = [s for s in ["train", *d.test_splits] if s not in splits]
         if missing:
             raise ValueError(f"config: data.root={d.root!r} has no split {', '.join(map(repr, missing))} "
                              f"(data.test_splits={d.test_splits}); its splits: {', '.join(sorted(splits))}")
+        if is_url(d.root):  # every shard there, before any rank starts
+            from rskdist.data.shards import check_store_shards
+
+            check_store_shards(d.root, ["train", *d.test_splits], retries=retries)
         num_classes = len(splits["train"]["classes"])
         where = f"the training split of data.root={d.root!r}"
     else:

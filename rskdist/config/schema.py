@@ -15,7 +15,10 @@ from typing import Any, Literal
 @dataclass
 class RunConfig:
     name: str = "run"  # run folder name under output_dir
-    output_dir: str = "runs"  # parent of run folders
+    output_dir: str = "runs"  # parent of run folders: a path, or a store URL (s3://bucket/prefix, gs://...; the run is written to run.stage_dir and mirrored there, docs/distributed.md)
+    stage_dir: str = ""  # run.output_dir a store URL: node-local folder the ranks write the run to before it is uploaded ("": a folder in the system temp dir)
+    store_retries: int = 5  # attempts of each request to an object store (data and run folder), with exponential backoff from 0.5 s, before the run stops with an error
+    upload_wait_minutes: float = 10.0  # run.output_dir a store URL: how long the end of the job waits for pending uploads before it lists what is missing
     seed: int = 0  # seeds model init, data order, SiMix plans and dropout
     epochs: float = 1.0  # training length in epochs of the training stream (fractions allowed)
     max_steps: int = 0  # stop after this many optimizer steps (0: epochs decide)
@@ -50,7 +53,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "shards"] = "synthetic"  # "synthetic" (in-memory, for tests) or "shards" (WebDataset folder from tools/make_shards.py)
-    root: str = ""  # shard folder (with train/, test/, index.json) for source=shards
+    root: str = ""  # shard folder (with train/, test/, index.json) for source=shards: a path or a store URL (s3://bucket/prefix, gs://, https://; docs/data.md)
+    read_mode: Literal["stage", "ranged"] = "stage"  # data.root a store URL: "stage" fetches each shard whole into data.cache_dir and reads it there; "ranged" reads images straight from the store, neighbours merged into requests of up to data.request_kb
+    cache_dir: str = ""  # read_mode=stage: node-local folder of staged shards, shared by the node's ranks ("": a folder in the system temp dir)
+    cache_gb: float = 50.0  # read_mode=stage: bound of data.cache_dir (least recently used shards go first)
+    request_kb: int = 1024  # read_mode=ranged: largest merged ranged request, in KiB
     dataset: str = "demo"  # dataset name: picks default eval ks (inat, sop, cars196, cub, vehicleid, demo)
     global_batch: int = 64  # images per optimizer step over all ranks (classes x m)
     m: int = 4  # images per class in a batch

@@ -14,6 +14,7 @@ _LAZY = {
     "ClassBalancedPlan": "sampler",
     "ReferencePlan": "sampler",
     "make_plan": "sampler",
+    "StoreReading": "remote",
 }
 
 __all__ = ["SplitTable", "load_index", "load_split", "DataSourceError", "list_source", *_LAZY]

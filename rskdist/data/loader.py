@@ -19,134 +19,21 @@ Rank and world size are arguments (never read from torch.distributed here).
 from __future__ import annotations
 
 import math
-import os
-import struct
 import warnings
-import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from .reads import READ_ERRORS, BadSampleWarning, _ChunkDataset, read_error_reason
+from .remote import StoreReading
 from .sampler import make_plan
-from .shards import ShardReader, SplitTable, load_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train, normalize
+from .shards import load_split
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-
-# What damaged bytes raise (a shard changed after indexing, a truncated copy, an NFS
-# hiccup, bit rot): OSError for I/O, short reads, PIL's UnidentifiedImageError and
-# truncated data; PIL's decoders also raise ValueError, SyntaxError, EOFError, IndexError,
-# struct.error or zlib.error on corrupt streams. Anything else is a bug and propagates.
-READ_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error, Image.DecompressionBombError,
-)
-MAX_SUBSTITUTES = 4  # other images of the class tried before a black image takes the place
-_SUBSTITUTE_STREAM = 0x5B  # seeds the substitute draw apart from the augmentation of the position
-
-
-def read_error_reason(error: Exception) -> str:
-    """One line saying why an image could not be read (one of READ_ERRORS)."""
-    # PIL's message names a BytesIO object: say what it means instead.
-    reason = "not a recognised image format" if isinstance(error, UnidentifiedImageError) else str(error)
-    return f"{type(error).__name__}: {reason}".replace("\n", " ")
-
-
-class BadSampleWarning(UserWarning):
-    """An image could not be read or decoded (issued once per sample and loader)."""
-
-
-class _ChunkDataset(Dataset):
-    """dataset[request] -> (uint8 images [n, 3, size, size], bad events) for one read request.
-
-    request = (indices int64 [n] (-1 = padding), aug_key or None for eval, position of
-    indices[0] in the batch, the step's whole batch of indices or None). Image i is
-    augmented with rng([*aug_key, position + i]): independent of read_size and num_workers.
-
-    A read or decode that fails is tried once more (reopening the shard). If it fails
-    again, a training image is replaced by another image of its class not in the step,
-    drawn from rng([*aug_key, position + i, _SUBSTITUTE_STREAM]) and augmented with the
-    position's own key, so every run (and a resumed one) makes the same replacement; an
-    evaluation image stays black and is reported, for the loader to mark it as padding.
-    Each such image gives one event dict: index (row of the split's sample table), shard
-    (path relative to the shard root), offset, position (in the batch), reason, substitute (-1: none).
-    """
-
-    def __init__(self, table: SplitTable, image_size: int, augment: dict, substitutes: bool):
-        self.table = table
-        self.samples = table.samples
-        self.reader = ShardReader(table.shard_paths)
-        self.shard_names = [os.path.relpath(p, table.root) for p in table.shard_paths]
-        self.image_size, self.augment = image_size, augment  # decode_train's scale, ratio, hflip
-        if substitutes:  # class c's images: by_class[class_start[c]:class_start[c + 1]], ascending
-            labels = table.labels
-            self.by_class = np.argsort(labels, kind="stable")
-            self.class_start = np.searchsorted(labels[self.by_class], np.arange(int(labels.max(initial=-1)) + 2))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, request) -> tuple[torch.Tensor, list[dict]]:
-        indices, aug_key, position, batch = request
-        size = self.image_size
-        out = np.zeros((len(indices), 3, size, size), np.uint8)
-        bad = []
-        for i, idx in enumerate(indices):
-            if idx < 0:
-                continue  # padding stays black
-            idx, pos = int(idx), position + i
-            image, reason = self._decode_with_retry(idx, aug_key, pos)
-            if image is not None:
-                out[i] = image
-                continue
-            row = self.samples[idx]
-            event = {"index": self.table.split_row(idx), "shard": self.shard_names[int(row["shard"])],
-                     "offset": int(row["offset"]), "position": pos, "reason": reason, "substitute": -1}
-            if aug_key is not None:
-                image, sub = self._substitute(idx, aug_key, pos, batch)
-                if image is not None:
-                    out[i] = image  # else black, with the class's label
-                    event["substitute"] = self.table.split_row(sub)
-            bad.append(event)
-        return torch.from_numpy(out), bad
-
-    def _decode(self, idx: int, aug_key: tuple | None, pos: int) -> np.ndarray:
-        row = self.samples[idx]
-        data = self.reader.read(int(row["shard"]), int(row["offset"]), int(row["size"]))
-        if aug_key is None:
-            return decode_eval(data, self.image_size)
-        return decode_train(data, self.image_size, np.random.default_rng([*aug_key, pos]), **self.augment)
-
-    def _decode_with_retry(self, idx: int, aug_key: tuple | None, pos: int) -> tuple[np.ndarray | None, str]:
-        """(image, "") or, when two reads + decodes both fail, (None, the last reason)."""
-        for _ in range(2):
-            try:
-                return self._decode(idx, aug_key, pos), ""
-            except READ_ERRORS as e:
-                reason = read_error_reason(e)
-                self.reader.forget(int(self.samples[idx]["shard"]))
-        return None, reason
-
-    def _substitute(self, idx: int, aug_key: tuple, pos: int, batch: np.ndarray) -> tuple[np.ndarray | None, int]:
-        """A readable image of idx's class, decoded with the position's augmentation, and its index.
-
-        Candidates are the class's images outside the step's batch (so the batch keeps
-        distinct images), else its other images; up to MAX_SUBSTITUTES of them are tried.
-        """
-        label = int(self.samples[idx]["label"])
-        same = self.by_class[self.class_start[label] : self.class_start[label + 1]]
-        others = same[~np.isin(same, batch)]
-        if len(others) == 0:
-            others = same[same != idx]
-        if len(others) == 0:
-            return None, -1
-        rng = np.random.default_rng([*aug_key, pos, _SUBSTITUTE_STREAM])
-        for sub in rng.choice(others, size=min(MAX_SUBSTITUTES, len(others)), replace=False):
-            image, _ = self._decode_with_retry(int(sub), aug_key, pos)
-            if image is not None:
-                return image, int(sub)
-        return None, -1
+__all__ = ["READ_ERRORS", "BadSampleWarning", "read_error_reason", "StoreReading", "TrainLoader", "EvalLoader",
+           "build_train_loader", "build_eval_loader"]
 
 
 class _RequestSampler(Sampler):
@@ -179,7 +66,7 @@ class _ChunkedLoader:
 
     def __init__(
         self, table, *, image_size, num_workers, mean, std, read_size, prefetch_factor, pin_memory, device, augment,
-        substitutes,
+        substitutes, store=None,
     ):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -195,7 +82,7 @@ class _ChunkedLoader:
         self._bad_events: list[dict] = []
         self._reported: set[int] = set()  # sample indices already warned about
         self._sampler = _RequestSampler(self)
-        self._dataset = _ChunkDataset(table, image_size, augment, substitutes)
+        self._dataset = _ChunkDataset(table, image_size, augment, substitutes, store)
         self._loader_kwargs = dict(
             batch_size=None,
             num_workers=num_workers,
@@ -314,10 +201,11 @@ class TrainLoader(_ChunkedLoader):
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         device: torch.device | str | None = None,
+        store: StoreReading | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        table = load_split(root, split)
+        table = load_split(root, split, **({"retries": store.retries} if store else {}))
         if keep_labels is not None:  # e.g. the training classes left when validation classes are held out
             table = table.select(keep_labels)
         self.plan = make_plan(
@@ -350,6 +238,7 @@ class TrainLoader(_ChunkedLoader):
             device=device,
             augment={"scale": tuple(scale), "ratio": tuple(ratio), "hflip": bool(hflip)},
             substitutes=True,
+            store=store,
         )
 
     def _step_request(self, epoch, step):
@@ -452,12 +341,13 @@ class EvalLoader(_ChunkedLoader):
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         device: torch.device | str | None = None,
+        store: StoreReading | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        table = load_split(root, split)
+        table = load_split(root, split, **({"retries": store.retries} if store else {}))
         if keep_labels is not None:  # e.g. the validation classes held out of the training split
             table = table.select(keep_labels)
         n = len(table)
@@ -478,6 +368,7 @@ class EvalLoader(_ChunkedLoader):
             device=device,
             augment={},  # eval requests carry no augmentation key
             substitutes=False,
+            store=store,
         )
 
     def _step_request(self, epoch, step):
@@ -528,7 +419,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The class-balanced training stream of `rank` (see TrainLoader for extra options: split,
     keep_labels, remainder, steps_per_epoch, sampler, scale, ratio, hflip, read_size, prefetch_factor, pin_memory,
-    device)."""
+    device, store: how shards on a store are read, rskdist/data/remote.py)."""
     return TrainLoader(
         root,
         rank=rank,

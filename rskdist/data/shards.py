@@ -28,6 +28,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from rskdist.store.fs import DEFAULT_RETRIES, Store, StoreError, is_url, join, local_path
+
 INDEX_FILE = "index.json"
 SAMPLES_FILE = "samples.npy"
 SKIPPED_FILE = "skipped.txt"
@@ -90,16 +92,22 @@ class DeterministicTarWriter:
 # ---------------------------------------------------------------------------- reading
 
 
-def load_index(root: str) -> dict:
-    """Read DST/index.json, with a clear error when `root` is not a shard folder."""
-    path = os.path.join(root, INDEX_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: `root` must be a folder written by tools/make_shards.py "
-            f"(e.g. `python tools/make_shards.py demo --out {root}`)"
-        )
-    with open(path) as f:
-        index = json.load(f)
+def load_index(root: str, *, retries: int = DEFAULT_RETRIES) -> dict:
+    """Read DST/index.json (DST a folder or a store URL), with a clear error when `root` is
+    not a shard folder or the store refuses it (a StoreError, naming the URL)."""
+    if is_url(root):
+        path = join(root, INDEX_FILE)
+        index = json.loads(Store(root, retries=retries).cat(path))
+    else:
+        root = local_path(root)
+        path = os.path.join(root, INDEX_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: `root` must be a folder written by tools/make_shards.py "
+                f"(e.g. `python tools/make_shards.py demo --out {root}`)"
+            )
+        with open(path) as f:
+            index = json.load(f)
     if index.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an rskdist shard index (format={index.get('format')!r})")
     return index
@@ -111,10 +119,11 @@ class SplitTable:
 
     root: str
     split: str
-    shard_paths: list[str]
+    shard_paths: list[str]  # local paths, or URLs when `root` is a store URL
     samples: np.ndarray  # SAMPLE_DTYPE, row i = global sample index i
     classes: list[str]
     rows: np.ndarray | None = None  # a subset's rows in the split's sample table (None: the whole split)
+    shards: list[dict] | None = None  # index.json's entries of the shards (file, num_bytes, sha256)
 
     @property
     def labels(self) -> np.ndarray:
@@ -128,22 +137,26 @@ class SplitTable:
         `classes` stays the split's list; `rows` maps the subset's rows back to the split's)."""
         keep = np.flatnonzero(np.isin(self.labels, np.asarray(labels, dtype=np.int64)))
         rows = keep if self.rows is None else self.rows[keep]
-        return SplitTable(self.root, self.split, self.shard_paths, self.samples[keep], self.classes, rows)
+        return SplitTable(self.root, self.split, self.shard_paths, self.samples[keep], self.classes, rows, self.shards)
 
     def split_row(self, i: int) -> int:
         """Row of this table's sample i in the split's whole sample table (what messages name)."""
         return i if self.rows is None else int(self.rows[i])
 
 
-def load_split(root: str, split: str) -> SplitTable:
-    """Load the shard list and sample table of `split` (memory: ~32 bytes per sample)."""
-    index = load_index(root)
+def load_split(root: str, split: str, *, retries: int = DEFAULT_RETRIES) -> SplitTable:
+    """Load the shard list and sample table of `split` (memory: ~32 bytes per sample); `root`
+    may be a store URL (then `retries` bounds each request)."""
+    index = load_index(root, retries=retries)
     if split not in index["splits"]:
         raise ValueError(f"split {split!r} not in {root}; available: {sorted(index['splits'])}")
     info = index["splits"][split]
-    shard_paths = [os.path.join(root, split, s["file"]) for s in info["shards"]]
-    table_path = os.path.join(root, split, SAMPLES_FILE)
-    if os.path.isfile(table_path):
+    root = root if is_url(root) else local_path(root)
+    shard_paths = [join(root, split, s["file"]) for s in info["shards"]]
+    table_path = join(root, split, SAMPLES_FILE)
+    if is_url(root):  # the writer always writes the table; scanning tars over the network is no option
+        samples = np.load(io.BytesIO(Store(root, retries=retries).cat(table_path)))
+    elif os.path.isfile(table_path):
         samples = np.load(table_path)
     else:  # shards from elsewhere: rebuild offsets from the tar headers
         samples = scan_shards(shard_paths)
@@ -152,7 +165,39 @@ def load_split(root: str, split: str) -> SplitTable:
             f"{table_path}: {len(samples)} samples but index.json says {info['num_samples']}; "
             "rewrite the shards with tools/make_shards.py"
         )
-    return SplitTable(root, split, shard_paths, samples, list(info["classes"]))
+    return SplitTable(root, split, shard_paths, samples, list(info["classes"]), shards=list(info["shards"]))
+
+
+def upload_shards(folder: str, url: str, *, retries: int = DEFAULT_RETRIES) -> None:
+    """Copy a shard folder written by tools/make_shards.py to a store URL; index.json goes
+    last, so a reader never takes a half-uploaded folder for a complete one."""
+    store = Store(url, retries=retries)
+    index = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{index} not found: upload a folder written by tools/make_shards.py")
+    for name in sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs):
+        if name != INDEX_FILE:
+            store.put(os.path.join(folder, name), join(url, *name.split(os.sep)))
+    store.put(index, join(url, INDEX_FILE))
+
+
+def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES) -> None:
+    """Before training: every shard of `splits` is on the store at `root` with the size its
+    index gives (one listing per split); else a StoreError naming the first missing object."""
+    store = Store(root, retries=retries)
+    index = load_index(root, retries=retries)
+    for split in splits:
+        listing = store.listing(join(root, split))
+        if SAMPLES_FILE not in listing:
+            raise StoreError(f"{join(root, split, SAMPLES_FILE)}: not found; upload the whole shard folder "
+                             f"written by tools/make_shards.py (index.json, every split's shards and samples.npy)")
+        for shard in index["splits"][split]["shards"]:
+            size = listing.get(shard["file"])
+            expected = shard.get("num_bytes")
+            if size is None or (expected is not None and size != expected):
+                what = "not found" if size is None else f"{size} bytes, the index says {expected}"
+                raise StoreError(f"{join(root, split, shard['file'])}: {what}; upload the whole shard folder "
+                                 f"again (e.g. `aws s3 sync DST {root}`)")
 
 
 def scan_shards(shard_paths: list[str]) -> np.ndarray:
@@ -222,11 +267,15 @@ class ShardReader:
             if len(self._files) >= self.max_open:
                 _, old = self._files.popitem(last=False)
                 old.close()
-            f = open(self.shard_paths[shard], "rb", buffering=0)
+            f = open(self.local_file(shard), "rb", buffering=0)
             self._files[shard] = f
         else:
             self._files.move_to_end(shard)
         return f
+
+    def local_file(self, shard: int) -> str:
+        """The file to open for `shard` (a staging reader fetches it first)."""
+        return self.shard_paths[shard]
 
     def forget(self, shard: int) -> None:
         """Close the cached handle of `shard`: the next read reopens the file (after an

@@ -19,6 +19,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from rskdist.store.cache import file_sha256
+
 from . import shards as S
 from .sources import Item, Listing
 
@@ -194,7 +196,8 @@ def _write_split(listing, split, items, out, samples_per_shard, max_size, pool, 
 
     def close_shard():
         nbytes = writer.close()
-        shards[-1].update(num_bytes=nbytes, num_classes=len(shard_labels))
+        # The checksum lets a copy fetched from a store be verified (rskdist/store/cache.py).
+        shards[-1].update(num_bytes=nbytes, num_classes=len(shard_labels), sha256=file_sha256(writer.path))
 
     args = [(it, max_size) for it in items]
     results = pool.imap(_encode_star, args, chunksize=16) if pool is not None else map(_encode_star, args)

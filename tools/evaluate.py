@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -203,4 +202,3 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -193,8 +193,9 @@ class ShardedRanker:
             take = min(part.ids.shape[1], K)
             ids_bk = part.ids[:, :take]
             valid = torch.arange(take, device=dev).unsqueeze(0) < k_local.to(dev)[qi].unsqueeze(1)
-            exact = search.rescore(qi, ids_bk, valid)  # float64 where valid
-            scores[qi, :take] = torch.where(valid, exact, torch.full_like(exact, -math.inf))
+            if self.world > 1:  # alone, the list is final: no merge, no scores needed
+                exact = search.rescore(qi, ids_bk, valid)  # float64 where valid
+                scores[qi, :take] = torch.where(valid, exact, torch.full_like(exact, -math.inf))
             ids[qi, :take] = torch.where(valid, self.gallery_pos[ids_bk].double(), float(self.num_gallery))
             capped[qi] = part.capped.double()
         self.num_rescored += search.num_rescored
@@ -210,8 +211,8 @@ class ShardedRanker:
             if src != self.rank:
                 return None
             packed = torch.stack(parts).to(self.gallery.device)  # (W, B, 2K + 1)
-        else:
-            packed = packed.unsqueeze(0)
+        else:  # one list, already in exact order
+            return packed[:, K : 2 * K].long(), packed[:, -1] > 0
         B = packed.shape[1]
         scores = packed[:, :, :K].permute(1, 0, 2).reshape(B, -1)
         ids = packed[:, :, K : 2 * K].permute(1, 0, 2).reshape(B, -1).long()

@@ -121,6 +121,8 @@ def _sort_by_id(emb: torch.Tensor, labels: torch.Tensor, ids, name: str, group) 
     ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
     if ids.numel() != n:
         raise ValueError(f"{name}: {n} embeddings but {ids.numel()} ids")
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return emb, labels, ids  # already in order (an evaluation stream's rows are): no copy
     order = torch.argsort(ids)
     return emb[order.to(emb.device)], labels[order], ids[order]
 

@@ -133,6 +133,8 @@ def _rank_worker(rank: int, args, init: str, out_dir: str) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():  # one GPU a rank (the search runs there; gloo moves the rest)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=args.ranks)
     n, w = args.sizes[0], args.ranks
     rows = (rank * n // w, (rank + 1) * n // w) if args.mode == "sharded" else None

@@ -129,3 +129,25 @@ def test_report_links_the_page(run_dir, tmp_path):
     out = sp.run([sys.executable, str(ROOT / "tools/report.py"), str(folder)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"[{PAGE}]({PAGE})" in (folder / "report.md").read_text()
+
+
+def test_synthetic_runs_get_pictures_too(tmp_path):
+    """configs/debug.yaml (synthetic images): the Validator writes the page from
+    SyntheticEvalStream.read_images, the pictures of the images it evaluated."""
+    from rskdist.build import build_eval_stream
+    from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = load_config(ROOT / "configs/debug.yaml", [
+        "model.image_size=16", "eval.synthetic_size=64", "eval.examples=5",
+        "model.backbone_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}"])
+    stream = build_eval_stream(cfg, split="test", rank=0, world_size=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images, _, index = next(iter(stream))
+    shown = stream.read_images(index[:3].tolist())
+    assert shown.dtype == torch.uint8 and shown.shape == (3, 3, 16, 16)
+    want = (images[:3] * 0.25 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert torch.equal(shown, want)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False)
+    Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=model.mean, std=model.std,
+              steps_per_epoch=1, run_dir=tmp_path).evaluate(model, torch.float32)
+    assert (tmp_path / PAGE).read_text().count("<tr>") == 5

@@ -84,7 +84,7 @@ class Trainer:
                              loggers=cfg.run.loggers)
         self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
                                    device=ctx.device, mean=model.mean, std=model.std,
-                                   steps_per_epoch=self.steps_per_epoch)
+                                   steps_per_epoch=self.steps_per_epoch, run_dir=ctx.run_dir)
         # Watches the first steps of a fresh run only (a resumed run is past them); its
         # thresholds are RS@k's (a loss in [0, 1]), so baselines are not checked.
         self.saturation = (SaturationCheck(cfg.loss.saturation_steps, cfg.data.global_batch)

@@ -4,8 +4,10 @@ Each evaluation covers every held-out split of the run (rskdist.eval.evaluated_s
 the validation classes when data.val_classes is set, then each of data.test_splits, every
 metric named after its split (rskdist.eval.split_metric). The first split picks `best`.
 Every rank embeds its share of a split and ranks its share of the queries
-(rskdist.eval.evaluate_model), so no rank waits in a collective while another searches
-alone; every rank gets the same metrics and keeps the same best-tracker. Rank 0's verdict
+(rskdist.eval.evaluate_model; above eval.shard_above images each rank keeps only its
+shard), so no rank waits in a collective while another searches alone; every rank gets
+the same metrics and keeps the same best-tracker. Rank 0 writes RUN/examples.html (the
+first split's retrievals as pictures) after the split's collectives. Rank 0's verdict
 on a new best is broadcast so that every rank takes part in saving it.
 """
 
@@ -18,13 +20,22 @@ import torch
 from rskdist.build import CastInputs, build_eval_stream
 from rskdist.comm import broadcast_flag
 from rskdist.config import Config
-from rskdist.eval import EMA_PREFIX, BestTracker, default_ks, evaluate_model, evaluated_splits, split_metric
+from rskdist.eval import (
+    EMA_PREFIX,
+    BestTracker,
+    default_ks,
+    evaluate_model,
+    evaluated_splits,
+    split_metric,
+    write_examples,
+)
 
 
 class Validator:
     def __init__(self, cfg: Config, *, rank: int, world_size: int, group, device: torch.device, mean, std,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, run_dir=None):
         self.cfg, self.rank, self.world_size, self.group, self.device = cfg, rank, world_size, group, device
+        self.run_dir = run_dir  # examples.html goes here (None: not written)
         self.mean, self.std = tuple(mean), tuple(std)
         self.ks = tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)
         every = cfg.eval.every_epochs
@@ -44,21 +55,28 @@ class Validator:
         with a weight average (rskdist/parallel/ema.py) the same again for the averaged
         weights, prefixed "ema/"."""
         t0 = time.perf_counter()
-        metrics = self._evaluate_splits(engine, input_dtype)
+        metrics = self._evaluate_splits(engine, input_dtype, pictures=True)
         if ema is not None:
             with ema.swapped():
                 metrics.update({f"{EMA_PREFIX}{k}": v for k, v in self._evaluate_splits(engine, input_dtype).items()})
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         return metrics
 
-    def _evaluate_splits(self, engine, input_dtype: torch.dtype) -> dict:
+    def _evaluate_splits(self, engine, input_dtype: torch.dtype, pictures: bool = False) -> dict:
         metrics = {}
         for split in self.splits:
             stream = build_eval_stream(self.cfg, split=split, rank=self.rank, world_size=self.world_size,
                                        mean=self.mean, std=self.std)
+            # The first split's retrievals as pictures (the one that picks `best`).
+            count = self.cfg.eval.examples if pictures and split == self.splits[0] and self.run_dir else 0
             try:
-                result = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, rank=self.rank,
-                                        world_size=self.world_size, group=self.group, ks=self.ks)
+                result = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, group=self.group,
+                                        ks=self.ks, shard_above=self.cfg.eval.shard_above, examples=count)
+                if count:
+                    result, examples = result
+                    if self.rank == 0:  # rank 0 alone, after the collectives: a few image reads
+                        write_examples(self.run_dir, examples, result, stream.read_images,
+                                       title=f"{self.run_dir.name}: split {split}")
             finally:
                 # Stop its workers now: left to the garbage collector, the stream's worker handles
                 # would be inherited by the next workers forked (the training loader's, the next

@@ -239,7 +239,7 @@ def _eval_worker(rank, world_size, init_method, root, out_dir):
                                    num_workers=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BadSampleWarning)
-            emb, lab, n = embed_dataset(_model(), loader, device="cpu", rank=rank, world_size=world_size,
+            emb, lab, n = embed_dataset(_model(), loader, device="cpu", group=dist.group.WORLD,
                                         return_num_unreadable=True)
         torch.save({"emb": emb, "lab": lab, "n": n}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -98,6 +98,7 @@ def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypa
         argv = ["--checkpoint", str(tmp_path / "run"), "--config", str(ROOT / "configs/debug.yaml"), "--ks", "1", "2",
                 "--backend", "torch", "--save-embeddings", str(tmp_path / f"{name}.pt")]
         argv += [f"--override={o}" for o in common + [f"data.root={root}"]]
+        argv += ["--examples", str(tmp_path / f"{name}_pictures")]
         return evaluate.main(argv), load_embeddings(str(tmp_path / f"{name}.pt"))
 
     with pytest.warns(UserWarning, match="1 unreadable evaluation image"):
@@ -105,6 +106,8 @@ def test_checkpoint_evaluation_reports_unreadable_test_images(tmp_path, monkeypa
     want, (emb, lab) = evaluate_shards(clean, "clean")
     assert "num_unreadable_images" not in want["results"] and len(lab) == 12
     assert got["results"]["num_unreadable_images"] == 1
+    page = (tmp_path / "clean_pictures" / "examples.html").read_text()
+    assert page.count("<tr>") == 12 and len(list((tmp_path / "clean_pictures" / "examples").iterdir())) == 12
     keep = [i for i in range(len(lab)) if i != 2]  # the stream keeps the split's order
     torch.testing.assert_close(torch.as_tensor(emb_bad), torch.as_tensor(emb)[keep])
     expected = retrieval_metrics(torch.as_tensor(emb)[keep], torch.as_tensor(lab)[keep], ks=(1, 2), backend="torch")

@@ -84,9 +84,8 @@ def _worker(rank, world_size, init_method, out_dir):
         batches = shard_batches(rank, world_size)
         if world_size == 3:  # the last rank has no batch at all; rank 0 takes its share
             batches = [] if rank == 2 else batches + (shard_batches(2, 3) if rank == 0 else [])
-        emb, lab = embed_dataset(make_model(), batches, device="cpu", rank=rank, world_size=world_size)
-        metrics = evaluate_model(make_model(), batches, device="cpu", rank=rank, world_size=world_size,
-                                 backend="torch")
+        emb, lab = embed_dataset(make_model(), batches, device="cpu", group=dist.group.WORLD)
+        metrics = evaluate_model(make_model(), batches, device="cpu", group=dist.group.WORLD, backend="torch")
         torch.save({"emb": emb, "lab": lab, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -13,6 +13,7 @@ optionally a separate ``--gallery`` file for query-vs-gallery).
     python tools/evaluate.py --embeddings test_emb.npz --dataset inat --out results.json
     python tools/evaluate.py --embeddings q.pt --gallery g.pt --ks 1 10 100
     python tools/evaluate.py --embeddings e.pt --history runs/x/eval.jsonl --step 1200
+    python tools/evaluate.py --checkpoint runs/demo --tag best --examples runs/demo/best_examples   # + pictures
 
 Prints a table, writes JSON (``--out``), and with ``--history`` appends the result to a
 JSON-lines history and reports whether it is the best so far by ``--best-metric``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config override, e.g. --override data.root=/data/shards/cub (repeatable)")
     src.add_argument("--split", help="with --checkpoint: evaluate this split only (default: every split of the "
                                      "config: 'val' with data.val_classes, then data.test_splits)")
+    src.add_argument("--examples", metavar="DIR",
+                     help="with --checkpoint: also write DIR/examples.html, the first split's retrievals as pictures "
+                          "(24 queries, thumbnails in DIR/examples/)")
     src.add_argument("--save-embeddings", help="with --checkpoint: also write the embeddings here (.pt/.npz); with "
                                                "several splits, one file per split, named NAME.<split>.pt")
     m = p.add_argument_group("metrics")
@@ -108,7 +111,7 @@ def embed_checkpoint(args, cfg) -> dict[str, dict]:
     from pathlib import Path
 
     from rskdist.build import build_eval_stream, load_trained_model
-    from rskdist.eval import embed_dataset, evaluated_splits, save_embeddings
+    from rskdist.eval import embed_local, evaluated_splits, gather_embedded, save_embeddings
 
     # The architecture the run recorded (model.json), not the config's: a weights file may
     # have decided part of it (open_clip QuickGELU, mean/std), and it is not needed here.
@@ -121,10 +124,12 @@ def embed_checkpoint(args, cfg) -> dict[str, dict]:
     for split in splits:
         stream = build_eval_stream(cfg, split=split, rank=0, world_size=1, mean=model.mean, std=model.std)
         try:
-            emb, labels, num_unreadable = embed_dataset(model, stream, device=device, return_num_unreadable=True)
+            emb, labels, ids, num_unreadable = gather_embedded(*embed_local(model, stream, device=device), group=None)
         finally:
             stream.close()
-        sets[split] = {"embeddings": emb, "labels": labels, "num_unreadable": num_unreadable}
+        # ids and read_images: for the pictures of --examples (reads by index work after close).
+        sets[split] = {"embeddings": emb, "labels": labels, "num_unreadable": num_unreadable, "ids": ids,
+                       "read_images": stream.read_images}
         if args.save_embeddings:
             path = Path(args.save_embeddings)
             save_embeddings(path if len(splits) == 1 else path.with_name(f"{path.stem}.{split}{path.suffix}"),
@@ -150,6 +155,16 @@ def compute(inputs: dict, *, ks, metrics, backend, device=None) -> dict:
             inputs["embeddings"], inputs["labels"], inputs["gallery_embeddings"], inputs["gallery_labels"], **kw
         )
     return retrieval_metrics(inputs["embeddings"], inputs["labels"], **kw)
+
+
+def write_pictures(args, split: str, inputs: dict, metrics: dict) -> None:
+    from rskdist.eval import find_examples, write_examples
+
+    t0 = time.perf_counter()
+    examples = find_examples(inputs["embeddings"], inputs["labels"], inputs["ids"], backend=args.backend,
+                             device=args.device)
+    path = write_examples(args.examples, examples, metrics, inputs["read_images"], title=f"{args.checkpoint}: {split}")
+    print(f"wrote {path} ({len(examples)} queries, {time.perf_counter() - t0:.2f} s)")
 
 
 def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespace], tuple] | None = None) -> dict:
@@ -185,6 +200,8 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
         named = f"{split}: " if len(sets) > 1 or split != "test" else ""
         print(format_metrics_table(split_results, title=f"{named}{n} x {d} embeddings, {took:.1f} s"))
         results.update({split_metric(split, name): value for name, value in split_results.items()})
+        if args.examples and "ids" in inputs and split == next(iter(sets)):
+            write_pictures(args, split, inputs, split_results)
 
     record = {"results": results, "splits": list(sets), "ks": list(ks), "backend": args.backend, "seconds": seconds,
               "embeddings": args.embeddings, "gallery": args.gallery, "checkpoint": args.checkpoint, "tag": args.tag}
@@ -203,4 +220,3 @@ def main(argv: Sequence[str] | None = None, embed_fn: Callable[[argparse.Namespa
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -6,6 +6,7 @@
 Reads RUN/metrics.jsonl (train and eval records), RUN/config.yaml and RUN/env.json.
 Every evaluated split is plotted and tabulated (the test split's metrics as eval/recall@1,
 others as eval/<split>/recall@1); the best line names the metric that picked checkpoints/best.
+The report links RUN/examples.html (the last evaluation's retrievals as pictures) when the run has one.
 Both files are added to the run's tracked runs (run.loggers, RUN/trackers.json; docs/tracking.md).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from rskdist.eval.examples import FOLDER, PAGE
 from rskdist.eval.tracking import evaluated_splits, split_metric
 from rskdist.runlog import read_records
 
@@ -117,6 +119,9 @@ def report(run_dir: Path) -> str:
         for r in evals:
             lines.append(f"| {r['step']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         lines += ["", "![Recall@k and loss](recall.png)", ""]
+    if (run_dir / PAGE).is_file():  # written by the last evaluation (rskdist/eval/examples.py)
+        lines += [f"Retrievals of the last evaluation as pictures: [{PAGE}]({PAGE}) "
+                  f"(thumbnails in {FOLDER}/; copy both together).", ""]
     text = "\n".join(lines)
     (run_dir / "report.md").write_text(text)
     return text

@@ -169,6 +169,9 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ValueError(f"config: {key} must be >= 1, got {value}")
+    if cfg.eval.shard_above < -1 or cfg.eval.examples < 0:
+        raise ValueError(f"config: eval.shard_above must be >= -1 (-1: never shard) and eval.examples >= 0; got "
+                         f"{cfg.eval.shard_above} and {cfg.eval.examples}")
     if d.m < 2:
         raise ValueError(f"config: data.m={d.m}: RS@k needs at least 2 images per class in a batch")
     if d.global_batch % (world_size * d.m):

@@ -126,6 +126,8 @@ class EvalConfig:
     best_metric: str = "recall@1"  # metric that picks the best checkpoint: recall@<k> for an evaluated k, map@r or r_precision
     save_best: bool = True  # save a checkpoint at each new best evaluation (kept out of pruning; checkpoints/best names it)
     synthetic_size: int = 256  # source=synthetic: test images
+    shard_above: int = 1_000_000  # above this many images a split's embeddings stay sharded over the ranks (each holds 1/W; exact, same metrics; docs/evaluation.md); 0: always, -1: never (every rank holds all)
+    examples: int = 24  # queries shown with their 8 nearest neighbours in RUN/examples.html at each evaluation (0: no page)
 
 
 @dataclass

@@ -396,6 +396,13 @@ class EvalLoader(_ChunkedLoader):
     def classes(self) -> list[str]:
         return self.table.classes
 
+    def read_images(self, indices) -> torch.Tensor:
+        """uint8 (n, 3, S, S) images of these sample indices (any rank's), as evaluated,
+        before normalisation; an unreadable one stays black. For a few images (pictures
+        of retrievals): read here, in this process."""
+        images, _ = self._dataset[(np.asarray(indices, dtype=np.int64), None, 0, None)]
+        return images
+
 
 def _substitute_outcome(event: dict) -> str:
     if event["substitute"] < 0:

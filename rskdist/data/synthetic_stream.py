@@ -103,6 +103,16 @@ class SyntheticEvalStream:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.image_size, self.seed, self.noise = image_size, seed, noise
 
+    def _image(self, i: int) -> torch.Tensor:
+        # Each image is a function of its index alone: the set is the same for any world size.
+        return _render(self.patterns[self._pattern_of[i : i + 1]], self.image_size, self.noise,
+                       torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * i + self._noise_salt))
+
+    def read_images(self, indices) -> torch.Tensor:
+        """uint8 (n, 3, S, S) pictures of these images (the rendered values shown as colours)."""
+        images = torch.cat([self._image(int(i)) for i in indices]) if len(indices) else torch.zeros(0, 3, 1, 1)
+        return (images * 0.25 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         total = self.labels.numel()
         per_rank = -(-total // self.world_size)
@@ -111,12 +121,7 @@ class SyntheticEvalStream:
             index = torch.arange(self.batch_size) + self.rank * per_rank + s * self.batch_size
             index[(index >= total) | (index >= (self.rank + 1) * per_rank)] = -1
             valid = index.clamp(min=0)
-            # Each image is a function of its index alone: the set is the same for any world size.
-            images = torch.cat([
-                _render(self.patterns[self._pattern_of[i : i + 1]], self.image_size, self.noise,
-                        torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * i + self._noise_salt))
-                for i in valid.tolist()
-            ])
+            images = torch.cat([self._image(i) for i in valid.tolist()])
             yield images, self.labels[valid], index
 
     def close(self) -> None:

@@ -15,10 +15,12 @@ ties broken by lower gallery index, identical for every backend; queries whose k
 neighbour lies in a near-tie cluster larger than ``max_tie_cluster`` are exact only
 down to that cluster and counted in ``num_tie_capped_queries``).
 
-With ``world_size > 1`` every rank passes the same full set, ranks its share of the
-queries, and the per-query values are summed over ``group``; each per-query value is
+With a ``group`` of W > 1 ranks every rank passes the same full set, ranks its share of
+the queries, and the per-query values are summed over ``group``; each per-query value is
 computed by one rank in a fixed order and the means are exactly rounded sums
 (``math.fsum``), so every rank returns the single-process dict, bit for bit.
+``group=None`` is this process alone (rskdist.comm). rskdist.eval.sharded computes the
+same dict when each rank holds only its part of the gallery.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
-from rskdist.comm import comm_device
+from rskdist.comm import comm_device, group_rank_and_size
 from rskdist.eval.neighbors import (
     MAX_TIE_CLUSTER,
     ExactSearch,
@@ -96,62 +99,90 @@ def _encode_labels(*label_sets) -> list[torch.Tensor]:
     return out
 
 
-def _check_world(rank: int, world_size: int, group) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
-    if world_size == 1:
-        return
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            f"world_size={world_size} needs an initialised torch.distributed process group; "
-            f"call with world_size=1 (the default) for a single process"
-        )
-    if dist.get_world_size(group) != world_size:
-        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} ranks")
-
-
-def _sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+def _sum_over_ranks(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """all_reduce(SUM) from the device the group's backend needs (NCCL: CUDA, else CPU)."""
-    group = dist.group.WORLD if group is None else group
     cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else x.device
     y = x.to(comm_device(group, cuda))
     dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
     return y.to(x.device)
 
 
-def _metrics_from_search(
-    search: ExactSearch,
-    q_labels: torch.Tensor,
-    g_labels: torch.Tensor,
-    num_relevant: torch.Tensor,
-    ks: tuple[int, ...],
-    metrics: tuple[str, ...],
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    group=None,
-) -> dict[str, float | int]:
+def metric_names(ks: tuple[int, ...], metrics: tuple[str, ...]) -> list[str]:
+    """The output keys of the requested metrics, in the order the dict holds them."""
+    names = [f"recall@{k}" for k in ks] if "recall" in metrics else []
+    return names + [name for name, m in (("map@r", "map_at_r"), ("r_precision", "r_precision")) if m in metrics]
+
+
+def neighbours_needed(num_relevant: torch.Tensor, ks: tuple[int, ...], metrics: tuple[str, ...],
+                      num_available: int) -> torch.Tensor:
+    """(N_q,) int64: how many leading neighbours of each query must be exact; 0 for the
+    queries that do not count (R == 0). Recall needs max(ks) (all candidates at most),
+    MAP@R and R-precision need R."""
+    k_need = torch.full_like(num_relevant, min(max(ks), num_available) if "recall" in metrics else 0)
+    if "map_at_r" in metrics or "r_precision" in metrics:
+        k_need = torch.maximum(k_need, num_relevant)
+    return torch.where(num_relevant > 0, k_need, torch.zeros_like(k_need))
+
+
+def write_query_values(per_query: torch.Tensor, names: list[str], qi: torch.Tensor, rel_bk: torch.Tensor,
+                       R: torch.Tensor, ks: tuple[int, ...]) -> None:
+    """Each query's metric values into column ``qi`` of ``per_query`` (metrics, N_q) float64.
+
+    ``rel_bk`` (B, K) says which of the exactly ranked neighbours are relevant; only the
+    first k_need columns of a row are read, so any K >= k_need gives the same values.
+    """
+    row = {name: i for i, name in enumerate(names)}
+    K = rel_bk.shape[1]
+    for k in ks:
+        if f"recall@{k}" in row:
+            per_query[row[f"recall@{k}"], qi] = rel_bk[:, : min(k, K)].any(dim=1).double()
+    if "map@r" not in row and "r_precision" not in row:
+        return
+    ranks = torch.arange(1, K + 1, device=rel_bk.device, dtype=torch.float64)  # (K,)
+    rel_r = rel_bk & (ranks.unsqueeze(0) <= R.unsqueeze(1))  # relevant and within top R
+    hits = rel_r.cumsum(dim=1, dtype=torch.float64)  # (B, K) relevant so far (integers)
+    at_r = (R - 1).unsqueeze(1)  # (B, 1) column of rank R; K >= R
+    if "map@r" in row:
+        # A cumulative sum read at column R-1 adds the same terms in the same order
+        # whatever K the chunk fetched.
+        ap = ((hits / ranks) * rel_r).cumsum(dim=1)
+        per_query[row["map@r"], qi] = ap.gather(1, at_r).squeeze(1) / R.double()
+    if "r_precision" in row:
+        per_query[row["r_precision"], qi] = hits.gather(1, at_r).squeeze(1) / R.double()
+
+
+def metrics_dict(names: list[str], sums: list[float], num_valid: int, num_excluded: int, num_capped: int,
+                 max_tie_cluster: int | None, warn: bool) -> dict[str, float | int]:
+    """Means of exactly rounded per-query sums, and the query counts; ``warn`` on rank 0."""
+    if warn:
+        if num_valid == 0:
+            warnings.warn("no query has a relevant item (all classes are singletons): metrics are NaN", stacklevel=4)
+        warn_if_tie_capped(num_capped, num_valid, max_tie_cluster)
+    out: dict[str, float | int] = {n: s / num_valid if num_valid else math.nan for n, s in zip(names, sums)}
+    out["num_queries"] = num_valid
+    out["num_excluded_queries"] = num_excluded
+    out["num_tie_capped_queries"] = num_capped
+    return out
+
+
+def _metrics_from_search(search: ExactSearch, q_labels: torch.Tensor, g_labels: torch.Tensor,
+                         num_relevant: torch.Tensor, ks: tuple[int, ...], metrics: tuple[str, ...],
+                         group: ProcessGroup | None) -> dict[str, float | int]:
     """Per-query metric values over exact ranked chunks, summed over ranks. Labels are
-    int64 on CPU; with ``world_size > 1`` this rank ranks queries rank, rank + W, ..."""
-    n_avail = search.num_available
+    int64 on CPU; in a group of W ranks this rank ranks queries rank, rank + W, ..."""
+    rank, world = group_rank_and_size(group)
     num_q = num_relevant.numel()
     valid = num_relevant > 0
-    need_r = "map_at_r" in metrics or "r_precision" in metrics
-    k_need = torch.full_like(num_relevant, min(max(ks), n_avail) if "recall" in metrics else 0)
-    if need_r:
-        k_need = torch.maximum(k_need, num_relevant)
-    k_need = torch.where(valid, k_need, torch.zeros_like(k_need))
+    k_need = neighbours_needed(num_relevant, ks, metrics, search.num_available)
     if rank == 0:
         warn_if_costly(int(k_need.max()) if k_need.numel() else 0, int(valid.sum()))
-    if world_size > 1:
+    if world > 1:
         # Strided shares: class-sorted or shuffled sets alike give every rank a similar
         # mix of class sizes, hence of k_need and of work.
-        mine = torch.arange(num_q) % world_size == rank
+        mine = torch.arange(num_q) % world == rank
         k_need = torch.where(mine, k_need, torch.zeros_like(k_need))
 
-    names = [f"recall@{k}" for k in ks] if "recall" in metrics else []
-    names += [name for name, m in (("map@r", "map_at_r"), ("r_precision", "r_precision")) if m in metrics]
-    row = {name: i for i, name in enumerate(names)}
+    names = metric_names(ks, metrics)
     dev = search.queries.device
     q_labels, g_labels, num_relevant = q_labels.to(dev), g_labels.to(dev), num_relevant.to(dev)
     # (metrics, N_q) float64: each query's value is written by one rank only, so the
@@ -159,42 +190,23 @@ def _metrics_from_search(
     per_query = torch.zeros(len(names), num_q, dtype=torch.float64, device=dev)
     for part in search.ranked(k_need):
         qi = part.query_idx
-        R = num_relevant[qi]  # (B,) >= 1
-        K = part.ids.shape[1]
         rel_bk = g_labels[part.ids] == q_labels[qi].unsqueeze(1)  # (B, K)
-        if "recall" in metrics:
-            for k in ks:
-                per_query[row[f"recall@{k}"], qi] = rel_bk[:, : min(k, K)].any(dim=1).double()
-        if need_r:
-            ranks = torch.arange(1, K + 1, device=dev, dtype=torch.float64)  # (K,)
-            rel_r = rel_bk & (ranks.unsqueeze(0) <= R.unsqueeze(1))  # relevant and within top R
-            hits = rel_r.cumsum(dim=1, dtype=torch.float64)  # (B, K) relevant so far (integers)
-            at_r = (R - 1).unsqueeze(1)  # (B, 1) column of rank R; K >= R
-            R64 = R.double()
-            if "map_at_r" in metrics:
-                # A cumulative sum read at column R-1 adds the same terms in the same
-                # order whatever K the chunk fetched.
-                ap = ((hits / ranks) * rel_r).cumsum(dim=1)
-                per_query[row["map@r"], qi] = ap.gather(1, at_r).squeeze(1) / R64
-            if "r_precision" in metrics:
-                per_query[row["r_precision"], qi] = hits.gather(1, at_r).squeeze(1) / R64
+        write_query_values(per_query, names, qi, rel_bk, num_relevant[qi], ks)
 
     num_capped = torch.tensor([float(search.num_capped)], dtype=torch.float64, device=dev)
-    if world_size > 1:
+    if world > 1:
         packed = _sum_over_ranks(torch.cat([per_query.flatten(), num_capped]), group)
         per_query, num_capped = packed[:-1].view(len(names), num_q), packed[-1:]
-    num_capped = int(num_capped.item())
-    num_valid = int(valid.sum())
-    if rank == 0:
-        if num_valid == 0:
-            warnings.warn("no query has a relevant item (all classes are singletons): metrics are NaN", stacklevel=3)
-        warn_if_tie_capped(num_capped, num_valid, search.max_tie_cluster)
     sums = [math.fsum(values) for values in per_query.cpu().tolist()]
-    out: dict[str, float | int] = {n: sums[i] / num_valid if num_valid else math.nan for n, i in row.items()}
-    out["num_queries"] = num_valid
-    out["num_excluded_queries"] = int((~valid).sum())
-    out["num_tie_capped_queries"] = num_capped
-    return out
+    return metrics_dict(names, sums, int(valid.sum()), int((~valid).sum()), int(num_capped.item()),
+                        search.max_tie_cluster, warn=rank == 0)
+
+
+def check_request(ks: Sequence[int], metrics: Sequence[str], backend: str, device, *tensors):
+    """The checked ks and metrics, the concrete backend and the work device."""
+    ks, metrics = _check_ks(ks), _check_metrics(metrics)
+    requested, backend = backend, resolve_backend(backend)
+    return ks, metrics, backend, work_device(requested, backend, device, *tensors)
 
 
 def retrieval_metrics(
@@ -207,9 +219,7 @@ def retrieval_metrics(
     device: str | torch.device | None = None,
     max_candidates: int = 1 << 22,
     max_tie_cluster: int | None = MAX_TIE_CLUSTER,
-    rank: int = 0,
-    world_size: int = 1,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> dict[str, float | int]:
     """Leave-one-out retrieval metrics: each sample queries all the others by inner product.
 
@@ -222,14 +232,12 @@ def retrieval_metrics(
     else torch), faiss, faiss_cpu, faiss_gpu or torch; ``max_candidates`` bounds the
     number of (query, neighbour) pairs held at once.
 
-    Distributed: with ``world_size > 1``, every rank of ``group`` calls this with the
-    same embeddings and labels, ranks 1/world_size of the queries, and gets the same
-    dict, equal to the single-process one. Warnings come from rank 0 only.
+    Distributed: every rank of ``group`` calls this with the same embeddings and labels,
+    ranks 1/W of the queries, and gets the same dict, equal to the single-process one
+    (``group=None``: this process alone). Warnings come from rank 0 only. A gallery too
+    large for every rank to hold: rskdist.eval.sharded.
     """
-    _check_world(rank, world_size, group)
-    ks, metrics = _check_ks(ks), _check_metrics(metrics)
-    requested, backend = backend, resolve_backend(backend)
-    dev = work_device(requested, backend, device, embeddings)
+    ks, metrics, backend, dev = check_request(ks, metrics, backend, device, embeddings)
     emb = as_float32_matrix(embeddings, "embeddings").to(dev)
     (lab,) = _encode_labels(labels)
     if lab.numel() != emb.shape[0]:
@@ -237,18 +245,10 @@ def retrieval_metrics(
     num_relevant = torch.bincount(lab)[lab] - 1  # other samples of the same class
     lab_dev = lab.to(dev)
     search = ExactSearch(
-        emb,
-        emb,
-        backend=backend,
-        self_index=torch.arange(emb.shape[0], device=dev),
-        max_candidates=max_candidates,
-        query_labels=lab_dev,
-        gallery_labels=lab_dev,
-        max_tie_cluster=max_tie_cluster,
+        emb, emb, backend=backend, self_index=torch.arange(emb.shape[0], device=dev), max_candidates=max_candidates,
+        query_labels=lab_dev, gallery_labels=lab_dev, max_tie_cluster=max_tie_cluster,
     )
-    return _metrics_from_search(
-        search, lab, lab, num_relevant, ks, metrics, rank=rank, world_size=world_size, group=group
-    )
+    return _metrics_from_search(search, lab, lab, num_relevant, ks, metrics, group)
 
 
 def retrieval_metrics_qg(
@@ -263,9 +263,7 @@ def retrieval_metrics_qg(
     device: str | torch.device | None = None,
     max_candidates: int = 1 << 22,
     max_tie_cluster: int | None = MAX_TIE_CLUSTER,
-    rank: int = 0,
-    world_size: int = 1,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> dict[str, float | int]:
     """Query-vs-gallery retrieval metrics (separate query and gallery sets).
 
@@ -274,10 +272,7 @@ def retrieval_metrics_qg(
     excluded. Nothing is removed from the gallery, so a query that also sits in the
     gallery will find itself.
     """
-    _check_world(rank, world_size, group)
-    ks, metrics = _check_ks(ks), _check_metrics(metrics)
-    requested, backend = backend, resolve_backend(backend)
-    dev = work_device(requested, backend, device, query_embeddings, gallery_embeddings)
+    ks, metrics, backend, dev = check_request(ks, metrics, backend, device, query_embeddings, gallery_embeddings)
     q = as_float32_matrix(query_embeddings, "query_embeddings").to(dev)
     g = as_float32_matrix(gallery_embeddings, "gallery_embeddings").to(dev)
     if q.shape[1] != g.shape[1]:
@@ -285,16 +280,17 @@ def retrieval_metrics_qg(
     q_lab, g_lab = _encode_labels(query_labels, gallery_labels)
     if q_lab.numel() != q.shape[0] or g_lab.numel() != g.shape[0]:
         raise ValueError("the number of labels must match the number of embeddings")
-    num_codes = int(torch.cat([q_lab, g_lab]).max()) + 1 if q_lab.numel() + g_lab.numel() else 0
-    counts = torch.bincount(g_lab, minlength=num_codes)
-    num_relevant = counts[q_lab]
     search = ExactSearch(
         q, g, backend=backend, max_candidates=max_candidates, query_labels=q_lab.to(dev),
         gallery_labels=g_lab.to(dev), max_tie_cluster=max_tie_cluster,
     )
-    return _metrics_from_search(
-        search, q_lab, g_lab, num_relevant, ks, metrics, rank=rank, world_size=world_size, group=group
-    )
+    return _metrics_from_search(search, q_lab, g_lab, relevant_in_gallery(q_lab, g_lab), ks, metrics, group)
+
+
+def relevant_in_gallery(q_lab: torch.Tensor, g_lab: torch.Tensor) -> torch.Tensor:
+    """(N_q,) int64: gallery items with each query's label (label codes, CPU)."""
+    num_codes = int(torch.cat([q_lab, g_lab]).max()) + 1 if q_lab.numel() + g_lab.numel() else 0
+    return torch.bincount(g_lab, minlength=num_codes)[q_lab]
 
 
 def format_metrics_table(metrics: dict[str, float | int], title: str | None = None) -> str:

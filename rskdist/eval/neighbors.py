@@ -226,6 +226,7 @@ class _Ranked:
     query_idx: torch.Tensor  # (B,) positions in the query set
     ids: torch.Tensor  # (B, K) gallery indices in exact order; first k_need[b] are final
     scores: torch.Tensor  # (B, K) backend float32 scores in that order
+    capped: torch.Tensor  # (B,) bool: tie-capped (exact only down to the k-th item's cluster)
 
 
 class ExactSearch:
@@ -257,6 +258,7 @@ class ExactSearch:
         query_labels: torch.Tensor | None = None,
         gallery_labels: torch.Tensor | None = None,
         max_tie_cluster: int | None = MAX_TIE_CLUSTER,
+        searcher=None,
     ):
         if max_tie_cluster is not None and (isinstance(max_tie_cluster, bool) or max_tie_cluster < 1):
             raise ValueError(f"max_tie_cluster={max_tie_cluster!r} must be a positive integer or None (no cap)")
@@ -270,7 +272,8 @@ class ExactSearch:
             on_gpu = queries.device.type == "cuda"
             rescore_block_elems = RESCORE_BLOCK_ELEMS_GPU if on_gpu else RESCORE_BLOCK_ELEMS_CPU
         self.rescore_rows = max(1, rescore_block_elems // max(1, self.dim))
-        self.searcher = _make_searcher(backend, gallery, torch_block_elems)
+        # A searcher built over this gallery may be passed in and reused across query sets.
+        self.searcher = searcher if searcher is not None else _make_searcher(backend, gallery, torch_block_elems)
         # Per-query absolute error radius of a float32 score (see module docstring).
         # float32 norms are within d*u (~3e-5 relative) of the truth: inflate by 0.1%
         # rather than copying the gallery to float64.
@@ -326,6 +329,7 @@ class ExactSearch:
             if bool(ok.all()):
                 yield ranked
                 continue
+            capped = torch.zeros_like(ok)
             if cap is None:
                 # Unbounded: double the candidates until the near-tie cluster closes (at
                 # the whole gallery it does).
@@ -337,7 +341,7 @@ class ExactSearch:
                 capped = ~ok & (tie_size >= cap) if not retried else ~ok
                 self.num_capped += int(capped.sum())
                 done, next_fetch = ok | capped, k_fetch + max(k_fetch, cap)
-            yield _Ranked(ranked.query_idx[done], ranked.ids[done], ranked.scores[done])
+            yield _Ranked(ranked.query_idx[done], ranked.ids[done], ranked.scores[done], capped[done])
             again = ~done
             if bool(again.any()):
                 self.num_retries += int(again.sum())
@@ -389,16 +393,17 @@ class ExactSearch:
                 size_c = torch.zeros_like(rel).scatter_add_(1, cid, torch.ones_like(rel))
                 mixed_c = (pos_c > 0) & (pos_c < size_c)
                 tied &= torch.gather(mixed_c, 1, cid)
-            r = self._rescore(idx, ids, tied)
+            r = self.rescore(idx, ids, tied)
         else:
             r = torch.zeros(B, K, dtype=torch.float64, device=dev)
         # Final order: cluster, then exact score (desc), then gallery index (asc).
         perm = torch.argsort(ids, dim=1, stable=True)
         perm = torch.gather(perm, 1, torch.argsort(-torch.gather(r, 1, perm), dim=1, stable=True))
         perm = torch.gather(perm, 1, torch.argsort(torch.gather(cid, 1, perm), dim=1, stable=True))
-        return _Ranked(idx, torch.gather(ids, 1, perm), torch.gather(s, 1, perm)), ok, tie_size
+        capped = torch.zeros(B, dtype=torch.bool, device=dev)
+        return _Ranked(idx, torch.gather(ids, 1, perm), torch.gather(s, 1, perm), capped), ok, tie_size
 
-    def _rescore(self, idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def rescore(self, idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, K) float64: exact scores where ``mask``, 0 elsewhere."""
         r = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
         rows, cols = mask.nonzero(as_tuple=True)

@@ -228,7 +228,7 @@ def _sharded_metrics(queries, q_codes: list[torch.Tensor], num_relevant: list[to
                      max_candidates, max_tie_cluster) -> dict[str, float | int]:
     """q_codes / num_relevant: per rank, its queries' label codes and R; g_codes: the
     label code of every gallery position (dense, id order)."""
-    rank, world = g_shards.rank, g_shards.world
+    rank = g_shards.rank
     n_avail = g_shards.total - (1 if loo else 0)
     k_need = [neighbours_needed(r, ks, metrics, n_avail) for r in num_relevant]
     all_k = torch.cat(k_need)

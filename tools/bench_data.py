@@ -28,20 +28,18 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import psutil
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from rskdist.data.loader import build_train_loader  # noqa: E402
-from rskdist.data.remote import StoreReading  # noqa: E402
-from rskdist.data.shards import upload_shards  # noqa: E402
-from rskdist.store.fs import Store  # noqa: E402
-from rskdist.data.sources import list_source  # noqa: E402
-from rskdist.data.demo_images import render  # noqa: E402
-from rskdist.data.writer import write_shards  # noqa: E402
+from rskdist.data.demo_images import render
+from rskdist.data.loader import build_train_loader
+from rskdist.data.remote import StoreReading
+from rskdist.data.shards import upload_shards
+from rskdist.data.sources import list_source
+from rskdist.data.writer import write_shards
+from rskdist.store.fs import Store
 
 
 def make_photo_like_shards(out: str, num_classes: int, per_class: int, width: int, height: int) -> None:

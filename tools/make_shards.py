@@ -15,10 +15,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rskdist.data.sources import SOURCES, DataSourceError, list_source  # noqa: E402
-from rskdist.data.writer import write_shards  # noqa: E402
+from rskdist.data.sources import SOURCES, DataSourceError, list_source
+from rskdist.data.writer import write_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from rskdist.build import CastInputs, build_eval_stream
+from rskdist.build import build_eval_stream
 from rskdist.comm import broadcast_flag
 from rskdist.config import Config
 from rskdist.eval import EMA_PREFIX, BestTracker, default_ks, evaluate_model, evaluated_splits, split_metric
+from rskdist.parallel.step_parts import CastInputs
 
 
 class Validator:

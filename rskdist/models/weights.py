@@ -125,7 +125,7 @@ def _check_not_zero3(state, path: Path) -> None:
 
 def model_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The retrieval model's weights of an rskdist checkpoint's state dict. A run whose loss
-    had class proxies trained the model and the loss together (rskdist.build.TrainModule:
+    had class proxies trained the model and the loss together (rskdist.parallel.step_parts.TrainModule:
     model.*, criterion.*): its model.* part, prefix removed; any other state dict as is."""
     if any(k.startswith("criterion.") for k in state) and any(k.startswith("model.") for k in state):
         return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

@@ -135,6 +135,12 @@ def test_bad_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="impl='compiled' is not a loss backend; the available ones are auto, "
                                          "eager, native, triton"):
         make_loss("rsk", impl="compiled")
+    from rskdist.build import build_criterion
+    from rskdist.config import load_config
+
+    cfg = load_config(None, ["loss.options={impl: compiled}"])
+    with pytest.raises(ValueError, match="impl='compiled' is not a loss backend; the available ones are auto"):
+        build_criterion(cfg)
 
 
 def test_unavailable_backend_falls_back_with_a_note(monkeypatch):

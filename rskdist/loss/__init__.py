@@ -111,10 +111,10 @@ class RSkLoss(nn.Module):
     call from the global batch's labels and the call's generator.
 
     mix (checked by `make_loss`): "simix" (the plan's virtual samples are mixed inside the
-    kernel), "embedding" (the plan's mixed embeddings are materialised,
-    re-normalised and appended; across ranks every rank then computes the whole loss, see
-    rskdist/loss/mixup.py) or "none" (default: no plan is drawn). mix_per_class: virtual samples per class (None: every
-    same-class pair).
+    kernel), "embedding" (the plan's mixed embeddings are materialised, re-normalised and
+    appended; across ranks every rank then computes the whole loss, see
+    rskdist/loss/mixup.py) or "none" (default: no plan is drawn). mix_per_class: virtual
+    samples per class (None: every same-class pair).
     """
 
     lr_multiplier = 1.0  # no parameters; the attribute every loss from make_loss has

@@ -52,13 +52,11 @@ class Backend:
     buffers: int
     per_positive: bool = False
 
-    def elems(self, device_type: str) -> int:
-        return self.block_elems.get(device_type, self.block_elems["cpu"])
-
     def default_rows(self, device_type: str, num_items: int, max_pos: int) -> int:
         """Queries per block when block_size is None."""
+        elems = self.block_elems.get(device_type, self.block_elems["cpu"])
         per_row = max(num_items, 1) * (max(max_pos, 1) if self.per_positive else 1)
-        return max(1, self.elems(device_type) // per_row)
+        return max(1, elems // per_row)
 
 
 class Backends:
@@ -107,10 +105,6 @@ class Backends:
                        "kernel")
             return self.fallback
         return impl
-
-    def record(self, impl: str, device: torch.device) -> Backend:
-        """The record of the backend that runs for `impl` on `device`."""
-        return self.records[self.resolve(impl, device)]
 
     def block_fn(self, impl: str, device: torch.device) -> BlockFn:
         """The block function of a resolved backend; any but the fallback falls back to

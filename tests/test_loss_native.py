@@ -169,6 +169,20 @@ def test_build_is_cached_keyed_and_bounded(tmp_path):
         paths.append(other.library_path())
     kept = sorted(p.name for p in cache.iterdir())
     assert kept == sorted(p.name for p in paths[-native.KEEP_BUILDS:]), "the oldest builds are dropped"
+    # A kernel pruned by another process between its build and its load is built again.
+    # (A kernel this process has not loaded yet: dlopen would hand back a loaded one by name.)
+    lost, builds = native.NativeKernel(cache=cache, flags=native.FLAGS + ("-DRSK_TEST_FLAG=lost",)), []
+    path = lost.library_path()
+
+    def build_then_lose_it_once(target, real=lost.build):
+        real(target)
+        builds.append(target)
+        if len(builds) == 1:
+            target.unlink()  # what a prune by another process looks like from here
+
+    lost.build = build_then_lose_it_once
+    lost.load()
+    assert builds == [path, path] and path.exists()
 
 
 def test_unwritable_cache_builds_in_a_private_temporary(tmp_path, monkeypatch):

@@ -156,7 +156,13 @@ class NativeKernel:
                     path = Path(tempfile.gettempdir()) / f"rskdist-kernels-{os.getuid()}" / path.name
                     if not path.exists():
                         self.build(path)
-            lib = ctypes.CDLL(str(path))
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                if path.exists():
+                    raise
+                self.build(path)  # pruned by another process's build before this load: build again
+                lib = ctypes.CDLL(str(path))
             if lib.rsk_rows_abi() != ABI:
                 raise RuntimeError(f"{path} is not the kernel this rskdist calls; delete it to rebuild")
             for fn in (lib.rsk_rows_f32, lib.rsk_rows_f64):
@@ -175,7 +181,8 @@ class NativeKernel:
 
 def prune(folder: Path, *, keep: Path, newest: int = KEEP_BUILDS) -> None:
     """Delete all but the `newest` kernels (by modification time) of `folder`, never `keep`.
-    A kernel another process has loaded stays mapped; one deleted before its load is rebuilt."""
+    A kernel another process has loaded stays mapped; one deleted before its load is
+    rebuilt by `NativeKernel.load`."""
     builds = sorted(folder.glob("rsk_rows-*.so"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for old in [p for p in builds if p != keep][max(newest - 1, 0):]:
         try:

@@ -1,5 +1,8 @@
 """Builders: everything a run is made of, from a Config.
 
+Builders only: what they build is defined with its concern (the step's loss function and
+the module DeepSpeed trains in rskdist/parallel/step_parts.py, the loss in rskdist/loss/).
+
 The trainer composes these; tools (evaluation, the memory estimator) import them to
 build the same model, streams and DeepSpeed config as a training run. The model is a
 plain nn.Module (rskdist.models); DeepSpeed (ZeRO, precision, accumulation) is applied
@@ -15,10 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rskdist.comm import gather_rows
 from rskdist.config import Config, ModelConfig
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
-from rskdist.loss import simix_generator, simix_plan
+from rskdist.parallel.step_parts import StepLoss, TrainModule
 
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -256,78 +258,14 @@ def build_criterion(cfg: Config, *, num_classes: int | None = None) -> torch.nn.
     if loss.name == "rsk":
         options = dict(ks=tuple(loss.ks), tau1=loss.tau1, tau2=loss.tau2, count_self=loss.count_self,
                        block_size=loss.block_size or None, virtual_queries=loss.simix_queries, **options)
-    return make_loss(loss.name, num_classes=num_classes, embed_dim=cfg.model.embed_dim, mix=loss.mix, **options)
-
-
-class StepLoss:
-    """loss_fn(local_emb, local_labels) -> loss of the global batch, for one step.
-
-    The mix plan (SiMix or embedding mixup) is drawn from the gathered labels with a
-    generator seeded by (seed, step), so every rank builds the same plan without
-    communicating it, and a resumed run draws the same plans as an uninterrupted one.
-    A loss with parameters (class proxies) is computed by `criterion`, an fp32 copy of
-    the loss that the engine never sees, after `params_from` (the engine's loss) lends
-    it the current values: the step takes the gradient of these leaves, `param_leaves`,
-    in the loss pass and hands it to the engine's parameters in the backprop pass
-    (rskdist/parallel/step.py). Under ZeRO-3 the values are read with the partitions
-    gathered; the copy keeps the engine's hooks out of the loss pass.
-    """
-
-    def __init__(self, criterion: torch.nn.Module, loss_cfg, *, seed: int, step: int, group,
-                 params_from: torch.nn.Module | None = None):
-        self.criterion, self.cfg, self.seed, self.step, self.group = criterion, loss_cfg, seed, step, group
-        self.param_leaves: list[torch.Tensor] = list(criterion.parameters())
-        if params_from is not None and self.param_leaves:
-            from deepspeed import zero
-
-            source = list(params_from.parameters())
-            with zero.GatheredParameters(source), torch.no_grad():
-                for leaf, value in zip(self.param_leaves, source, strict=True):
-                    leaf.copy_(value)
-
-    def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        plan = None
-        if self.cfg.mix != "none":
-            all_labels, _ = gather_rows(labels, self.group)
-            pairs, alphas = simix_plan(all_labels.cpu(), per_class=self.cfg.simix_per_class or None,
-                                       generator=simix_generator(self.seed, self.step))
-            plan = (pairs.to(labels.device), alphas.to(labels.device))
-        return self.criterion(emb, labels, group=self.group, plan=plan)
+    return make_loss(loss.name, num_classes=num_classes, embed_dim=cfg.model.embed_dim, mix=loss.mix,
+                     mix_per_class=loss.simix_per_class or None, **options)
 
 
 def make_loss_fn(loss_cfg, *, seed: int, step: int, group) -> StepLoss:
-    """The step's loss function of a loss config without proxies (those need the trainer's
-    loss, whose parameters live in the engine)."""
-    return StepLoss(build_criterion(Config(loss=loss_cfg)), loss_cfg, seed=seed, step=step, group=group)
-
-
-class TrainModule(torch.nn.Module):
-    """What DeepSpeed trains when the loss has parameters: the retrieval model and the
-    loss (its class proxies), so that both are optimised, sharded and checkpointed alike.
-
-    forward(images) gives the embeddings; forward(images, param_grads) also gives
-    sum_i <p_i, g_i> over the loss's parameters, whose backward hands each p_i the
-    gradient g_i of the loss pass (rskdist/parallel/step.py). A loss without parameters
-    is not wrapped: the engine trains the model itself, as checkpoints always held it.
-    """
-
-    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, *, lr_multiplier: float,
-                 zero_stage: int = 0):
-        super().__init__()
-        self.model, self.criterion, self.lr_multiplier = model, criterion, lr_multiplier
-        if zero_stage == 3:
-            # Used in this module's forward, not the criterion's: ZeRO-3 must gather them here.
-            from deepspeed import zero
-
-            for p in criterion.parameters():
-                zero.register_external_parameter(self, p)
-
-    def forward(self, images: torch.Tensor, param_grads: list[torch.Tensor] | None = None):
-        emb = self.model(images)
-        if param_grads is None:
-            return emb
-        term = sum((p.float() * g).sum() for p, g in zip(self.criterion.parameters(), param_grads))
-        return emb, term
+    """The step's loss function (rskdist/parallel/step_parts.py) of a loss config without
+    proxies (those need the trainer's loss, whose parameters live in the engine)."""
+    return StepLoss(build_criterion(Config(loss=loss_cfg)), seed=seed, step=step, group=group)
 
 
 def trained_module(cfg: Config, model: torch.nn.Module, criterion: torch.nn.Module) -> torch.nn.Module:
@@ -409,14 +347,3 @@ def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    config=ds_config)
     return engine, scheduler, groups
-
-
-class CastInputs(torch.nn.Module):
-    """Feeds images in the engine's parameter dtype (bf16/fp16 runs)."""
-
-    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.inner, self.dtype = inner, dtype
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.inner(images.to(self.dtype)).float()

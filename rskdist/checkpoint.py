@@ -269,7 +269,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, 
 
 def load_model_state(path: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict (fp32 where the run kept fp32 master weights); a run whose
-    loss had class proxies trained model + loss (rskdist.build.TrainModule): the model's part."""
+    loss had class proxies trained model + loss (rskdist.parallel.step_parts.TrainModule): the model's part."""
     from rskdist.models.weights import model_part
 
     return model_part(_load_module_state(path, tag))

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 from rskdist.build import (
-    PRECISION_DTYPE, StepLoss, backbone_frozen_steps, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
+    PRECISION_DTYPE, backbone_frozen_steps, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
     num_train_classes, trained_module,
 )
 from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
 from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.ema import WeightEMA
+from rskdist.parallel.step_parts import StepLoss
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
 from rskdist.store.mirror import RunMirror
@@ -70,7 +71,7 @@ class Trainer:
                                                    steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
         # The average of the weights (optim.ema_decay), each rank over what it holds (parallel/ema.py).
         self.ema = WeightEMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        # The loss pass runs on an fp32 copy that the engine lends its proxies to (build.StepLoss).
+        # The loss pass runs on an fp32 copy that the engine lends its proxies to (parallel/step_parts.py, StepLoss).
         self.loss_params_from = None if module is model else self.engine.module.criterion
         self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
 
@@ -139,7 +140,7 @@ class Trainer:
         """One optimizer step (rskdist/parallel/step.py); the step count, the LR schedule,
         the data position and every seed advance together, applied update or not."""
         cfg, ctx = self.cfg, self.ctx
-        loss_fn = StepLoss(self.criterion, cfg.loss, seed=cfg.run.seed, step=self.step, group=self.group,
+        loss_fn = StepLoss(self.criterion, seed=cfg.run.seed, step=self.step, group=self.group,
                            params_from=self.loss_params_from)
         result = two_pass_step(
             self.engine, images, labels, loss_fn=loss_fn, chunk_size=cfg.data.chunk_size,
@@ -328,9 +329,10 @@ class Trainer:
 
 
 def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device: torch.device) -> None:
-    """Refuse, before the first step, a baseline whose B x B matrices cannot fit
-    (every rank computes it whole); RS@k's memory is bounded (docs/loss.md)."""
-    from rskdist.loss import check_loss_fits
+    """Refuse, before the first step, a loss call that cannot fit: a baseline's B x B
+    matrices (every rank computes it whole), RS@k's bounded buffers with the backend that
+    will run on this device (rskdist/loss/memory.py)."""
+    from rskdist.loss import BACKENDS, check_loss_fits
 
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -340,9 +342,11 @@ def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device
         import psutil
 
         available = psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    impl = BACKENDS.resolve(cfg.loss.options.get("impl", "auto"), device) if cfg.loss.name == "rsk" else "auto"
     check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
                     num_classes=num_classes, mix=cfg.loss.mix, available_bytes=available, per_class=cfg.data.m,
-                    mix_pairs_per_class=cfg.loss.simix_per_class or None, world_size=world_size)
+                    mix_pairs_per_class=cfg.loss.simix_per_class or None, world_size=world_size, impl=impl,
+                    device_type=device.type, block_size=cfg.loss.block_size or None)
 
 
 class Preempted(Exception):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rskdist.build import CastInputs, build_eval_stream
+from rskdist.build import build_eval_stream
 from rskdist.comm import broadcast_flag
 from rskdist.config import Config
 from rskdist.eval import (
@@ -29,6 +29,7 @@ from rskdist.eval import (
     split_metric,
     write_examples,
 )
+from rskdist.parallel.step_parts import CastInputs
 
 
 class Validator:

@@ -10,9 +10,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from rskdist.build import (
-    StepLoss, backbone_frozen_steps, build_optimizer, deepspeed_config, lr_lambdas, trained_module,
+    backbone_frozen_steps, build_optimizer, deepspeed_config, lr_lambdas, trained_module,
 )
 from rskdist.config import Config
+from rskdist.parallel.step_parts import StepLoss
 from rskdist.loss import make_loss
 from rskdist.models import RetrievalModel
 from test_engine_distributed import join_gloo, leave_with
@@ -94,7 +95,7 @@ def _worker(rank, world, init, out_dir, stages):
         states = []
         for step in range(FROZEN + 1):
             images, labels = _batch(step)
-            loss_fn = StepLoss(shadow, cfg.loss, seed=0, step=step, group=dist.group.WORLD,
+            loss_fn = StepLoss(shadow, seed=0, step=step, group=dist.group.WORLD,
                                params_from=engine.module.criterion)
             two_pass_step(engine, images[rows], labels[rows], loss_fn=loss_fn, chunk_size=CHUNK, world_size=world,
                           rank=rank, step=step, seed=0, group=dist.group.WORLD, loss_params=loss_fn.param_leaves)

@@ -227,22 +227,22 @@ def test_bad_options_and_mix_are_clear_errors():
 
 @pytest.mark.parametrize("impl", ["eager", "native"])
 @pytest.mark.parametrize("panel_elems", [1, 90, 400])
-def test_stream_panels_of_several_blocks(monkeypatch, panel_elems, impl):
+def test_stream_panels_of_several_blocks(panel_elems, impl):
     """Panels (one similarity product per group of blocks, whole classes where they fit:
     panel_elems 1 and 90 split the classes of ~5, 400 holds them) give the dense result,
     for the whole batch and for query subsets (a distributed rank's share)."""
     import rskdist.loss.rsk as rsk
 
-    monkeypatch.setattr(rsk, "DEFAULT_PANEL_ELEMS", panel_elems)
     emb, labels = _batch(30, 6, 6, seed=14)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
     mix = (pairs, alphas.double())
     ref_loss, ref_grad = _value_and_grad(rsk_loss, emb, labels, mix=mix, block_size=30, sim_cache_mb=256.0)
-    loss, grad = _value_and_grad(rsk_loss, emb, labels, mix=mix, block_size=2, sim_cache_mb=0.0, impl=impl)
+    kw = dict(opts=rsk.RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=2, impl=impl,
+              panel_elems=panel_elems)
+    loss, grad, _ = rsk.rsk_forward_backward(emb, labels, sim_cache_mb=0.0, **kw)  # the stream source
     torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
 
-    kw = dict(opts=rsk.RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=2, impl=impl)
     num = labels.numel() + pairs.shape[0]
     shares = (torch.cat([torch.arange(0, 13), torch.arange(30, 30 + (num - 30) // 2)]),
               torch.cat([torch.arange(13, 30), torch.arange(30 + (num - 30) // 2, num)]))

@@ -130,9 +130,9 @@ def test_embedding_mixup_equals_mixing_by_hand(name):
     torch.manual_seed(0)
     module = make_loss(name, num_classes=NUM_CLASSES, embed_dim=DIM, mix="embedding").double()
     emb, labels = _batch(seed=4)
+    # The loss draws its plan from the call's generator: the same draw as here.
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(5))
-    plan = (pairs, alphas.double())
-    value, grad, proxy_grad = _ours(module, emb, labels, plan=plan)
+    value, grad, proxy_grad = _ours(module, emb, labels, generator=torch.Generator().manual_seed(5))
 
     x = emb.clone().requires_grad_(True)
     feats, labs = _mixed_by_hand(x, labels, pairs, alphas.double())
@@ -159,12 +159,22 @@ def test_rsk_module_keeps_its_simix_form():
     plan = simix_plan(labels, generator=torch.Generator().manual_seed(7))
     plan = (plan[0], plan[1].double())
     expected = rsk_loss(emb, labels, mix=plan)
-    torch.testing.assert_close(make_loss("rsk", mix="simix")(emb, labels, plan=plan), expected, atol=1e-12, rtol=0)
-    torch.testing.assert_close(RSkLoss()(emb, labels, plan=plan), expected, atol=1e-12, rtol=0)
+
+    def seven():
+        return torch.Generator().manual_seed(7)
+
+    torch.testing.assert_close(make_loss("rsk", mix="simix")(emb, labels, generator=seven()), expected, atol=1e-12,
+                               rtol=0)
+    torch.testing.assert_close(RSkLoss(mix="simix")(emb, labels, generator=seven()), expected, atol=1e-12, rtol=0)
+    # Two pairs per class: the loss draws simix_plan(per_class=2) from its labels.
+    fewer = simix_plan(labels, per_class=2, generator=seven())
+    torch.testing.assert_close(make_loss("rsk", mix="simix", mix_per_class=2)(emb, labels, generator=seven()),
+                               rsk_loss(emb, labels, mix=fewer), atol=1e-12, rtol=0)
     torch.testing.assert_close(make_loss("rsk", ks=(1, 2))(emb, labels), rsk_loss(emb, labels, ks=(1, 2)),
                                atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="plan="):
-        RSkLoss()(emb, labels, plan)  # the old positional `mix`
+    for third in (plan, seven()):  # a plan or a generator where the group goes
+        with pytest.raises(ValueError, match="third argument is the process group.*generator="):
+            RSkLoss()(emb, labels, third)
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
@@ -189,10 +199,14 @@ def test_bad_input_names_the_problem_and_the_fix():
         with pytest.raises(ValueError, match="needs embed_dim"):
             make_loss(name, num_classes=3)
     emb, labels = _batch()
-    plan = simix_plan(labels, generator=torch.Generator().manual_seed(0))
     for name in ("contrastive", "rsk"):
-        with pytest.raises(ValueError, match="mix=none but got a mix plan"):
-            make_loss(name)(emb, labels, plan=plan)
+        with pytest.raises(ValueError, match="third argument is the process group"):
+            make_loss(name)(emb, labels, simix_plan(labels))
+        # mix=none draws no plan: a generator changes nothing.
+        torch.testing.assert_close(make_loss(name)(emb, labels, generator=torch.Generator().manual_seed(0)),
+                                   make_loss(name)(emb, labels), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="simix_per_class must be a non-negative integer"):
+        make_loss("rsk", mix="simix", mix_per_class=-1)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         make_loss("arcface", num_classes=3, embed_dim=DIM).double()(emb, labels)
     with pytest.raises(ValueError, match=r"same number of samples.*class sizes \[3, 4\]"):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.loss import LOSS_NAMES, make_loss, simix_plan
+from rskdist.loss import LOSS_NAMES, make_loss
 
 pytestmark = pytest.mark.distributed
 
@@ -24,15 +24,15 @@ def _global_batch():
     num = NUM_CLASSES * 4
     emb = torch.nn.functional.normalize(torch.randn(num, DIM, generator=gen, dtype=torch.float64), dim=1)
     labels = (torch.arange(num) // 4)[torch.randperm(num, generator=gen)]
-    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(1))
-    return emb, labels, (pairs, alphas.double())
+    return emb, labels
 
 
-def _run(name, mix, emb, labels, plan, group):
+def _run(name, mix, emb, labels, group):
     torch.manual_seed(2)  # same proxies everywhere
     module = make_loss(name, num_classes=NUM_CLASSES, embed_dim=DIM, mix=mix).double()
     x = emb.clone().requires_grad_(True)
-    loss = module(x, labels, group=group, plan=plan if mix != "none" else None)
+    # The loss draws its plan from the global labels: the same generator on every rank.
+    loss = module(x, labels, group=group, generator=torch.Generator().manual_seed(1))
     loss.backward()
     proxy_grad = module.proxies.grad if hasattr(module, "proxies") else None
     return loss.detach(), x.grad, proxy_grad
@@ -41,9 +41,9 @@ def _run(name, mix, emb, labels, plan, group):
 def _worker(rank, world, init, sizes, result_dir):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        emb, labels, plan = _global_batch()
+        emb, labels = _global_batch()
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        out = {case: _run(*case, emb[rows], labels[rows], plan, dist.group.WORLD) for case in CASES}
+        out = {case: _run(*case, emb[rows], labels[rows], dist.group.WORLD) for case in CASES}
         torch.save(out, os.path.join(result_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -55,10 +55,10 @@ def _worker(rank, world, init, sizes, result_dir):
 def test_every_loss_matches_single_process(tmp_path, sizes):
     world = len(sizes)
     mp.spawn(_worker, args=(world, f"file://{tmp_path / 'rdzv'}", sizes, str(tmp_path)), nprocs=world, join=True)
-    emb, labels, plan = _global_batch()
+    emb, labels = _global_batch()
     outs = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     for case in CASES:
-        ref_loss, ref_grad, ref_proxy_grad = _run(*case, emb, labels, plan, None)
+        ref_loss, ref_grad, ref_proxy_grad = _run(*case, emb, labels, None)
         tol = 1e-6 if case[0] == "smooth_ap" else 1e-10  # PML's Smooth-AP sums in float32
         for rank, out in enumerate(outs):
             loss, grad, proxy_grad = out[case]

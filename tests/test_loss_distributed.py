@@ -119,3 +119,61 @@ def test_group_none_is_local_inside_a_process_group(tmp_path):
             torch.testing.assert_close(out[name][1], xr.grad, atol=1e-10, rtol=0, msg=f"{name} rank {rank}")
         torch.testing.assert_close(out["world"][0], ref_global.detach(), atol=1e-10, rtol=0)
         torch.testing.assert_close(out["world"][1], x.grad[rows], atol=1e-10, rtol=0)
+
+
+def _step_loss_worker(rank, world, init, result_dir):
+    """The step's loss function (StepLoss over make_loss, which draws its own plan) with the
+    world group, counting the all-gathers it makes with SiMix and without."""
+    from rskdist.build import make_loss_fn
+    from rskdist.config.schema import LossConfig
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    calls = []
+    all_gather = dist.all_gather
+
+    def counted(*args, **kwargs):  # instrumentation only: the real collective runs
+        calls.append(1)
+        return all_gather(*args, **kwargs)
+
+    try:
+        emb, labels = _global_batch([10] * world, seed=6)
+        rows = slice(10 * rank, 10 * (rank + 1))
+        out = {}
+        dist.all_gather = counted
+        for mix in ("simix", "none", "embedding"):
+            fn = make_loss_fn(LossConfig(mix=mix), seed=2, step=7, group=dist.group.WORLD)
+            x = emb[rows].clone().requires_grad_(True)
+            calls.clear()
+            loss = fn(x, labels[rows])
+            loss.backward()
+            out[mix] = (loss.detach(), x.grad, len(calls))
+        torch.save(out, os.path.join(result_dir, f"step{rank}.pt"))
+    finally:
+        dist.all_gather = all_gather
+        dist.destroy_process_group()
+
+
+def test_step_loss_draws_its_plan_from_labels_gathered_once(tmp_path):
+    """Across 2 ranks the step's loss equals the one-process loss of the concatenated batch
+    with the plan drawn from the global labels (the same seed, step and plan), and a SiMix
+    step makes no more all-gathers than a step without a mix: the labels are gathered once."""
+    from rskdist.build import make_loss_fn
+    from rskdist.config.schema import LossConfig
+
+    world = 2
+    mp.spawn(_step_loss_worker, args=(world, f"file://{tmp_path / 'rdzv'}", str(tmp_path)), nprocs=world, join=True)
+    emb, labels = _global_batch([10] * world, seed=6)
+    outs = [torch.load(tmp_path / f"step{rank}.pt") for rank in range(world)]
+    for mix in ("simix", "none", "embedding"):
+        x = emb.clone().requires_grad_(True)
+        ref = make_loss_fn(LossConfig(mix=mix), seed=2, step=7, group=None)(x, labels)
+        ref.backward()
+        for rank, out in enumerate(outs):
+            torch.testing.assert_close(out[mix][0], ref.detach(), atol=1e-10, rtol=0, msg=f"{mix} rank {rank}")
+        torch.testing.assert_close(torch.cat([out[mix][1] for out in outs]), x.grad, atol=1e-10, rtol=0, msg=mix)
+    # Labels (2 all-gathers: counts, rows) and embeddings (2) in every mode; SiMix adds none.
+    assert all(out["simix"][2] == out["none"][2] == 4 for out in outs), [
+        {mix: out[mix][2] for mix in out} for out in outs]
+    assert all(out["embedding"][2] == 4 for out in outs)
+    # The plan changes the loss: the SiMix comparison is not that of the unmixed batch.
+    assert abs(float(outs[0]["simix"][0]) - float(outs[0]["none"][0])) > 1e-3

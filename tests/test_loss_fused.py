@@ -1,11 +1,13 @@
-"""Fused RS@k block backends (rskdist/loss/fused.py) against the float64 per-query reference.
+"""The fused RS@k block (rskdist/loss/blocks.py) and the backend table
+(rskdist/loss/backends.py) against the float64 per-query reference.
 
-- The fused formulation itself (the torch passes that torch.compile compiles) runs here
-  uncompiled, so every option is checked in seconds.
+- The fused formulation itself runs with the plain torch passes (rskdist/loss/reference.py,
+  the Triton kernels' oracle) through a backend table built here, so every option is
+  checked in seconds.
 - The hand-written Triton kernels run on CPU under TRITON_INTERPRET=1, in a subprocess
   (the variable must be set before triton is imported); small batches, the interpreter
   is slow.
-- The real torch.compile (about 40 s of C++ compilation on 2 cores) is in the slow tier.
+- The fallback rule runs on tables with broken or unavailable records.
 """
 
 import json
@@ -17,8 +19,9 @@ import textwrap
 import pytest
 import torch
 
-import rskdist.loss.fused as fused
-from rskdist.loss import RSkLoss, rsk_loss, simix_plan
+from rskdist.loss import RSkLoss, make_loss, rsk_loss, simix_plan
+from rskdist.loss import reference
+from rskdist.loss.backends import BACKENDS, Backend, Backends, default_backends, eager_backend, triton_backend
 from rskdist.loss.reference import rsk_loss_per_query
 from rskdist.loss.rsk import RSkOptions, rsk_forward_backward
 from rskdist.loss.simix import materialise_mix
@@ -55,12 +58,15 @@ def _loss_and_grad(emb, labels, **kw):
     return loss.detach(), x.grad
 
 
+def torch_table() -> Backends:
+    """A table whose "torch" backend is the fused block with the plain torch passes."""
+    return Backends([eager_backend(), triton_backend(reference.rank_sums, reference.grad_rows, name="torch")],
+                    auto={"cpu": "torch"})
+
+
 @pytest.fixture
-def torch_passes(monkeypatch):
-    """impl="compiled" running the fused torch passes uncompiled (same math, no compile)."""
-    monkeypatch.setattr(fused, "_compiled_passes", lambda: (fused.rank_sums_torch, fused.grad_rows_torch))
-    monkeypatch.setattr(fused, "_FAILED", set())
-    monkeypatch.setattr(fused, "_PROVEN", set())
+def torch_passes():
+    return dict(impl="torch", backends=torch_table())
 
 
 # (count_self, simix, virtual_queries, block_size, sim_cache_mb, ks/temperatures)
@@ -84,19 +90,18 @@ def test_fused_formulation_matches_reference(torch_passes, count_self, simix, vi
         mix = (mix[0], mix[1].double())
     ref_loss, ref_grad = _reference(emb, labels, mix, virtual_queries, count_self=count_self, **hyper)
     loss, grad = _loss_and_grad(emb, labels, mix=mix, count_self=count_self, block_size=block_size,
-                                sim_cache_mb=sim_cache_mb, virtual_queries=virtual_queries, impl="compiled",
-                                **hyper)
+                                sim_cache_mb=sim_cache_mb, virtual_queries=virtual_queries, **torch_passes, **hyper)
     assert ref_grad.abs().max() > 1e-4  # the comparison below means something
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
 
 
-def assert_query_subsets_add_up(impl: str):
+def assert_query_subsets_add_up(impl: str, backends: Backends | None = None):
     """Disjoint query sets (what the ranks of a distributed job pass) sum to the whole;
     returns the batch, its plan and the whole (loss, gradient) for further checks."""
     emb, labels = _batch(30, 6, 6, seed=5)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
-    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl=impl)
+    kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl=impl, backends=backends)
     whole, grad_whole, n = rsk_forward_backward(emb, labels, **kw)
     num = labels.numel() + pairs.shape[0]
     parts = [rsk_forward_backward(emb, labels, queries=idx, **kw) for idx in
@@ -108,61 +113,99 @@ def assert_query_subsets_add_up(impl: str):
 
 
 def test_fused_query_subsets_add_up(torch_passes):
-    assert_query_subsets_add_up("compiled")
+    assert_query_subsets_add_up(**torch_passes)
 
 
 def test_fused_float32_within_float32_tolerance(torch_passes):
     emb, labels = _batch(40, 8, 9, seed=6)
     ref_loss, ref_grad = _reference(emb, labels, None, True)
-    loss, grad = _loss_and_grad(emb.float(), labels, block_size=7, impl="compiled")
+    loss, grad = _loss_and_grad(emb.float(), labels, block_size=7, **torch_passes)
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
 
 
 def test_bad_impl_is_a_clear_error():
     emb, labels = _batch(8, 4, 3, seed=0)
-    with pytest.raises(ValueError, match="impl must be one of auto, eager, native, compiled, triton"):
+    with pytest.raises(ValueError, match="impl='fast' is not a loss backend; the available ones are auto, eager, "
+                                         "native, triton"):
         rsk_loss(emb, labels, impl="fast")
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match="impl='cuda' is not a loss backend"):
         RSkLoss(impl="cuda")
+    # The torch.compile backend is gone: a config asking for it (loss.options.impl) is told what there is.
+    with pytest.raises(ValueError, match="impl='compiled' is not a loss backend; the available ones are auto, "
+                                         "eager, native, triton"):
+        make_loss("rsk", impl="compiled")
+    from rskdist.build import build_criterion
+    from rskdist.config import load_config
+
+    cfg = load_config(None, ["loss.options={impl: compiled}"])
+    with pytest.raises(ValueError, match="impl='compiled' is not a loss backend; the available ones are auto"):
+        build_criterion(cfg)
 
 
 def test_unavailable_backend_falls_back_with_a_note(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(fused, "_NOTED", set())
+    table = default_backends()
     emb, labels = _batch(20, 5, 5, seed=1)
     ref = _loss_and_grad(emb, labels, impl="eager")
     with pytest.warns(RuntimeWarning, match=r"impl='triton' is unavailable on cpu .*needs CUDA.*using the eager"):
-        got = _loss_and_grad(emb, labels, impl="triton")
+        got = _loss_and_grad(emb, labels, impl="triton", backends=table)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    assert fused.resolve_impl("auto", torch.device("cpu")) in ("eager", "native")
+    assert table.resolve("auto", torch.device("cpu")) in ("eager", "native")
+    assert table.resolve("auto", torch.device("meta")) == "eager"  # no auto choice for the device type
+    assert BACKENDS.noted.isdisjoint(table.noted), "a table built by a test keeps its own state"
 
 
-def test_backend_failing_on_first_call_falls_back(monkeypatch):
+def test_backend_failing_on_first_call_falls_back():
     def broken(*args):
-        raise RuntimeError("C++ compile failed: no such compiler\nmore lines")
+        raise RuntimeError("C compile failed: no such compiler\nmore lines")
 
-    monkeypatch.setattr(fused, "_compiled_passes", lambda: (broken, broken))
-    monkeypatch.setattr(fused, "_FAILED", set())
-    monkeypatch.setattr(fused, "_PROVEN", set())
-    monkeypatch.setattr(fused, "_NOTED", set())
+    table = Backends([eager_backend(), triton_backend(broken, broken, name="broken")], auto={})
     emb, labels = _batch(24, 5, 6, seed=2)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(0))
     kw = dict(mix=(pairs, alphas.double()), block_size=50)  # a fused-size block: the fallback splits it
     ref = _loss_and_grad(emb, labels, impl="eager", **kw)
-    with pytest.warns(RuntimeWarning, match="impl='compiled' failed on cpu .*C\\+\\+ compile failed.*eager kernel"):
-        got = _loss_and_grad(emb, labels, impl="compiled", **kw)
+    with pytest.warns(RuntimeWarning, match="impl='broken' failed on cpu .*C compile failed.*eager kernel"):
+        got = _loss_and_grad(emb, labels, impl="broken", backends=table, **kw)
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
-    assert ("compiled", "cpu") in fused._FAILED
+    assert ("broken", "cpu") in table.failed
+    with pytest.warns(RuntimeWarning, match="impl='broken' is unavailable .*failed on its first call"):
+        assert table.resolve("broken", torch.device("cpu")) == "eager"  # and stays on eager in this process
+
+
+def test_errors_after_a_first_success_are_raised():
+    calls = []
+
+    def flaky(t_qx, t_qp, pos, q, count_self):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("a real error in a later call")
+        return reference.rank_sums(t_qx, t_qp, pos, q, count_self)
+
+    table = Backends([eager_backend(), triton_backend(flaky, reference.grad_rows, name="flaky")], auto={})
+    emb, labels = _batch(24, 5, 6, seed=2)
+    _loss_and_grad(emb, labels, impl="flaky", backends=table, block_size=50)
+    with pytest.raises(RuntimeError, match="a real error"):
+        _loss_and_grad(emb, labels, impl="flaky", backends=table, block_size=50)
+
+
+def test_block_sizes_come_from_the_record():
+    record = Backend("t", why_not=lambda device: None, make_block=lambda: None,
+                     block_elems={"cpu": 1000, "cuda": 8000}, buffers=1)
+    assert record.default_rows("cpu", 100, 3) == 10 and record.default_rows("cuda", 100, 3) == 80
+    assert record.default_rows("mps", 100, 3) == 10  # other device types take the CPU size
+    per_positive = Backend("e", why_not=lambda device: None, make_block=lambda: None, block_elems={"cpu": 1000},
+                           buffers=1, per_positive=True)
+    assert per_positive.default_rows("cpu", 100, 3) == 3 and per_positive.default_rows("cpu", 5000, 3) == 1
 
 
 # The Triton kernels under the interpreter: computed in a child process, compared here.
 _TRITON_CHILD = textwrap.dedent("""
     import json, sys, torch
     from rskdist.loss import rsk_loss
-    from rskdist.loss.fused import resolve_impl
+    from rskdist.loss.backends import BACKENDS
     from rskdist.loss.rsk import RSkOptions, rsk_forward_backward
-    assert resolve_impl("triton", torch.device("cpu")) == "triton"
+    assert BACKENDS.resolve("triton", torch.device("cpu")) == "triton"
     cases, out = json.loads(sys.argv[1]), {}
     data = torch.load(sys.argv[2])
     for name, kw in cases.items():
@@ -228,39 +271,18 @@ def test_triton_kernel_interpreted_matches_reference(tmp_path, names):
                                    rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_compile_matches_reference(dtype, monkeypatch):
-    """The real torch.compile (C++ on CPU): float64 to 1e-6, float32 to float32 tolerance."""
-    monkeypatch.setattr(fused, "_FAILED", set())
-    emb, labels = _batch(27, 6, 7, seed=3)
-    pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(1))
-    mix = (pairs, alphas.double())
-    for count_self, simix, block_size in ((False, True, 4), (True, False, None)):
-        use_mix = mix if simix else None
-        ref_loss, ref_grad = _reference(emb, labels, use_mix, True, count_self=count_self)
-        loss, grad = _loss_and_grad(emb.to(dtype), labels, mix=use_mix, count_self=count_self,
-                                    block_size=block_size, impl="compiled")
-        assert ("compiled", "cpu") not in fused._FAILED, "torch.compile failed and fell back to eager"
-        tol = 1e-6 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=0)
-        torch.testing.assert_close(grad.double(), ref_grad, atol=tol * max(1.0, 10 * float(ref_grad.abs().max())),
-                                   rtol=0)
-
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_on_cuda_matches_reference(impl, dtype, monkeypatch):
-    monkeypatch.setattr(fused, "_FAILED", set())
+def test_fused_on_cuda_matches_reference(dtype):
+    impl, table = "triton", default_backends()
     emb, labels = _batch(300, 32, 60, seed=15)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(4))
     ref_loss, ref_grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(count_self=True), pairs=pairs,
                                                  alphas=alphas.double(), impl="eager")
     loss, grad, _ = rsk_forward_backward(emb.cuda().to(dtype), labels.cuda(), opts=RSkOptions(count_self=True),
-                                         pairs=pairs.cuda(), alphas=alphas.cuda(), block_size=37, impl=impl)
-    assert (impl, "cuda") not in fused._FAILED, f"{impl} fell back to eager"
+                                         pairs=pairs.cuda(), alphas=alphas.cuda(), block_size=37, impl=impl,
+                                         backends=table)
+    assert (impl, "cuda") not in table.failed, f"{impl} fell back to eager"
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss.cpu().double(), ref_loss, atol=tol, rtol=0)
     torch.testing.assert_close(grad.cpu().double(), ref_grad, atol=tol * 100 * float(ref_grad.abs().max()), rtol=0)

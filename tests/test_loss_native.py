@@ -1,48 +1,50 @@
 """The native C kernel (impl="native", rskdist/loss/native.py) against the float64 references.
 
-It is built once per test session into a fresh cache (about a second), so these tests
-also check the build itself; the build's own failure modes are tested with a private cache.
+It is built once per test module into a fresh cache (about a second), so these tests
+also check the build itself; the build's own failure modes are tested with private
+kernels (`NativeKernel` with its own cache, flags or compiler) in tables of their own.
 """
 
-import os
+import ctypes
 
 import pytest
 import torch
 
-import rskdist.loss.fused as fused
 from rskdist.loss import native, simix_plan
-from rskdist.loss.rsk import RSkOptions, rsk_forward_backward
-from test_loss_fused import CASES, _batch, _loss_and_grad, _reference, assert_query_subsets_add_up
+from rskdist.loss.backends import Backends, eager_backend, native_backend
+from rskdist.loss.rsk import RSkOptions, _ExtendedItems, rsk_forward_backward
+from test_loss_fused import CASES, _batch, _reference, assert_query_subsets_add_up
+from test_loss_fused import _loss_and_grad as _any_loss_and_grad
 
-pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_build(tmp_path_factory):
-    """Build the kernel into an empty cache for this module, then restore the loaded one."""
-    saved, env = list(native._LIBRARY), os.environ.get("RSKDIST_KERNEL_CACHE")
-    native._LIBRARY.clear()
-    os.environ["RSKDIST_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
-    try:
-        native.load()
-        yield
-    finally:
-        native._LIBRARY[:] = saved
-        if env is None:
-            os.environ.pop("RSKDIST_KERNEL_CACHE", None)
-        else:
-            os.environ["RSKDIST_KERNEL_CACHE"] = env
+pytestmark = pytest.mark.skipif(native.find_compiler() is None, reason="no C compiler")
 
 
-@pytest.fixture(autouse=True)
-def no_earlier_failure(monkeypatch):
-    """Each test sees the kernel's own outcome, not an earlier test's fallback."""
-    monkeypatch.setattr(fused, "_FAILED", set())
+def _table(kernel: native.NativeKernel) -> Backends:
+    return Backends([eager_backend(), native_backend(kernel)], auto={"cpu": "native"})
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """The kernel built into an empty cache for this module."""
+    built = native.NativeKernel(cache=tmp_path_factory.mktemp("kernels"))
+    built.load()
+    return built
+
+
+@pytest.fixture
+def table(kernel):
+    """Each test sees the kernel's own outcome, not an earlier test's fallback: a fresh table."""
+    return _table(kernel)
+
+
+@pytest.fixture
+def _loss_and_grad(table):
+    return lambda emb, labels, **kw: _any_loss_and_grad(emb, labels, backends=table, **kw)
 
 
 @pytest.mark.parametrize("count_self,simix,virtual_queries,block_size,sim_cache_mb,hyper", CASES)
-def test_native_matches_float64_reference(count_self, simix, virtual_queries, block_size, sim_cache_mb,
-                                          hyper):
+def test_native_matches_float64_reference(table, _loss_and_grad, count_self, simix, virtual_queries, block_size,
+                                          sim_cache_mb, hyper):
     emb, labels = _batch(27, 6, 7, seed=3)  # singletons, uneven classes
     mix = simix_plan(labels, generator=torch.Generator().manual_seed(1)) if simix else None
     if mix is not None:
@@ -50,7 +52,7 @@ def test_native_matches_float64_reference(count_self, simix, virtual_queries, bl
     ref_loss, ref_grad = _reference(emb, labels, mix, virtual_queries, count_self=count_self, **hyper)
     loss, grad = _loss_and_grad(emb, labels, mix=mix, count_self=count_self, block_size=block_size,
                                 sim_cache_mb=sim_cache_mb, virtual_queries=virtual_queries, impl="native", **hyper)
-    assert ("native", "cpu") not in fused._FAILED, "the native kernel fell back to eager"
+    assert ("native", "cpu") not in table.failed, "the native kernel fell back to eager"
     assert ref_grad.abs().max() > 1e-4  # the comparison below means something
     torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=0)
@@ -67,7 +69,7 @@ SPREADS = {
 
 
 @pytest.mark.parametrize("spread", SPREADS)
-def test_native_float32_within_float32_tolerance(spread):
+def test_native_float32_within_float32_tolerance(table, _loss_and_grad, spread):
     case = SPREADS[spread]
     gen = torch.Generator().manual_seed(8)
     centre = torch.randn(1, 16, generator=gen, dtype=torch.float64)
@@ -78,7 +80,7 @@ def test_native_float32_within_float32_tolerance(spread):
     mix = (pairs, alphas.double())
     ref_loss, ref_grad = _reference(emb, labels, mix, True, tau2=case["tau2"])
     loss, grad = _loss_and_grad(emb.float(), labels, mix=mix, tau2=case["tau2"], block_size=11, impl="native")
-    assert ("native", "cpu") not in fused._FAILED
+    assert ("native", "cpu") not in table.failed
     assert torch.isfinite(grad).all()
     assert ref_grad.abs().max() > 1e-3, "a batch whose gradient vanishes tests nothing"
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=0)
@@ -97,12 +99,12 @@ def _fan(dtype):
 
 
 @pytest.mark.parametrize("count_self", [False, True])
-def test_positives_far_apart_use_several_groups_exactly(count_self):
+def test_positives_far_apart_use_several_groups_exactly(table, _loss_and_grad, count_self):
     emb, labels, (pairs, alphas) = _fan(torch.float64)
     mix = (pairs, alphas.double())
     ref_loss, ref_grad = _reference(emb, labels, mix, True, count_self=count_self)
     loss, grad = _loss_and_grad(emb, labels, mix=mix, count_self=count_self, block_size=4, impl="native")
-    assert ("native", "cpu") not in fused._FAILED
+    assert ("native", "cpu") not in table.failed
     assert ref_grad[:5].abs().max() > 1e-3  # the fanned class has a gradient to get right
     torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=0)
@@ -112,15 +114,16 @@ def test_positives_far_apart_use_several_groups_exactly(count_self):
     torch.testing.assert_close(grad32.double(), ref_grad, atol=1e-4 * float(ref_grad.abs().max()), rtol=0)
 
 
-def test_native_query_subsets_add_up():
+def test_native_query_subsets_add_up(table):
     """Query subsets (the distributed path) add up to the whole, which equals eager's."""
-    emb, labels, kw, whole, grad_whole = assert_query_subsets_add_up("native")
+    emb, labels, kw, whole, grad_whole = assert_query_subsets_add_up("native", table)
+    assert ("native", "cpu", False, torch.float64) in table.proven  # it ran, no fallback
     eager, grad_eager, _ = rsk_forward_backward(emb, labels, **{**kw, "impl": "eager"})
     torch.testing.assert_close(whole, eager, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_whole, grad_eager, atol=1e-12, rtol=0)
 
 
-def test_native_result_does_not_depend_on_threads():
+def test_native_result_does_not_depend_on_threads(_loss_and_grad):
     emb, labels = _batch(90, 8, 20, seed=9)
     mix = simix_plan(labels, generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
@@ -136,67 +139,107 @@ def test_native_result_does_not_depend_on_threads():
         assert torch.equal(grad, results[0][1])  # rows are computed alone, whatever the split
 
 
-def test_no_loss_only_pass_gradient():
+def test_no_loss_only_pass_gradient(table):
     emb, labels = _batch(40, 6, 8, seed=4)
-    loss, grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="native")
+    loss, grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="native",
+                                         backends=table)
+    assert ("native", "cpu") not in table.failed
     ref, _, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="eager")
     assert grad is None
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=0)
 
 
-def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "_LIBRARY", [])
-    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path / "cache"))
-    cc = native.compiler()
-    path = native.library_path(cc)
-    assert path.parent == tmp_path / "cache" and not path.exists()
-    native.load()
-    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+def test_build_is_cached_keyed_and_bounded(tmp_path):
+    cache = tmp_path / "cache"
+    first = native.NativeKernel(cache=cache)
+    path = first.library_path()
+    assert path.parent == cache and not path.exists()
+    first.load()
+    assert path.exists() and [p.name for p in cache.iterdir()] == [path.name]  # no temporary left
     stamp = path.stat().st_mtime_ns
-    monkeypatch.setattr(native, "_LIBRARY", [])
-    native.load()
+    native.NativeKernel(cache=cache).load()
     assert path.stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DRSK_TEST_FLAG"])
-    assert native.library_path(cc) != path  # other flags, other file
+    # Other flags, other file; the cache keeps the newest KEEP_BUILDS kernels.
+    paths = [path]
+    for n in range(native.KEEP_BUILDS + 1):
+        other = native.NativeKernel(cache=cache, flags=native.FLAGS + (f"-DRSK_TEST_FLAG={n}",))
+        assert other.library_path() not in paths
+        other.load()
+        paths.append(other.library_path())
+    kept = sorted(p.name for p in cache.iterdir())
+    assert kept == sorted(p.name for p in paths[-native.KEEP_BUILDS:]), "the oldest builds are dropped"
+    # A kernel pruned by another process between its build and its load is built again.
+    # (A kernel this process has not loaded yet: dlopen would hand back a loaded one by name.)
+    lost, builds = native.NativeKernel(cache=cache, flags=native.FLAGS + ("-DRSK_TEST_FLAG=lost",)), []
+    path = lost.library_path()
+
+    def build_then_lose_it_once(target, real=lost.build):
+        real(target)
+        builds.append(target)
+        if len(builds) == 1:
+            target.unlink()  # what a prune by another process looks like from here
+
+    lost.build = build_then_lose_it_once
+    lost.load()
+    assert builds == [path, path] and path.exists()
 
 
 def test_unwritable_cache_builds_in_a_private_temporary(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a directory")  # unwritable even for root
-    monkeypatch.setattr(native, "_LIBRARY", [])
-    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path / "a_file" / "kernels"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(native.tempfile, "tempdir", None)
-    native.load()
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # tempfile caches the folder it found first
+    native.NativeKernel(cache=tmp_path / "a_file" / "kernels").load()
     assert list((tmp_path / "tmp").glob("rskdist-kernels-*/rsk_rows-*.so"))
 
 
-def test_no_compiler_means_eager_with_a_note(monkeypatch):
-    monkeypatch.setattr(native, "_LIBRARY", [])
-    monkeypatch.setattr(native, "compiler", lambda: None)
-    monkeypatch.setattr(fused, "_NOTED", set())
-    assert fused.resolve_impl("auto", torch.device("cpu")) == "eager"  # auto says nothing
+def test_default_cache_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path / "k"))
+    assert native.NativeKernel().cache == tmp_path / "k"
+    monkeypatch.delenv("RSKDIST_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.NativeKernel().cache == tmp_path / "xdg" / "rskdist" / "kernels"
+
+
+def test_no_compiler_means_eager_with_a_note():
+    table = _table(native.NativeKernel(cc=""))
+    assert table.resolve("auto", torch.device("cpu")) == "eager"  # auto says nothing
     emb, labels = _batch(20, 5, 5, seed=1)
-    ref = _loss_and_grad(emb, labels, impl="eager")
+    ref = _any_loss_and_grad(emb, labels, impl="eager")
     with pytest.warns(RuntimeWarning, match=r"impl='native' is unavailable on cpu \(no C compiler.*using the eager"):
-        got = _loss_and_grad(emb, labels, impl="native")
+        got = _any_loss_and_grad(emb, labels, impl="native", backends=table)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
-def test_failed_build_falls_back_to_eager(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "_LIBRARY", [])
-    monkeypatch.setenv("RSKDIST_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DRSK_TEST_FLAG", "--no-such-flag"])
-    monkeypatch.setattr(fused, "_FAILED", set())
-    monkeypatch.setattr(fused, "_PROVEN", set())
-    monkeypatch.setattr(fused, "_NOTED", set())
+def test_failed_build_falls_back_to_eager(tmp_path):
+    broken = native.NativeKernel(cache=tmp_path, flags=native.FLAGS + ("-DRSK_TEST_FLAG", "--no-such-flag"))
+    table = _table(broken)
     emb, labels = _batch(24, 5, 6, seed=2)
-    ref = _loss_and_grad(emb, labels, impl="eager", block_size=50)
+    ref = _any_loss_and_grad(emb, labels, impl="eager", block_size=50)
     with pytest.warns(RuntimeWarning, match=r"impl='native' failed on cpu \(RuntimeError: C compile failed"):
-        got = _loss_and_grad(emb, labels, impl="native", block_size=50)
+        got = _any_loss_and_grad(emb, labels, impl="native", block_size=50, backends=table)
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
     assert not list(tmp_path.iterdir())  # the failed build left nothing behind
 
 
 def test_native_is_a_cpu_kernel():
-    assert "CPU kernel" in fused._unavailable("native", torch.device("meta"))
+    assert "CPU kernel" in _table(native.NativeKernel()).why_not("native", torch.device("meta"))
+
+
+def test_failed_allocation_is_a_memory_error(kernel):
+    """The kernel returns an error code when it cannot allocate its scratch (not a NaN,
+    which -ffinite-math-only may fold away); the caller raises MemoryError."""
+    lib = kernel.load()
+    args = native._Args(n_real=1 << 50, n_virtual=0, width=1)  # scratch rows of 4 PB: malloc fails
+    loss = ctypes.c_double(0.0)
+    assert lib.rsk_rows_f32(ctypes.byref(args), 0, 0, ctypes.byref(loss)) == native.RSK_ENOMEM
+
+    class Refusing:  # a library whose kernel reports a failed allocation
+        rsk_rows_f32 = rsk_rows_f64 = staticmethod(lambda *a: native.RSK_ENOMEM)
+
+    emb, labels = _batch(12, 4, 3, seed=0)
+    items = _ExtendedItems(labels, None, None, torch.float32)
+    sim = (emb @ emb.T).float()
+    q = torch.nonzero(items.is_query(True)).flatten()
+    with pytest.raises(MemoryError, match="native kernel: out of memory"):
+        native._block_loss_and_grad(Refusing(), sim[q], q, items, RSkOptions(), 1.0, True, None)

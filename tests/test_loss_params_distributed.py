@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.build import StepLoss, build_optimizer, deepspeed_config, trained_module
+from rskdist.build import build_optimizer, deepspeed_config, trained_module
 from rskdist.config import Config
-from rskdist.loss import make_loss, simix_generator, simix_plan
+from rskdist.loss import make_loss, simix_generator
+from rskdist.parallel.step_parts import StepLoss
 from test_engine_distributed import CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch, start_rank
 
 pytestmark = pytest.mark.distributed
@@ -43,10 +44,7 @@ def _reference(name, mix):
     """Plain torch: the whole global batch, one forward, the loss, one SGD step."""
     model, criterion = _parts(name, mix)
     images, labels = _global_batch()
-    plan = None
-    if mix != "none":
-        plan = simix_plan(labels, generator=simix_generator(SEED, 0))
-    loss = criterion(model(images), labels, plan=plan)
+    loss = criterion(model(images), labels, generator=simix_generator(SEED, 0))
     loss.backward()
     multiplier = float(getattr(criterion, "lr_multiplier", 1.0))
     with torch.no_grad():
@@ -76,8 +74,8 @@ def _worker(rank, world, init, out_dir, cases):
             model=module, optimizer=build_optimizer(module, cfg.optim),
             config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=num_chunks, world_size=world),
         )
-        shadow = _parts(name, mix)[1]  # the fp32 copy the loss pass computes on (build.StepLoss)
-        loss_fn = StepLoss(shadow, cfg.loss, seed=SEED, step=0, group=group,
+        shadow = _parts(name, mix)[1]  # the fp32 copy the loss pass computes on (parallel/step_parts.py, StepLoss)
+        loss_fn = StepLoss(shadow, seed=SEED, step=0, group=group,
                            params_from=None if module is model else engine.module.criterion)
         result = two_pass_step(
             engine, images, labels, chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
@@ -180,7 +178,7 @@ def _adam_worker(rank, world, init, out_dir, cases):
         losses = []
         for step in range(STEPS):
             images, labels = _step_batch(step)
-            loss_fn = StepLoss(shadow, cfg.loss, seed=SEED, step=step, group=group, params_from=engine.module.criterion)
+            loss_fn = StepLoss(shadow, seed=SEED, step=step, group=group, params_from=engine.module.criterion)
             result = two_pass_step(engine, images[rows], labels[rows], chunk_size=CHUNK, world_size=world, rank=rank,
                                    step=step, seed=SEED, loss_fn=loss_fn, group=group,
                                    loss_params=loss_fn.param_leaves)

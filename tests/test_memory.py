@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from rskdist.loss.memory import rsk_memory_bytes
 from rskdist.planning.memory import (DS_BUCKET_ELEMS, MB, PHASES, ZeroSettings, estimate_memory, host_heap_bytes,
-                                     loss_bytes, model_state_bytes)
+                                     model_state_bytes)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VIT = {"patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2}
@@ -99,10 +100,23 @@ def test_peak_is_the_largest_phase():
 
 
 def test_loss_memory_is_linear_in_the_global_batch_across_ranks():
-    small = loss_bytes(global_batch=16_384, embed_dim=512, world_size=8)
-    large = loss_bytes(global_batch=65_536, embed_dim=512, world_size=8)
-    # Keys grow linearly; the kernel's block and panel temporaries are capped.
+    def loss_bytes(global_batch, world_size, **kw):
+        return rsk_memory_bytes(global_batch, embed_dim=512, world_size=world_size, **kw)
+
+    small = loss_bytes(16_384, 8)
+    large = loss_bytes(65_536, 8)
+    # Keys grow linearly; the kernel's block and panel buffers are capped.
     assert large - small == pytest.approx(2 * (65_536 - 16_384) * 512 * 4)
-    assert loss_bytes(global_batch=1024, embed_dim=512, world_size=8) < small
+    assert loss_bytes(1024, 8) < small
     # One process at a small batch keeps S and dS whole (faster, bounded by sim_cache_mb).
-    assert loss_bytes(global_batch=4096, embed_dim=512, world_size=1) > 2 * 4096**2 * 4
+    assert loss_bytes(4096, 1) > 2 * 4096**2 * 4
+    # The backend that runs decides the block buffers: none for the native kernel (it reads
+    # the rows in place), eager's (block x P x N) tensor, Triton's larger (block x N) rows on CUDA.
+    native = loss_bytes(65_536, 8, impl="native", device_type="cpu")
+    eager = loss_bytes(65_536, 8, impl="eager", device_type="cpu")
+    triton = loss_bytes(65_536, 8, impl="auto", device_type="cuda")
+    assert 0.5 * 3 * (1 << 21) * 4 < eager - native <= 3 * (1 << 21) * 4  # at most three 8 MB buffers
+    assert triton - native == pytest.approx(5 * (1 << 24) * 4, rel=0.01)  # five 64 MB buffers
+    assert loss_bytes(65_536, 8, impl="auto", device_type="cpu") == native  # auto on CPU: native
+
+

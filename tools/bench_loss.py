@@ -9,18 +9,18 @@
 
 Implementations measured in the same run:
   blockwise  rskdist.loss.rsk_loss with impl="auto" (what training runs)
-  eager, native, compiled, triton
-             rsk_loss with that block backend (docs/loss.md, "Fused kernel"); "native",
-             "compiled" and "triton" compile first on a 256-sample batch and report it as
-             "compile_seconds" (not in "first_seconds" nor in the peak)
+  eager, native, triton
+             rsk_loss with that block backend (rskdist/loss/backends.py, docs/loss.md,
+             "Fused kernel"); "native" and "triton" build first on a 256-sample batch and
+             report it as "compile_seconds" (not in "first_seconds" nor in the peak)
   dense      the plain vectorised autograd form (one B x P x B tensor), skipped where its
              estimated memory exceeds --dense-max-gb
   floor      the arithmetic any exact method must do: three B x B x d products
              (similarities and the gradient's two) plus one sigmoid over B x P x B
              elements; "ratio_to_floor" = blockwise seconds / floor seconds.
 With --loss NAME (other than rsk) or --mix, the one implementation measured is
-  make_loss  rskdist.loss.make_loss(NAME, mix=MIX) called on the batch with a plan of all
-             same-class pairs (mix simix/embedding), once per --mix value
+  make_loss  rskdist.loss.make_loss(NAME, mix=MIX) called on the batch; it draws its own
+             plan of all same-class pairs (mix simix/embedding), once per --mix value
 Each measurement runs in its own process so that peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is that measurement's alone; "peak_added_mb" is the peak
 above what the process held once the inputs existed.
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-KERNEL_IMPLS = ("blockwise", "eager", "native", "compiled", "triton")  # rsk_loss itself, by impl=
+KERNEL_IMPLS = ("blockwise", "eager", "native", "triton")  # rsk_loss itself, by impl=
 PUBLISHED_PER_QUERY_SECONDS = 195.0  # docs/method.md: published code, B=4000, m=4, d=512, 2 CPU cores
 
 
@@ -113,8 +113,7 @@ def measure(args) -> dict:
     """Run in a child process: one implementation at one size."""
     import torch
 
-    from rskdist.loss import rsk_loss, simix_plan
-    from rskdist.loss.fused import resolve_impl
+    from rskdist.loss import BACKENDS, rsk_loss, simix_plan
     from rskdist.loss.reference import rsk_loss_dense
     from rskdist.loss.simix import materialise_mix
 
@@ -130,13 +129,14 @@ def measure(args) -> dict:
 
         classes = args.num_classes or args.batch // args.m
         module = make_loss(args.loss, mix=args.mix_mode, num_classes=classes, embed_dim=args.dim).to(device)
-        plan = None if args.mix_mode == "none" else simix_plan(labels, generator=torch.Generator().manual_seed(args.seed))
-        mix = plan  # for the record below
+        # The loss draws its plan from a generator seeded like this one: the same plan.
+        mix = None if args.mix_mode == "none" else simix_plan(labels,
+                                                              generator=torch.Generator().manual_seed(args.seed))
 
     def run_once():
         if args.impl == "make_loss":
             x = emb.detach().requires_grad_(True)
-            loss = module(x, labels, plan=plan)
+            loss = module(x, labels, generator=torch.Generator().manual_seed(args.seed))
             loss.backward()
             return float(loss)
         if args.impl == "floor":
@@ -156,7 +156,7 @@ def measure(args) -> dict:
         return float(loss)
 
     compile_seconds = None
-    if args.impl in ("native", "compiled", "triton"):
+    if args.impl in ("native", "triton"):
         # Compile once on a small batch (dynamic shapes: the same code serves every size), so
         # times and peak memory are the kernel's; the one-off cost is reported on its own.
         t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def measure(args) -> dict:
         "first_seconds": round(times[0], 4), "peak_added_mb": round(peak_added, 1),
         "loss": value, **({"loss_name": args.loss, "mix": args.mix_mode} if args.impl == "make_loss" else {}),
         **({"compile_seconds": compile_seconds} if compile_seconds is not None else {}),
-        **({"runs": resolve_impl("auto" if args.impl == "blockwise" else args.impl, torch.device(device))}
+        **({"runs": BACKENDS.resolve("auto" if args.impl == "blockwise" else args.impl, torch.device(device))}
            if args.impl in KERNEL_IMPLS else {}),
     }
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                         help="measure make_loss(--loss, mix=...) once per value")
     parser.add_argument("--num-classes", type=int, default=0, help="proxy losses: classes (0 = batch / m)")
     parser.add_argument("--impls", nargs="+", default=["floor", "blockwise", "dense"],
-                        choices=["floor", "blockwise", "eager", "native", "compiled", "triton", "dense"])
+                        choices=["floor", "blockwise", "eager", "native", "triton", "dense"])
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats after one cold call")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--dense-max-gb", type=float, default=8.0)

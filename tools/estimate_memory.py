@@ -8,7 +8,9 @@
 With --config, the setup comes from the experiment config (and its overrides); flags
 given explicitly win. `total_mb` is the largest phase (`peak_phase`: build, flatten,
 partition, backward, step); every part (`*_mb`) and phase total (`phase_*_mb`) is printed
-and explained in rskdist/planning/memory.py.
+and explained in rskdist/planning/memory.py. The loss part is the loss's own model
+(rskdist/loss/memory.py), with RS@k's backend (`loss.options.impl`, default auto) as it
+runs on --device.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def main(argv=None) -> int:
         simix=cfg.loss.mix == "simix",
         loss_name=cfg.loss.name,
         mix=cfg.loss.mix,
+        mix_pairs_per_class=cfg.loss.simix_per_class or None,
+        impl=cfg.loss.options.get("impl", "auto") if cfg.loss.name == "rsk" else "auto",
+        block_size=cfg.loss.block_size or None,
         num_classes=_num_classes(cfg),
         device=args.device,
         backbone_kwargs=cfg.model.backbone_kwargs if args.backbone is None else {},

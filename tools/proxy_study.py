@@ -86,8 +86,9 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
     position). `batch_ranks=W` concatenates the W rank streams of a W-rank run instead,
     the very images (crops included) its ranks see: for step-by-step comparisons."""
     from rskdist.build import (
-        TrainModule, build_eval_stream, build_model, build_optimizer, build_train_stream, lr_factor, num_train_classes,
+        build_eval_stream, build_model, build_optimizer, build_train_stream, lr_factor, num_train_classes,
     )
+    from rskdist.parallel.step_parts import TrainModule
     from rskdist.eval import default_ks, evaluate_model, evaluated_splits, split_metric
     from rskdist.loss.baselines import BASELINES, build_pml_loss
 

@@ -21,7 +21,7 @@ optimizer (`module.lr_multiplier`); so is `backbone_warmup_epochs`, the epochs a
 in which the backbone is frozen and only the head and proxies learn (Proxy-Anchor's
 warm-up; `module.backbone_warmup_epochs`, config `loss.backbone_warmup_epochs`).
 
-Across ranks each rank gathers the global batch (`replicated_batch`, rskdist/loss/mixup.py)
+Across ranks each rank gathers the global batch (`replicated_embeddings`, rskdist/loss/mixup.py)
 and computes the whole loss: PML's losses mine pairs and triplets over the whole batch,
 which does not split into per-rank terms the way RS@k's queries do. The value is the
 single-process loss of the concatenated batch on every rank; the embedding gradient is
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rskdist.loss.mixup import check_mix_mode, mix_embeddings, replicated_batch
+from rskdist.loss.mixup import check_group, draw_plan, global_labels, mix_embeddings, replicated_embeddings
 
 
 @dataclass(frozen=True)
@@ -103,23 +103,23 @@ def build_pml_loss(name: str, *, num_classes: int | None = None, embed_dim: int 
 
 
 class BaselineLoss(nn.Module):
-    """A baseline loss over the global batch; `forward(embeddings, labels, group=None, plan=None)`.
+    """A baseline loss over the global batch; `forward(embeddings, labels, group=None, generator=None)`.
 
     group=None: the loss of the rows given (local). With a group: `embeddings`/`labels`
     are this rank's rows; the value is the loss of the global batch (ranks concatenated in
     order), the same on every rank, and the gradient flows to this rank's rows only.
-    `plan` (pairs, alphas from `simix_plan`, indexing the global batch) adds the mixed
-    embeddings when mix="embedding"; it is an error with mix="none".
+    With mix="embedding" (checked by `make_loss`) the loss draws a plan from the global
+    labels and `generator` (`mix_per_class` pairs per class, None: all) and adds the mixed
+    embeddings.
     Class proxies, if any, are the parameter `proxies` (PML's layout: (num_classes, d) for
     proxy_anchor, (d, num_classes) for norm_softmax, arcface and cosface).
     """
 
     def __init__(self, name: str, *, num_classes: int | None = None, embed_dim: int | None = None,
-                 mix: str = "none", **options):
+                 mix: str = "none", mix_per_class: int | None = None, **options):
         super().__init__()
         spec = BASELINES[name]
-        self.name = name
-        self.mix = check_mix_mode(mix, loss_name=name)
+        self.name, self.mix, self.mix_per_class = name, mix, mix_per_class
         valid = sorted(spec.defaults)
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -146,15 +146,15 @@ class BaselineLoss(nn.Module):
         self.pml = pml
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, group=None,
-                plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        check_group(group, "BaselineLoss")
         _check_batch(self.name, embeddings, labels)
-        if plan is not None and self.mix == "none":
-            raise ValueError(f"loss.name={self.name} was built with mix=none but got a mix plan; "
-                             "build it with mix=embedding or pass plan=None")
         # fp32 at least (bf16 similarities are too coarse for margins of 0.1); float64 stays.
         if embeddings.dtype != torch.float64:
             embeddings = embeddings.float()
-        emb, labs = replicated_batch(embeddings, labels.long(), group)
+        labs = global_labels(labels.long(), group)  # the one gather of the labels
+        plan = draw_plan(self.mix, labs, per_class=self.mix_per_class, generator=generator)
+        emb = replicated_embeddings(embeddings, group)
         if plan is not None:
             emb, labs = mix_embeddings(emb, labs, plan)
         return self.batch_loss(emb, labs)

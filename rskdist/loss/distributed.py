@@ -16,22 +16,28 @@ from rskdist.loss.rsk import rsk_forward_backward, validate_mix
 
 
 class RSkFunction(torch.autograd.Function):
-    """Loss value in forward; the gradient is computed there too and replayed in backward."""
+    """Loss value in forward; the gradient is computed there too and replayed in backward.
+
+    `all_labels`: the global batch's labels when the caller has gathered them (to draw its
+    mix plan), else None and they are gathered here: once per call either way."""
 
     @staticmethod
-    def forward(ctx, embeddings, labels, pairs, alphas, opts, block_size, sim_cache_mb, group, impl="auto"):
+    def forward(ctx, embeddings, labels, all_labels, pairs, alphas, opts, block_size, sim_cache_mb, group, impl,
+                backends):
         need_grad = ctx.needs_input_grad[0]
         rank, world = group_rank_and_size(group)
         if world == 1:
             loss, grad, _ = rsk_forward_backward(
                 embeddings, labels, opts=opts, pairs=pairs, alphas=alphas,
                 block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad, impl=impl,
+                backends=backends,
             )
         else:
             # Gather in float32 at least: the loss needs full-precision similarities.
             keys, counts = gather_rows(embeddings.detach().float() if embeddings.dtype != torch.float64
                                        else embeddings.detach(), group)
-            all_labels, _ = gather_rows(labels, group)
+            if all_labels is None:
+                all_labels, _ = gather_rows(labels, group)
             if pairs is not None:
                 validate_mix((pairs, alphas), all_labels)
             start = sum(counts[:rank])
@@ -42,7 +48,7 @@ class RSkFunction(torch.autograd.Function):
                 queries = torch.cat([queries, torch.arange(v0, v1, device=labels.device) + keys.shape[0]])
             loss, grad, _ = rsk_forward_backward(
                 keys, all_labels, opts=opts, pairs=pairs, alphas=alphas, queries=queries,
-                block_size=block_size, need_grad=need_grad, impl=impl,
+                block_size=block_size, need_grad=need_grad, impl=impl, backends=backends,
             )
             dist.all_reduce(loss, group=group)
             if need_grad:
@@ -60,4 +66,4 @@ class RSkFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # Scale first, round to the input dtype last (autograd would cast it anyway).
         grad_in = (grad * grad_out.to(grad.dtype)).to(ctx.input_dtype)
-        return grad_in, None, None, None, None, None, None, None, None
+        return grad_in, *([None] * 10)

@@ -1,9 +1,19 @@
-"""Peak added memory of one loss call (forward + backward) on a global batch, and the
-start-up check that refuses a loss that would not fit.
+"""Peak added memory of one loss call (forward + backward) on a global batch: the one model
+the trainer's start-up check (`check_loss_fits`) and the memory estimator
+(rskdist/planning/memory.py, tools/estimate_memory.py) use.
 
-PML's losses hold whole pair (N x N), triplet or (N x N x N) tensors; RS@k's kernel holds
-capped blocks (linear in N). N is the number of rows entering the loss: the global batch
-B, plus its mixed samples with mix="embedding". The model per loss is
+N is the number of rows entering the loss: the global batch B, plus its mixed samples
+with mix="embedding" (all same-class pairs, or `mix_pairs_per_class` of them).
+
+RS@k (`rsk_memory_bytes`) holds, besides the gathered fp32 rows and their gradient (8 N d
+bytes; 16 N d with mix="embedding": the mixed rows and a normalised copy too), either the
+whole S and dS (2 N^2 floats: one process, or mix="embedding", and within sim_cache_mb) or
+one panel of this rank's similarity rows and their gradient (rskdist/loss/rsk.py), plus
+the block buffers of the backend that runs (rskdist/loss/backends.py: eager's
+(block x P x N) tensor, Triton's (block x N) rows, none for the native kernel, which
+reads the rows in place). None of it grows faster than the batch.
+
+PML's losses hold whole pair (N x N), triplet or (N x N x N) tensors:
 
     bytes = n2 * N^2 + n3 * N^3 [smooth_ap; triplet while N^3 < 2^31] + t * T [triplet]
             + nc * N * C [proxy losses] + 16 * N * d   (gathered rows, their gradient,
@@ -17,9 +27,11 @@ runs); each is the ratio at the largest measured batch, where its term dominates
 
 from __future__ import annotations
 
-from rskdist.loss.rsk import DEFAULT_BLOCK_ELEMS, DEFAULT_PANEL_ELEMS, DEFAULT_SIM_CACHE_MB
+from rskdist.loss.backends import BACKENDS, Backend, Backends
+from rskdist.loss.rsk import DEFAULT_PANEL_ELEMS, DEFAULT_SIM_CACHE_MB
 
 GB = 1e9
+MB = 2**20
 
 # Measured bytes per unit of each term (docs/loss.md, "Memory of the baselines").
 MEMORY_COEFFICIENTS: dict[str, dict[str, float]] = {
@@ -38,32 +50,67 @@ MEMORY_COEFFICIENTS: dict[str, dict[str, float]] = {
 _PML_VECTORISED_TRIPLETS = 2**31 - 1
 
 
+def mixed_pairs(per_class: int, mix_pairs_per_class: int | None) -> int:
+    """Mixed samples per class: all same-class pairs, or `mix_pairs_per_class` of them."""
+    pairs = per_class * (per_class - 1) // 2
+    return pairs if mix_pairs_per_class is None else min(pairs, mix_pairs_per_class)
+
+
 def loss_items(batch: int, *, per_class: int = 4, mix: str = "none",
                mix_pairs_per_class: int | None = None) -> tuple[int, int]:
     """(N, n) rows entering the loss and rows per class: the batch, plus the mixed samples
-    (all same-class pairs, or `mix_pairs_per_class` of them) with mix="embedding"."""
-    n = per_class
-    if mix == "embedding":
-        pairs = per_class * (per_class - 1) // 2
-        n += pairs if mix_pairs_per_class is None else min(pairs, mix_pairs_per_class)
+    with mix="embedding"."""
+    n = per_class + (mixed_pairs(per_class, mix_pairs_per_class) if mix == "embedding" else 0)
     return batch // per_class * n, n
 
 
+def planned_backend(impl: str = "auto", device_type: str = "cpu", backends: Backends | None = None) -> Backend:
+    """The backend record `impl` runs on a device of `device_type` where it is available
+    (for planning another machine; the trainer passes the backend resolved on its device)."""
+    backends = BACKENDS if backends is None else backends
+    name = backends.auto.get(device_type, backends.fallback) if backends.check(impl) == "auto" else impl
+    return backends.records[name]
+
+
+def rsk_memory_bytes(batch: int, *, embed_dim: int, world_size: int = 1, per_class: int = 4, mix: str = "simix",
+                     mix_pairs_per_class: int | None = None, impl: str = "auto", device_type: str = "cpu",
+                     block_size: int | None = None, sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
+                     panel_elems: int = DEFAULT_PANEL_ELEMS, backends: Backends | None = None) -> float:
+    """Peak memory one RS@k call adds on one rank, in bytes (float32), for a global batch
+    of `batch` with `per_class` images per class, run by backend `impl` on `device_type`."""
+    backend = planned_backend(impl, device_type, backends)
+    items, _ = loss_items(batch, per_class=per_class, mix=mix, mix_pairs_per_class=mix_pairs_per_class)
+    whole = world_size == 1 or mix == "embedding"  # every rank computes the whole loss
+    virtual = batch // per_class * mixed_pairs(per_class, mix_pairs_per_class) if mix == "simix" else 0
+    num = items + virtual  # extended items: real and SiMix
+    max_pos = per_class - 1 + (mixed_pairs(per_class, mix_pairs_per_class) if mix != "none" else 0)
+    real_rows = items if whole else -(-items // world_size)  # this rank's real queries
+    queries = real_rows + (virtual if whole else -(-virtual // world_size))
+    linear = (16.0 if mix == "embedding" else 8.0) * items * embed_dim
+    rows = block_size or backend.default_rows(device_type, num, max_pos)
+    per_row = num * (max(max_pos, 1) if backend.per_positive else 1)
+    blocks = backend.buffers * min(rows, queries) * per_row * 4
+    dense = 2 * items * items * 4
+    if whole and dense <= sim_cache_mb * MB:
+        return float(linear + blocks + dense)
+    panel_rows = max(rows, panel_elems // max(items, 1))
+    return float(linear + blocks + 2 * min(panel_rows, real_rows) * items * 4)
+
+
 def loss_memory_bytes(name: str, batch: int, *, embed_dim: int, num_classes: int = 0, mix: str = "none",
-                      per_class: int = 4, mix_pairs_per_class: int | None = None, world_size: int = 1) -> float:
+                      per_class: int = 4, mix_pairs_per_class: int | None = None, world_size: int = 1,
+                      impl: str = "auto", device_type: str = "cpu", block_size: int | None = None) -> float:
     """Estimated peak memory one loss call adds, in bytes, for a global batch of `batch`
     with `per_class` images per class. `world_size` only matters for RS@k without
     embedding mixup (each rank then holds its share of the queries); every other loss is
-    computed whole on every rank."""
+    computed whole on every rank. `impl`, `device_type`, `block_size`: RS@k's backend
+    (rskdist/loss/backends.py), the device it runs on and its block size (None: default)."""
+    if name == "rsk":
+        return rsk_memory_bytes(batch, embed_dim=embed_dim, world_size=world_size, per_class=per_class, mix=mix,
+                                mix_pairs_per_class=mix_pairs_per_class, impl=impl, device_type=device_type,
+                                block_size=block_size)
     items, n = loss_items(batch, per_class=per_class, mix=mix, mix_pairs_per_class=mix_pairs_per_class)
     linear = 16.0 * items * embed_dim
-    if name == "rsk":
-        # Capped kernel temporaries plus S and dS (one process, small batch) or a panel of rows.
-        temps = 3 * DEFAULT_BLOCK_ELEMS * 4
-        dense = 2 * items * items * 4
-        if (world_size == 1 or mix == "embedding") and dense <= DEFAULT_SIM_CACHE_MB * 2**20:
-            return float(linear + temps + dense)
-        return float(linear + temps + 2 * DEFAULT_PANEL_ELEMS * 4)
     if name not in MEMORY_COEFFICIENTS:
         raise ValueError(f"loss_memory_bytes: unknown loss {name!r}; known: rsk, {', '.join(MEMORY_COEFFICIENTS)}")
     c = MEMORY_COEFFICIENTS[name]
@@ -79,11 +126,13 @@ def loss_memory_bytes(name: str, batch: int, *, embed_dim: int, num_classes: int
 
 def check_loss_fits(name: str, batch: int, *, embed_dim: int, num_classes: int = 0, mix: str = "none",
                     available_bytes: float, per_class: int = 4, mix_pairs_per_class: int | None = None,
-                    world_size: int = 1) -> float:
+                    world_size: int = 1, impl: str = "auto", device_type: str = "cpu",
+                    block_size: int | None = None) -> float:
     """Raise ValueError, with the numbers, when one loss call on this global batch needs
     more than `available_bytes`; return the estimate otherwise."""
     kw = dict(embed_dim=embed_dim, num_classes=num_classes, mix=mix, per_class=per_class,
-              mix_pairs_per_class=mix_pairs_per_class, world_size=world_size)
+              mix_pairs_per_class=mix_pairs_per_class, world_size=world_size, impl=impl,
+              device_type=device_type, block_size=block_size)
     need = loss_memory_bytes(name, batch, **kw)
     if need <= available_bytes:
         return need

@@ -9,8 +9,8 @@
   the pair's class and appended to the batch, so they enter the loss as ordinary samples.
 - "none": the batch as it is.
 
-Both draw their pairs and weights from the same plan (`simix_plan`), indexing the
-global batch.
+Both draw their pairs and weights from the same plan (`draw_plan`: `simix_plan` of the
+global batch's labels), which the loss draws itself from the generator of its call.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from rskdist.comm import gather_rows, gather_rows_replicated, group_rank_and_size
 from rskdist.loss.rsk import validate_mix
+from rskdist.loss.simix import simix_plan
 
 MIX_MODES = ("none", "embedding", "simix")
 
@@ -55,15 +56,35 @@ def mix_embeddings(
     return torch.cat([embeddings, mixed]), torch.cat([labels, labels[pairs[:, 0]]])
 
 
-def replicated_batch(embeddings: torch.Tensor, labels: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global batch on every rank, for a loss that each rank computes whole.
+def check_group(group, loss: str) -> None:
+    """A loss's third argument is the process group: a plan or generator there is a mistake."""
+    if isinstance(group, (tuple, list, torch.Generator)):
+        raise ValueError(f"{loss}.forward(embeddings, labels, group=None, generator=None): the third argument is "
+                         f"the process group, got a {type(group).__name__}; the loss draws its own mix plan: pass "
+                         "generator=<a torch.Generator> by name")
 
-    Embeddings go through `gather_rows_replicated` (backward keeps this rank's rows, exact
-    because every rank's computation after it is identical); labels through `gather_rows`.
-    group=None returns the inputs: the local batch.
-    """
+
+def global_labels(labels: torch.Tensor, group) -> torch.Tensor:
+    """The labels of the global batch (every rank's, in rank order); group=None: `labels`."""
     _, world = group_rank_and_size(group)
-    if world == 1:
-        return embeddings, labels
-    all_labels, _ = gather_rows(labels, group)
-    return gather_rows_replicated(embeddings, group), all_labels
+    return labels if world == 1 else gather_rows(labels, group)[0]
+
+
+def draw_plan(mix: str, all_labels: torch.Tensor, *, per_class: int | None,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mix plan of a call (None for mix="none"): `simix_plan` of the global batch's
+    labels, drawn on the CPU with `generator` (seeded alike on every rank, the same plan
+    everywhere without communication; None draws from torch's global generator), then
+    moved to the labels' device."""
+    if mix == "none":
+        return None
+    pairs, alphas = simix_plan(all_labels.cpu(), per_class=per_class, generator=generator)
+    return pairs.to(all_labels.device), alphas.to(all_labels.device)
+
+
+def replicated_embeddings(embeddings: torch.Tensor, group) -> torch.Tensor:
+    """The global batch's embeddings on every rank, for a loss that each rank computes whole
+    (`gather_rows_replicated`: backward keeps this rank's rows, exact because every rank's
+    computation after it is identical); group=None returns the rows given."""
+    _, world = group_rank_and_size(group)
+    return embeddings if world == 1 else gather_rows_replicated(embeddings, group)

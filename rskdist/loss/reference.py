@@ -6,6 +6,11 @@ form: it materialises the (queries x positives x batch) tensor, so its memory gr
 B^2 * |P|; it is the baseline that `tools/bench_loss.py` compares against.
 Neither knows about SiMix: tests materialise mixed embeddings and call these on the
 extended batch. `tau1` is a temperature or "k" (tau1 = k for each k).
+
+`rank_sums` and `grad_rows` are the two streaming passes of the fused block
+(rskdist/loss/blocks.py) in plain torch, forming the (bq x P x N) differences: the test
+oracle of the Triton kernels (rskdist/loss/triton_kernels.py), which compute the same
+sums without that tensor.
 """
 
 from __future__ import annotations
@@ -108,3 +113,26 @@ def rsk_loss_dense(
     loss_q = 1.0 - torch.stack(recall_qk, 1).mean(1)
     has_pos_q = num_pos_q > 0
     return loss_q[has_pos_q].mean()
+
+
+def _differences_and_mask(t_qx, t_qp, pos, q, count_self: bool):
+    """(bq, P, N) t_qz - t_qp and which (q, p, z) count (z != p, and z != q unless count_self)."""
+    z = torch.arange(t_qx.shape[1], device=t_qx.device)
+    keep = z != pos[:, :, None]
+    if not count_self:
+        keep = keep & (z != q[:, None, None])
+    return t_qx[:, None, :] - t_qp[:, :, None], keep
+
+
+def rank_sums(t_qx, t_qp, pos, q, count_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bq, P) sums over items of sigma(t_qz - t_qp) and of sigma' = 1 / (2 + 2 cosh), masked."""
+    x, keep = _differences_and_mask(t_qx, t_qp, pos, q, count_self)
+    above = torch.where(keep, torch.sigmoid(x), 0.0).sum(-1)
+    dsum = torch.where(keep, 0.5 / (1.0 + torch.cosh(x)), 0.0).sum(-1)
+    return above, dsum
+
+
+def grad_rows(t_qx, t_qp, pos, q, coef, count_self: bool) -> torch.Tensor:
+    """(bq, N): sum_p coef_qp sigma'(t_qz - t_qp), masked like `rank_sums`."""
+    x, keep = _differences_and_mask(t_qx, t_qp, pos, q, count_self)
+    return torch.where(keep, coef[:, :, None] * (0.5 / (1.0 + torch.cosh(x))), 0.0).sum(1)

@@ -15,10 +15,9 @@ How it is computed
   (s(q, v) = a s(q, i) + (1 - a) s(q, j)), so every matrix product runs over the B
   real embeddings only; virtual items cost scalar work.
 - Queries are processed in blocks of `block_size` rows. For a block we form its
-  similarity rows against all N = B + V items, the (block x P x N) sigmoid tensor, the
-  ranks, and d loss / d rank in closed form. The gradient
-  needs sigmoid' = sigma (1 - sigma), which is derived from the same tensor, so the
-  sigmoid is evaluated once per (q, p, z) and nothing of size B x B x P is ever stored.
+  similarity rows against all N = B + V items and hand them to a block function
+  (rskdist/loss/blocks.py, chosen by rskdist/loss/backends.py), which returns the block's
+  loss and d loss / d similarity; nothing of size B x B x P is ever stored.
 - The gradient with respect to the embeddings is computed during the forward call
   (the loss is always followed by its backward in training) and handed to autograd.
 - Similarity rows come from one of two sources, behind one small interface (`begin` a
@@ -41,13 +40,11 @@ How it is computed
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
-from rskdist.loss.fused import FusedKernel, default_block_rows, on_extended_rows, recall_surrogate, resolve_impl
+from rskdist.loss.backends import BACKENDS, Backends
 
-# Elements of the (block x P x N) sigmoid tensor per block when block_size is None:
-# 2M float32 = 8 MB, small enough to stay near the cache on CPU, large enough for GPUs.
-DEFAULT_BLOCK_ELEMS = 1 << 21
 DEFAULT_SIM_CACHE_MB = 256.0
 # Similarity rows per panel in the stream path: 8M float32 = 32 MB (and as much for their gradient).
 DEFAULT_PANEL_ELEMS = 1 << 23
@@ -154,52 +151,6 @@ class _ExtendedItems:
         return dsim_qr
 
 
-def _block_loss_and_grad(
-    sim_qx: torch.Tensor,
-    q: torch.Tensor,
-    pos: torch.Tensor,
-    valid: torch.Tensor,
-    num_pos: torch.Tensor,
-    opts: RSkOptions,
-    scale: float,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss of a block of queries (times `scale`) and its gradient w.r.t. sim_qx."""
-    inv_t2 = 1.0 / opts.tau2
-    sim_qp = torch.gather(sim_qx, 1, pos)
-    # (bq, P, N): the one big tensor of the block; sigmoid in place, then sigmoid' in place.
-    sig = (sim_qx * inv_t2)[:, None, :] - (sim_qp * inv_t2)[:, :, None]
-    sig.sigmoid_()
-    # Leave out z == p always and z == q unless counting the query itself.
-    sig.scatter_(2, pos[:, :, None], 0.0)
-    if not opts.count_self:
-        sig.scatter_(2, q[:, None, None].expand(-1, sig.shape[1], 1), 0.0)
-    rank = sig.sum(-1).add_(1.0)
-    loss, g_qp = recall_surrogate(rank, valid, num_pos, opts, scale, need_grad)
-    if not need_grad:
-        return loss, None
-
-    # d rank_qp / d s_qz = sig'_qpz / tau2 (z != p), d rank_qp / d s_qp = -sum_z sig'_qpz / tau2.
-    sig.addcmul_(sig, sig, value=-1.0)  # sig' = sig (1 - sig); masked entries stay 0
-    coef_qp = g_qp * inv_t2
-    dsim_qx = torch.bmm(coef_qp[:, None, :], sig).squeeze(1)
-    dsim_qx.scatter_add_(1, pos, -coef_qp * sig.sum(-1))
-    return loss, dsim_qx
-
-
-def _eager_block_in_chunks(sim_qx, q, pos, valid, num_pos, opts, scale, need_grad):
-    """The eager block function over row chunks of its own default size (the fallback of a
-    fused backend, whose blocks are larger: memory O(block x N) instead of O(block x P x N))."""
-    rows = max(1, DEFAULT_BLOCK_ELEMS // (pos.shape[1] * sim_qx.shape[1]))
-    parts = [
-        _block_loss_and_grad(sim_qx[r : r + rows], q[r : r + rows], pos[r : r + rows], valid[r : r + rows],
-                             num_pos[r : r + rows], opts, scale, need_grad)
-        for r in range(0, q.numel(), rows)
-    ]
-    loss = sum(part[0] for part in parts)
-    return loss, (torch.cat([part[1] for part in parts]) if need_grad else None)
-
-
 def rsk_forward_backward(
     keys: torch.Tensor,
     labels: torch.Tensor,
@@ -212,6 +163,8 @@ def rsk_forward_backward(
     sim_cache_mb: float = DEFAULT_SIM_CACHE_MB,
     need_grad: bool = True,
     impl: str = "auto",
+    backends: Backends | None = None,
+    panel_elems: int = DEFAULT_PANEL_ELEMS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The kernel: part of the RS@k loss of (keys, labels) and its gradient w.r.t. keys.
 
@@ -222,10 +175,12 @@ def rsk_forward_backward(
         queries: extended indices (real rows 0..B-1, virtual rows B..B+V-1) that this
             caller computes; None = all. Items without positives are skipped. A rank of
             a data-parallel job passes its own rows (and its share of virtual rows).
-        block_size: queries per block; None picks one for DEFAULT_BLOCK_ELEMS.
+        block_size: queries per block; None takes the backend's default size.
         sim_cache_mb: allow the dense path when 2 x B x B similarities fit in this.
-        impl: block backend, "auto" | "eager" | "native" | "compiled" | "triton" (rskdist/loss/fused.py);
+        impl: block backend, "auto" | "eager" | "native" | "triton" (rskdist/loss/backends.py);
             an unavailable one falls back to "eager" with a warning.
+        backends: the backend table (default: rskdist.loss.backends.BACKENDS).
+        panel_elems: similarity elements per panel of the stream source (at least a block).
 
     Returns:
         loss_part: sum over `queries` of the per-query loss divided by the number of
@@ -237,7 +192,8 @@ def rsk_forward_backward(
     compute_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
     emb = keys.detach().to(compute_dtype)
     num_real = emb.shape[0]
-    impl = resolve_impl(impl, emb.device)
+    backends = BACKENDS if backends is None else backends
+    impl = backends.resolve(impl, emb.device)
     items = _ExtendedItems(labels, pairs, alphas, compute_dtype)
     query_mask = items.is_query(opts.virtual_queries)
     num_queries = int(query_mask.sum())
@@ -250,14 +206,9 @@ def rsk_forward_backward(
     if num_queries == 0 or mine.numel() == 0:
         return emb.new_zeros(()), (torch.zeros_like(emb) if need_grad else None), num_queries
 
-    if impl == "eager":
-        block_fn = on_extended_rows(_block_loss_and_grad)
-    else:
-        block_fn = FusedKernel(impl, emb.device, fallback=on_extended_rows(_eager_block_in_chunks))
-    if block_size is None and impl == "eager":
-        block_size = max(1, DEFAULT_BLOCK_ELEMS // (max(items.max_pos, 1) * items.num))
-    elif block_size is None:
-        block_size = default_block_rows(impl, emb.device, items.num)
+    block_fn = backends.block_fn(impl, emb.device)
+    if block_size is None:
+        block_size = backends.records[impl].default_rows(emb.device.type, items.num, items.max_pos)
     elif block_size < 1:
         raise ValueError(f"RS@k: block_size must be >= 1, got {block_size}")
     cache_bytes = 2 * num_real * num_real * emb.element_size()
@@ -266,7 +217,7 @@ def rsk_forward_backward(
         panels = [_Panel.whole(items, mine)]
     else:
         source = _StreamSimilarity(emb, need_grad)
-        panels = _Panel.by_class(items, mine, max(block_size, DEFAULT_PANEL_ELEMS // max(num_real, 1)))
+        panels = _Panel.by_class(items, mine, max(block_size, panel_elems // max(num_real, 1)))
 
     scale = 1.0 / num_queries
     total = emb.new_zeros(())

@@ -6,7 +6,9 @@ Both read the block's scaled similarity rows t_qz = s_qz / tau2 (bq, N) and neve
   sigma(t_qz - t_qp) and sigma' in registers: the rank (minus 1) and sum_z sigma'.
 - `grad_rows`: one program per (query, tile of BLOCK_N items) loops over the P positives
   and writes d loss / d s_qz for its tile: sum_p coef_qp sigma'(t_qz - t_qp).
-z == p is left out always and z == q unless `count_self`, by index comparison.
+z == p is left out always and z == q unless `count_self`, by index comparison. Their plain
+torch form (`rank_sums`, `grad_rows` in rskdist/loss/reference.py) is what they compute;
+`blocks.fused_block` runs them, `backends.triton_backend` makes them a backend.
 
 On a GPU these run on CUDA tensors; with TRITON_INTERPRET=1 set before triton is imported,
 they run on CPU tensors through triton's interpreter (slow, exact), which is how the tests

@@ -46,7 +46,7 @@ of the global batch (mean over all its queries).
    loss is computed whole on every rank from the gathered batch (`gather_rows_replicated`
    keeps each rank's rows of the embedding gradient), so every rank finds the same, whole
    d L / d P in the loss pass, on an fp32 copy of P that the engine lends its values to
-   (`rskdist.build.StepLoss`). The backprop pass hands it to the engine's P through the
+   (`StepLoss` in rskdist/parallel/step_parts.py). The backprop pass hands it to the engine's P through the
    term <P, dL/dP> added to the first chunk's surrogate, unscaled: DeepSpeed's mean over
    ranks of W identical gradients is that gradient (the W of point 3 must not reach P).
    tests/test_loss_params_distributed.py follows several AdamW steps with a warm-up on 2

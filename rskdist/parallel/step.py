@@ -91,9 +91,9 @@ def two_pass_step(
     `loss_fn` gathers over (needed when world_size > 1, for `emb_grad_norm`).
 
     `loss_params` are leaf tensors `loss_fn` uses besides the embeddings (fp32 copies of
-    a loss's class proxies, `rskdist.build.StepLoss`): their gradient is taken in the
+    a loss's class proxies, `StepLoss` in step_parts.py): their gradient is taken in the
     loss pass and handed to the engine with the first chunk, `engine(x, grads)`, which
-    then returns (embeddings, sum <p, g>) (`rskdist.build.TrainModule`). Every rank
+    then returns (embeddings, sum <p, g>) (`TrainModule` in step_parts.py). Every rank
     computes the same, whole proxy gradient, so DeepSpeed's average over ranks keeps it
     unscaled (rskdist/parallel/gradients.py, 5).
     """

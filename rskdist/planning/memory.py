@@ -40,9 +40,10 @@ allocations (runtime/engine.py, runtime/zero/stage_1_and_2.py) and torch's optim
   backbone on one image with saved-tensor hooks (with activation checkpointing: the
   block inputs plus one block's activations during its recompute).
 - images: one chunk on the device (on CPU the whole local batch lives in host memory).
-- loss: the gathered fp32 embeddings and their gradients, the kernel's block
-  temporaries, and the whole similarity matrix when the single-process dense path
-  applies (rskdist/loss/rsk.py).
+- loss: one loss call, from the loss's own model (`rskdist.loss.loss_memory_bytes`,
+  rskdist/loss/memory.py): for RS@k the gathered fp32 embeddings and their gradients, the
+  block buffers of the backend that runs on the device (`impl`), and the whole
+  similarity matrix when the single-process dense path applies, else a panel of rows.
 
 Measured against real runs in docs/scaling.md. ZeRO-1/2 follow DeepSpeed's code path
 part by part; ZeRO-0 and ZeRO-3 use the same parts but have not been checked against a
@@ -57,7 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rskdist.loss.rsk import DEFAULT_BLOCK_ELEMS, DEFAULT_PANEL_ELEMS, DEFAULT_SIM_CACHE_MB
+from rskdist.loss.memory import loss_memory_bytes
 
 MB = 2**20
 CUDA_RUNTIME_MB = 700.0  # CUDA context + cuBLAS/cuDNN workspaces + allocator slack, typical on H100
@@ -227,23 +228,6 @@ def model_state_bytes(num_params: int, *, precision: str, optimizer: str, zero_s
     }
 
 
-def loss_bytes(*, global_batch: int, embed_dim: int, world_size: int, m: int = 4, simix: bool = True,
-               block_elems: int = DEFAULT_BLOCK_ELEMS, panel_elems: int = DEFAULT_PANEL_ELEMS,
-               sim_cache_mb: float = DEFAULT_SIM_CACHE_MB) -> float:
-    """Gathered keys + key gradients + kernel temporaries: the (block x P x N) tensor, and
-    either the whole S and dS (one process, small batch) or one panel of similarity rows
-    and their gradient (rskdist/loss/rsk.py). Neither grows with the batch beyond its cap.
-    """
-    keys = 2 * global_batch * embed_dim * 4  # gathered fp32 embeddings and their gradient
-    temps = 3 * block_elems * 4  # the (block x P x N) tensor and its row-sized companions
-    dense = 2 * global_batch * global_batch * 4
-    if world_size == 1 and dense <= sim_cache_mb * MB:
-        return float(keys + temps + dense)
-    rows = global_batch // world_size * (1 + ((m - 1) / 2 if simix else 0))  # this rank's queries
-    panel = 2 * min(panel_elems, rows * global_batch) * 4
-    return float(keys + temps + panel)
-
-
 def estimate_memory(
     *,
     backbone: str,
@@ -265,12 +249,15 @@ def estimate_memory(
     loss_name: str = "rsk",
     mix: str | None = None,
     num_classes: int = 0,
+    mix_pairs_per_class: int | None = None,
+    impl: str = "auto",
+    block_size: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one rank; see the module docstring for the parts.
 
-    RS@k's part is its blockwise kernel (`loss_bytes`, with `simix`); a baseline loss, or
-    any loss with `mix="embedding"`, is computed whole on every rank and takes
-    `rskdist.loss.loss_memory_bytes` (its B x B matrices; `num_classes` for proxy losses).
+    The loss part is `rskdist.loss.loss_memory_bytes` (mix: `mix`, else "simix" when
+    `simix`, else "none"; RS@k's backend `impl` as it resolves on `device`; `num_classes`
+    for proxy losses).
 
     `deepspeed_config` is the config the trainer generates (rskdist.build.deepspeed_config);
     its zero_optimization bucket settings size the gradient bucket. Without it, DeepSpeed's
@@ -319,23 +306,15 @@ def estimate_memory(
         **{name: b / MB for name, b in states.items()},
         "activations": per_image * chunk / MB,
         "images": held_images * image_bytes / MB,
-        "loss": _loss_part(loss_name, mix, simix=simix, global_batch=global_batch, embed_dim=embed_dim,
-                           world_size=world_size, m=m, num_classes=num_classes) / MB,
+        "loss": loss_memory_bytes(loss_name, global_batch, embed_dim=embed_dim, num_classes=num_classes,
+                                  mix=mix or ("simix" if simix else "none"), per_class=m,
+                                  mix_pairs_per_class=mix_pairs_per_class, world_size=world_size, impl=impl,
+                                  device_type=device, block_size=block_size) / MB,
     }
     facts = {"num_params": num_params, "activation_mb_per_image": round(per_image / MB, 3),
              "local_batch": local_batch, "chunk": chunk, "chunks": math.ceil(local_batch / chunk),
              "reduce_bucket_size": zero.reduce_bucket_size, "overlap_comm": zero.overlap_comm}
     return MemoryEstimate(parts, facts)
-
-
-def _loss_part(loss_name: str, mix: str | None, *, simix: bool, global_batch: int, embed_dim: int,
-               world_size: int, m: int, num_classes: int) -> float:
-    if loss_name == "rsk" and mix != "embedding":
-        return loss_bytes(global_batch=global_batch, embed_dim=embed_dim, world_size=world_size, m=m, simix=simix)
-    from rskdist.loss import loss_memory_bytes
-
-    return loss_memory_bytes(loss_name, global_batch, embed_dim=embed_dim, num_classes=num_classes,
-                             mix=mix or "none", per_class=m, world_size=world_size)
 
 
 _RUNTIME_PROBE = """

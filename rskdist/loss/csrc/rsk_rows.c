@@ -28,6 +28,39 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Returned by rsk_rows_* when scratch memory cannot be allocated (0: done). An error code,
+ * not a NaN loss: the file is built with -ffinite-math-only, under which NaN tests may be
+ * folded away. */
+#define RSK_ENOMEM 1
+
+/* What one call needs: the block's rows and items, by name (ctypes mirrors this layout in
+ * rskdist/loss/native.py, _Args). sim, alpha and dsim point to float or double, as the
+ * function called (rsk_rows_f32 or rsk_rows_f64); see rsk_rows_impl.h for each field. */
+struct rsk_rows_args {
+    const void *sim;
+    int64_t sim_stride;
+    int64_t n_real;
+    int64_t n_virtual;
+    const int64_t *real_at;
+    const int64_t *real_col;
+    const int64_t *virt_at;
+    const int64_t *first;
+    const int64_t *second;
+    const void *alpha;
+    const int64_t *q;
+    const int64_t *pos;
+    int64_t width;
+    const int64_t *num_pos;
+    const double *ks;
+    int64_t num_ks;
+    const double *tau1;
+    double tau2;
+    int64_t count_self;
+    double scale;
+    void *dsim;
+    int64_t dsim_stride;
+};
+
 /* sigma(x) for |x| > 80 is 0 or 1 in either type; clamping keeps exp finite. */
 #define RSK_CLAMP 80
 /* Positives whose t lie within 2 * RSK_HALF of each other share one exp per item. */
@@ -73,4 +106,4 @@ static inline double exp_f64(double x) { return exp(x); }
 #undef NAME
 
 /* For the loader: the version of this interface. */
-int rsk_rows_abi(void) { return 4; }
+int rsk_rows_abi(void) { return 5; }

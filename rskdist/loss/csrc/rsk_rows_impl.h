@@ -64,7 +64,7 @@ __attribute__((noinline)) static void NAME(add_weighted)(REAL *restrict gz, cons
 
 /* One query's recall surrogate from its ranks: returns its loss (times scale) and writes
  * d loss / d rank_p into grad_rank (when not NULL). Same formula as recall_surrogate in
- * rskdist/loss/fused.py: R_k = min(sum_p sigma((k - rank_p) / tau1_k), k) / min(k, P),
+ * rskdist/loss/blocks.py: R_k = min(sum_p sigma((k - rank_p) / tau1_k), k) / min(k, P),
  * one temperature tau1[k] per k. */
 static double NAME(recall)(const double *rank, int64_t np, const double *ks, int64_t num_ks, const double *tau1,
                            double scale, double *grad_rank) {
@@ -104,8 +104,11 @@ static int64_t NAME(group_positives)(const REAL *tp, int64_t np, int64_t *order,
     return groups;
 }
 
-/* Loss (times scale, summed over the rows) of n_rows queries; when dsim is not NULL, also
- * d loss / d s for their real similarity rows, written to dsim (n_rows x n_real).
+/* Loss (times scale, summed over the rows) of the queries in rows [row_begin, row_end) of
+ * the block described by `a` (struct rsk_rows_args in rsk_rows.c), added to *loss; when
+ * a->dsim is not NULL, also d loss / d s for their real similarity rows, written to the
+ * same rows of dsim (n_rows x n_real). Returns 0, or RSK_ENOMEM when scratch memory
+ * cannot be allocated (nothing is written then).
  *
  * The kernel keeps a query's n = n_real + n_virtual items in a layout of its caller's
  * choosing (rskdist/loss/native.py puts each class's real and virtual items side by side,
@@ -116,15 +119,15 @@ static int64_t NAME(group_positives)(const REAL *tp, int64_t np, int64_t *order,
  *            two parents, and its weight; NULL when n_virtual == 0
  *   q        (n_rows) each row's query, a layout position
  *   pos      (n_rows x width) positives as layout positions, num_pos[i] of them valid
- *   ks, tau1 (num_ks) the k values and the recall sigmoid's temperature of each
- * Returns NAN if scratch memory cannot be allocated (nothing is written then). */
-double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64_t n_real, int64_t n_virtual,
-                      const int64_t *real_at, const int64_t *real_col, const int64_t *virt_at, const int64_t *first,
-                      const int64_t *second, const REAL *alpha, const int64_t *q, const int64_t *pos, int64_t width,
-                      const int64_t *num_pos, const double *ks, int64_t num_ks, const double *tau1, double tau2,
-                      int count_self, double scale, REAL *dsim, int64_t dsim_stride) {
+ *   ks, tau1 (num_ks) the k values and the recall sigmoid's temperature of each */
+int NAME(rsk_rows)(const struct rsk_rows_args *a, int64_t row_begin, int64_t row_end, double *loss) {
+    const REAL *sim = a->sim, *alpha = a->alpha;
+    REAL *dsim = a->dsim;
+    const int64_t n_real = a->n_real, n_virtual = a->n_virtual, width = a->width;
+    const int64_t *real_at = a->real_at, *real_col = a->real_col, *virt_at = a->virt_at;
+    const int64_t *first = a->first, *second = a->second;
     const int64_t n = n_real + n_virtual, w = width > 0 ? width : 1;
-    const REAL inv_t2 = (REAL)(1 / tau2);
+    const REAL inv_t2 = (REAL)(1 / a->tau2);
     REAL *t = malloc(sizeof(REAL) * n);
     REAL *g = dsim ? malloc(sizeof(REAL) * n) : NULL;
     REAL *u = malloc(sizeof(REAL) * n * w);
@@ -132,17 +135,17 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
     int64_t *index = malloc(sizeof(int64_t) * (2 * w + 1));
     if (!t || !u || !work || !index || (dsim && !g)) {
         free(t), free(g), free(u), free(work), free(index);
-        return NAN;
+        return RSK_ENOMEM;
     }
     double *above = work, *dsum = work + w, *rank = work + 2 * w, *coef = work + 3 * w;
     REAL *tp = (REAL *)(work + 4 * w), *ep = (REAL *)(work + 5 * w);
     int64_t *order = index, *bounds = index + w;
     double total = 0;
 
-    for (int64_t i = 0; i < n_rows; i++) {
-        const REAL *row = sim + i * sim_stride;
-        const int64_t *pos_i = pos + i * width;
-        const int64_t np = num_pos[i], qi = q[i];
+    for (int64_t i = row_begin; i < row_end; i++) {
+        const REAL *row = sim + i * a->sim_stride;
+        const int64_t *pos_i = a->pos + i * width;
+        const int64_t np = a->num_pos[i], qi = a->q[i];
         for (int64_t k = 0; k < n_real; k++) t[real_at[k]] = row[real_col[k]] * inv_t2;
         for (int64_t k = 0; k < n_virtual; k++) t[virt_at[k]] = alpha[k] * t[first[k]] + (1 - alpha[k]) * t[second[k]];
         for (int64_t p = 0; p < np; p++) tp[p] = t[pos_i[p]];
@@ -164,14 +167,14 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
                 REAL s, d;
                 NAME(sigmoid_of_e)(ep[p] * uk[pos_i[p]], &s, &d);
                 above[p] -= s, dsum[p] -= d;
-                if (!count_self) {
+                if (!a->count_self) {
                     NAME(sigmoid_of_e)(ep[p] * uk[qi], &s, &d);
                     above[p] -= s, dsum[p] -= d;
                 }
             }
         }
         for (int64_t p = 0; p < np; p++) rank[p] = 1 + above[p];
-        total += NAME(recall)(rank, np, ks, num_ks, tau1, scale, dsim ? coef : NULL);
+        total += NAME(recall)(rank, np, a->ks, a->num_ks, a->tau1, a->scale, dsim ? coef : NULL);
         if (!dsim) continue;
 
         /* pass 2: g_z = sum_p coef_p sigma'(t_z - t_p) over all z (corrected below), by
@@ -199,18 +202,19 @@ double NAME(rsk_rows)(const REAL *sim, int64_t sim_stride, int64_t n_rows, int64
                 g[pos_i[p]] -= (REAL)(coef[p] * dsum[p]);
             }
         }
-        if (!count_self) g[qi] = 0; /* every term of z == q is left out */
+        if (!a->count_self) g[qi] = 0; /* every term of z == q is left out */
 
         /* fold virtual columns onto their real parents, then the real ones out in batch order */
         for (int64_t k = 0; k < n_virtual; k++) {
             g[first[k]] += alpha[k] * g[virt_at[k]];
             g[second[k]] += (1 - alpha[k]) * g[virt_at[k]];
         }
-        REAL *out = dsim + i * dsim_stride;
+        REAL *out = dsim + i * a->dsim_stride;
         for (int64_t k = 0; k < n_real; k++) out[real_col[k]] = g[real_at[k]];
     }
     free(t), free(g), free(u), free(work), free(index);
-    return total;
+    *loss += total;
+    return 0;
 }
 
 #undef RSK_CHUNK

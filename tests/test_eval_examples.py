@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
         "data.global_batch=8", "data.m=2", "eval.batch_size=16",
         "model.backbone_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}"])
     torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg.model, pretrained=False)
     run = tmp / "run"
     run.mkdir()
     validator = Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=model.mean,
@@ -147,7 +147,7 @@ def test_synthetic_runs_get_pictures_too(tmp_path):
     want = (images[:3] * 0.25 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
     assert torch.equal(shown, want)
     torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg.model, pretrained=False)
     Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=model.mean, std=model.std,
               steps_per_epoch=1, run_dir=tmp_path).evaluate(model, torch.float32)
     assert (tmp_path / PAGE).read_text().count("<tr>") == 5

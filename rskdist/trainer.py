@@ -303,19 +303,17 @@ class Trainer:
         return {self._ema_file(): self.ema.state_dict()}
 
     def _load_ema(self, folder, saved_world: int) -> None:
-        path = folder / self._ema_file()
-        if self.cfg.deepspeed.zero_stage == 3 and saved_world != self.ctx.world_size:
-            path = folder / "ema_rank0.pt"  # every saved rank's partitions, re-cut for this world size
+        recut = self.cfg.deepspeed.zero_stage == 3 and saved_world != self.ctx.world_size
+        path = folder / ("ema_rank0.pt" if recut else self._ema_file())
         if not path.is_file():
             self.log.say(f"resume: {folder} has no weight average ({path.name}; optim.ema_decay was off when it "
                          f"was saved): the average starts from the resumed weights")
-            return
-        if path.name == self._ema_file():
+        elif recut:  # every saved rank's partitions, re-cut for this world size
+            states = [torch.load(folder / f"ema_rank{r}.pt", map_location=self.ctx.device, weights_only=True)
+                      for r in range(saved_world)]
+            self.ema.load_resharded(states, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        else:
             self.ema.load_state_dict(torch.load(path, map_location=self.ctx.device, weights_only=True))
-            return
-        states = [torch.load(folder / f"ema_rank{r}.pt", map_location=self.ctx.device, weights_only=True)
-                  for r in range(saved_world)]
-        self.ema.load_resharded(states, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def _base_lr(self) -> float:
         """optim.lr under the schedule now: the model's (or head's) group LR over its scale,

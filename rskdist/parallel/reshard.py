@@ -5,9 +5,10 @@ saved them (ZeRO-3 the weights too), one file per rank. A checkpoint saved on W 
 loaded on W' != W through DeepSpeed's universal checkpoint: rank 0 converts the folder
 once (`deepspeed.checkpoint.ds_to_universal`: per parameter, the whole fp32 weight and
 each optimizer moment, plus the optimizer's step) into <tag>/universal/, and every rank
-then takes its new partition from it (`checkpoint.load_universal`). The conversion is a
-cache: written under a temporary name and renamed when whole, reused by a later resume,
-pruned with its checkpoint. ZeRO-0 keeps the whole optimizer state on every rank (fp32
+then takes its new partition from it (`checkpoint.load_universal`; two defects of
+DeepSpeed 0.19's ZeRO-3 load are mended after it: each parameter group gets its own saved
+settings back, and its own Adam step counter). The conversion is a cache: written under a
+temporary name and renamed when whole, reused by a later resume, pruned with its checkpoint. ZeRO-0 keeps the whole optimizer state on every rank (fp32
 and bf16 alike): its files load on any world size as they are.
 
 The ZeRO-3 weight average (rskdist/parallel/ema.py) holds each rank's partitions, one
@@ -74,9 +75,34 @@ def load_on_new_world(engine, folder: Path, tag: str, *, saved_world: int, rank:
     config = engine._config  # DeepSpeed reads the switch at load time; off again after, for later loads
     config.load_universal_checkpoint = True
     try:
-        return engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL)
+        loaded = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL)
     finally:
         config.load_universal_checkpoint = False
+    if engine.zero_optimization_stage() == 3:
+        _restore_group_settings(engine.optimizer.param_groups, tag_dir / UNIVERSAL)
+    # DeepSpeed's ZeRO-3 universal load hands every group's state the same `step` tensor,
+    # which torch's Adam then advances in place once per group: each its own copy.
+    for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return loaded
+
+
+def _restore_group_settings(groups: list[dict], universal: Path) -> None:
+    """Give each optimizer parameter group its own saved settings (lr, weight decay, role,
+    ...): DeepSpeed's ZeRO-3 universal load (0.19) gives every group the first group's,
+    which would move a frozen backbone's LR of 0, or 100x proxy LR, onto the other groups.
+    ZeRO 1-2 restore each group's own."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",  # DeepSpeed's own file
+                       weights_only=False)[OPTIMIZER_STATE_DICT]["param_groups"]
+    if len(saved) != len(groups):
+        raise ValueError(f"resume: the universal checkpoint {universal} has {len(saved)} optimizer parameter groups, "
+                         f"this run {len(groups)} (ZeRO-3 sub-groups split differently on this world size?); resume "
+                         f"on the world size that saved it, or raise deepspeed.extra.zero_optimization.sub_group_size")
+    for group, settings in zip(groups, saved):
+        group.update({key: value for key, value in settings.items() if key != "params"})
 
 
 def _missing_files(tag_dir: Path, saved_world: int) -> str | None:

@@ -8,7 +8,8 @@ Each pointer is replaced atomically and only after every rank finished writing, 
 crash during a save leaves both pointing at complete checkpoints. Pruning keeps the
 newest `keep` tags plus the one `best` names, and runs only after a good save.
 ZeRO-3 partitions the weights over the ranks' files; DeepSpeed's consolidation rebuilds
-them for evaluation.
+them for evaluation. A checkpoint resumes on another world size too: ZeRO 1-3 optimizer
+state is then re-sharded (rskdist/parallel/reshard.py).
 """
 
 from __future__ import annotations

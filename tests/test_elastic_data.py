@@ -130,3 +130,19 @@ def test_the_line_that_says_what_changed():
     assert "dropout and drop-path masks differ" in world_change(saved, ragged, zero_stage=0)
     assert "re-sharded" not in world_change(saved, ragged, zero_stage=0)
     assert chunk_starts(2, 8, 4) == chunk_starts(4, 4, 4) == {0, 4, 8, 12}
+
+
+def test_saved_world_size_from_the_manifest_else_the_optimizer_files(tmp_path):
+    from rskdist.parallel.reshard import saved_world_size
+
+    assert saved_world_size(tmp_path) is None  # ZeRO-0 without a manifest: nothing says
+    for r in range(3):
+        (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    assert saved_world_size(tmp_path) == 3
+    (tmp_path / "complete.json").write_text('{"tag": "step00000002", "world_size": 4, "files": {}}')
+    assert saved_world_size(tmp_path) == 4
+    # Resumed on another world size, the conversion needs every saving rank's file in the folder.
+    from rskdist.parallel.reshard import _missing_files
+
+    assert _missing_files(tmp_path, 3) is None
+    assert "saved on 4 ranks but holds the ZeRO optimizer files of 3" in _missing_files(tmp_path, 4)

@@ -216,9 +216,10 @@ class Drill:
             self.references[layout] = losses(out / "debug")
         return self.references[layout]
 
-    def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout) -> str:
-        """Rerun the same command(s): the step resumed from and the losses against an
-        uninterrupted run of the same layout."""
+    def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout,
+               rerun_cmds: Callable | None = None) -> str:
+        """Rerun the same command(s) (or `cmds`, on another world size): the step resumed from
+        and the losses against an uninterrupted run of the same layout."""
         rerun = Job(cmds)
         rerun.finish()
         match = re.search(r"resumed from \S+ at step (\d+)", rerun.log)
@@ -226,10 +227,18 @@ class Drill:
             return f"rerun failed (exit {rerun.codes}): {' / '.join(key_lines(rerun.log))}"
         step, got, want = int(match.group(1)), losses(out / "debug"), self.uninterrupted(layout, make_cmds)
         diff = max(abs(got[s] - want[s]) for s in range(step + 1, STEPS + 1))
-        verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
         change = re.search(r"world size (\d+) -> (\d+)", rerun.log)  # a resume on another world size says so
-        where = f" on {change.group(2)} rank(s) instead of {change.group(1)}" if change else ""
-        return f"from step {step}{where}; {verdict} (max diff {diff:.1e})"
+        if not change:
+            verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
+            return f"from step {step}; {verdict} (max diff {diff:.1e})"
+        # Other ranks add the same numbers in another order: held against how far two
+        # uninterrupted runs on the two world sizes drift apart over the same steps.
+        other = self.uninterrupted(f"{layout}-on-{change.group(2)}", rerun_cmds)
+        spread = max(abs(other[s] - want[s]) for s in range(step + 1, STEPS + 1))
+        first = abs(got[step + 1] - want[step + 1])
+        return (f"from step {step} on {change.group(2)} rank(s) instead of {change.group(1)}; max diff {diff:.1e} "
+                f"(first resumed step {first:.1e}); uninterrupted runs on {change.group(1)} and {change.group(2)} "
+                f"rank(s) differ by {spread:.1e} over the same steps (reduction order)")
 
 
 def _inject(job: Job, out: Path, sig: signal.Signals, rank: int | None, launcher: bool = False) -> float:
@@ -266,7 +275,7 @@ def kill_fault(make_cmds: Callable[[Path], list], sig=signal.SIGKILL, rank: int 
         ended = job.finish() - t_fault
         again = (rerun_cmds or make_cmds)(out, (f"run.save_every={save_every}",))
         return dict(ended_s=round(ended, 1), exit_codes=job.codes, messages=key_lines(job.log),
-                    latest=latest(out), resume=drill.resume(out, again, layout, make_cmds))
+                    latest=latest(out), resume=drill.resume(out, again, layout, make_cmds, rerun_cmds))
     return run
 
 

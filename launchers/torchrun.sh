@@ -6,6 +6,8 @@
 #
 # NPROC (processes per node, default: GPUs, or 2 on CPU), NNODES (default 1), NODE_RANK
 # (default 0), MASTER_ADDR (default 127.0.0.1), MASTER_PORT (default 29500), CONFIG.
+# After a lost node, run it again with the nodes left (NNODES, NPROC): the run resumes from
+# its latest checkpoint on the new world size with the same global batches (docs/launching.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CONFIG:?set CONFIG=configs/<experiment>.yaml}"

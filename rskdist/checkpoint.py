@@ -225,7 +225,6 @@ class CheckpointManager:
         self.resumed_from = folder / tag
         return load_path, client
 
-
     def _load(self, folder: Path, tag: str) -> tuple[str | None, dict]:
         """engine.load_checkpoint, re-sharding the optimizer state when the checkpoint was
         saved on another world size (rskdist/parallel/reshard.py)."""

@@ -8,8 +8,9 @@ each optimizer moment, plus the optimizer's step) into <tag>/universal/, and eve
 then takes its new partition from it (`checkpoint.load_universal`; two defects of
 DeepSpeed 0.19's ZeRO-3 load are mended after it: each parameter group gets its own saved
 settings back, and its own Adam step counter). The conversion is a cache: written under a
-temporary name and renamed when whole, reused by a later resume, pruned with its checkpoint. ZeRO-0 keeps the whole optimizer state on every rank (fp32
-and bf16 alike): its files load on any world size as they are.
+temporary name and renamed when whole, reused by a later resume, pruned with its
+checkpoint. ZeRO-0 keeps the whole optimizer state on every rank (fp32 and bf16 alike):
+its files load on any world size as they are.
 
 The ZeRO-3 weight average (rskdist/parallel/ema.py) holds each rank's partitions, one
 file per rank: `reshard_partitions` joins the saved ranks' partitions of each parameter

@@ -8,7 +8,8 @@ Each pointer is replaced atomically and only after every rank finished writing, 
 crash during a save leaves both pointing at complete checkpoints. Pruning keeps the
 newest `keep` tags plus the one `best` names, and runs only after a good save.
 ZeRO-3 partitions the weights over the ranks' files; DeepSpeed's consolidation rebuilds
-them for evaluation.
+them for evaluation. A checkpoint resumes on another world size too: ZeRO 1-3 optimizer
+state is then re-sharded (rskdist/parallel/reshard.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from rskdist.comm import broadcast_object, gather_objects
+from rskdist.comm import broadcast_object, gather_objects, group_rank_and_size
 from rskdist.models.spec import write_spec
 
 POINTERS = ("latest", "best")
@@ -113,6 +114,7 @@ class CheckpointManager:
         self.barrier, self.group = barrier, group
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None  # the checkpoint folder `resume` loaded
+        self.saved_world_size: int | None = None  # how many ranks saved it (None: unknown)
 
     def save(self, step: int, client_state: dict[str, Any], *, prune: bool = True,
              rank_files: dict[str, Any] | None = None) -> str:
@@ -217,11 +219,24 @@ class CheckpointManager:
                              f"checkpoints folder; "
                              f"give every node the same checkpoints folder (a shared filesystem, or copy it) "
                              f"or start fresh with run.resume=never")
-        load_path, client = self.engine.load_checkpoint(str(folder), tag=tag)
+        load_path, client = self._load(folder, tag)
         if load_path is None:
             raise ValueError(f"resume: no loadable checkpoint in {folder}; use run.resume=never to start fresh")
         self.resumed_from = folder / tag
         return load_path, client
+
+    def _load(self, folder: Path, tag: str) -> tuple[str | None, dict]:
+        """engine.load_checkpoint, re-sharding the optimizer state when the checkpoint was
+        saved on another world size (rskdist/parallel/reshard.py)."""
+        from rskdist.parallel.reshard import load_on_new_world, partitioned, saved_world_size
+
+        world_size = group_rank_and_size(self.group)[1]
+        self.saved_world_size = broadcast_object(saved_world_size(folder / tag), self.group)
+        if self.saved_world_size in (None, world_size) or not partitioned(self.engine):
+            return self.engine.load_checkpoint(str(folder), tag=tag)
+        return load_on_new_world(self.engine, folder, tag, saved_world=self.saved_world_size, rank=self.rank,
+                                 world_size=world_size, broadcast=lambda obj: broadcast_object(obj, self.group),
+                                 barrier=self.barrier)
 
 
 def _disagreement(reports: list) -> str | None:

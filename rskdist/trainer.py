@@ -23,6 +23,7 @@ from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
 from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.ema import WeightEMA
+from rskdist.parallel.reshard import world_change
 from rskdist.parallel.step_parts import StepLoss
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
@@ -177,7 +178,7 @@ class Trainer:
         if self.checkpoints.last_saved_step == self.step:
             return
         state = {"step": self.step, "data": self.train_stream.state_dict(),
-                 "best": self.validator.best.state_dict()}
+                 "best": self.validator.best.state_dict(), "layout": self._layout_record()}
         tag = self.checkpoints.save(self.step, {"trainer": state}, rank_files=self._ema_files())
         if self.mirror is not None:
             self.mirror.saved(tag)  # uploaded in the background; the step does not wait
@@ -191,15 +192,24 @@ class Trainer:
             return False
         load_path, client = loaded
         state = client["trainer"]
+        saved_layout = self._saved_layout(state)
+        if saved_layout["global_batch"] != self.cfg.data.global_batch:
+            raise ValueError(f"resume: {self.checkpoints.resumed_from} was trained with data.global_batch="
+                             f"{saved_layout['global_batch']}, the config says {self.cfg.data.global_batch}: the run "
+                             f"would not see its batches; resume with data.global_batch={saved_layout['global_batch']} "
+                             f"(any world size that divides it), or start a new run")
         self.step = int(state["step"])
         if self.step > 0:
             self.saturation = None  # the check watches a run's first steps
         self.train_stream.load_state_dict(state["data"])
         if self.ema is not None:
-            self._load_ema(self.checkpoints.resumed_from)
+            self._load_ema(self.checkpoints.resumed_from, saved_layout["world_size"])
         if state.get("best"):
             self.validator.best.load_state_dict(state["best"])
         self.log.say(f"resumed from {load_path} at step {self.step}")
+        change = world_change(saved_layout, self._layout_record(), zero_stage=self.cfg.deepspeed.zero_stage)
+        if change:
+            self.log.say(change)
         return True
 
     def finish_uploads(self) -> None:
@@ -212,6 +222,22 @@ class Trainer:
             raise ValueError(f"the run folder on {self.ctx.run_url} is behind its staging copy {self.ctx.run_dir} "
                              f"(rank {self.ctx.rank}): " + "; ".join(missing) + ". Everything is in the staging "
                              "folder; rerun the same command on this node to upload it")
+
+    def _layout_record(self) -> dict:
+        """How the global batch is laid out over this run's ranks (saved, compared on resume)."""
+        lay = self.layout
+        return {"world_size": self.ctx.world_size, "global_batch": lay.global_batch, "local_batch": lay.local_batch,
+                "chunk_size": lay.chunk_size, "num_chunks": lay.num_chunks}
+
+    def _saved_layout(self, state: dict) -> dict:
+        """The layout a checkpoint was saved with; for one saved before the record, what the
+        checkpoint's files say (the world size) and the config (the rest)."""
+        if "layout" in state:
+            return state["layout"]
+        world = self.checkpoints.saved_world_size or state["data"].get("world_size", self.ctx.world_size)
+        local = self.cfg.data.global_batch // world
+        return {"world_size": world, "global_batch": self.cfg.data.global_batch, "local_batch": local,
+                "chunk_size": self.cfg.data.chunk_size, "num_chunks": -(-local // self.cfg.data.chunk_size)}
 
     # ----------------------------------------------------------------- records
     def _open_run_folder(self) -> None:
@@ -303,13 +329,18 @@ class Trainer:
             return {}
         return {self._ema_file(): self.ema.state_dict()}
 
-    def _load_ema(self, folder) -> None:
-        path = folder / self._ema_file()
+    def _load_ema(self, folder, saved_world: int) -> None:
+        recut = self.cfg.deepspeed.zero_stage == 3 and saved_world != self.ctx.world_size
+        path = folder / ("ema_rank0.pt" if recut else self._ema_file())
         if not path.is_file():
             self.log.say(f"resume: {folder} has no weight average ({path.name}; optim.ema_decay was off when it "
                          f"was saved): the average starts from the resumed weights")
-            return
-        self.ema.load_state_dict(torch.load(path, map_location=self.ctx.device, weights_only=True))
+        elif recut:  # every saved rank's partitions, re-cut for this world size
+            states = [torch.load(folder / f"ema_rank{r}.pt", map_location=self.ctx.device, weights_only=True)
+                      for r in range(saved_world)]
+            self.ema.load_resharded(states, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        else:
+            self.ema.load_state_dict(torch.load(path, map_location=self.ctx.device, weights_only=True))
 
     def _base_lr(self) -> float:
         """optim.lr under the schedule now: the model's (or head's) group LR over its scale,

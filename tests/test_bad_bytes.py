@@ -88,8 +88,8 @@ def test_corrupt_training_image_is_replaced_by_its_class(clean, tmp_path, num_wo
     labels = S.load_split(root, "train").labels
     sub = event["substitute"]
     assert sub != target and labels[sub] == labels[target] and sub not in batch  # same class, not in the step
-    # Decoded with the position's own augmentation key (seed, epoch, step, rank, position).
-    assert torch.equal(got[step][0][pos], expected_image(root, sub, (3, 0, step, rank, pos)))
+    # Decoded with the position's own augmentation key (seed, epoch, step, place in the global batch).
+    assert torch.equal(got[step][0][pos], expected_image(root, sub, (3, 0, step, rank * len(batch) + pos)))
     # The other rank reads none of it.
     other, other_loader = run_epoch(root, rank=0, world_size=2)
     assert other_loader.bad_samples == 0 and len(other) == len(ref)

@@ -325,7 +325,8 @@ def test_batches_independent_of_workers_and_match_direct_decode(uneven):
     idx = a[1][0][2][0]
     row = table.samples[idx]
     data = S.ShardReader(table.shard_paths).read(int(row["shard"]), int(row["offset"]), int(row["size"]))
-    ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 1, 0]))  # (seed, epoch, step, rank, position)
+    # (seed, epoch, step, place in the global batch): rank 1's first image is the 5th (4 images a rank).
+    ref = decode_train(data, SIZE, np.random.default_rng([0, 0, 0, 4]))
     expected = normalize(torch.from_numpy(ref[None].copy()), IMAGENET_MEAN, IMAGENET_STD)
     assert torch.equal(a[1][0][0][:1], expected)
 
@@ -369,7 +370,7 @@ def test_resume_rejects_changed_plan(uneven):
     root, _ = uneven
     a = build_train_loader(root, rank=0, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
     b = build_train_loader(root, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="global_classes=4 in the checkpoint but 2 now"):  # another global batch
         b.load_state_dict(a.state_dict())
 
 

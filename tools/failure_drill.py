@@ -77,12 +77,14 @@ def no_ssh_cmds(out: Path, tmp: Path, extra=()) -> list[list[str]]:
              "127.0.0.1", "--master_port", port, "rskdist/train.py", *_train_args(out, *extra)] for node in (0, 1)]
 
 
-def torchrun_cmds(out: Path, nodes: int, extra=()) -> list[tuple[list[str], dict]]:
-    """launchers/torchrun.sh, on one node with 2 processes or on `nodes` loopback nodes of one."""
+def torchrun_cmds(out: Path, nodes: int, extra=(), nproc: int | None = None) -> list[tuple[list[str], dict]]:
+    """launchers/torchrun.sh, on one node with 2 processes or on `nodes` loopback nodes of one
+    (`nproc` processes per node instead: a job that lost a node)."""
     port = str(_free_port())
     return [(["bash", "launchers/torchrun.sh", *_train_args(out, *extra)[2:]],
              dict(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=str(nodes), NODE_RANK=str(node),
-                  NPROC=str(2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for node in range(nodes)]
+                  NPROC=str(nproc or 2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for node in range(nodes)]
 
 
 class Job:
@@ -214,9 +216,10 @@ class Drill:
             self.references[layout] = losses(out / "debug")
         return self.references[layout]
 
-    def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout) -> str:
-        """Rerun the same command(s): the step resumed from and the losses against an
-        uninterrupted run of the same layout."""
+    def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout,
+               rerun_cmds: Callable | None = None) -> str:
+        """Rerun the same command(s) (or `cmds`, on another world size): the step resumed from
+        and the losses against an uninterrupted run of the same layout."""
         rerun = Job(cmds)
         rerun.finish()
         match = re.search(r"resumed from \S+ at step (\d+)", rerun.log)
@@ -224,8 +227,18 @@ class Drill:
             return f"rerun failed (exit {rerun.codes}): {' / '.join(key_lines(rerun.log))}"
         step, got, want = int(match.group(1)), losses(out / "debug"), self.uninterrupted(layout, make_cmds)
         diff = max(abs(got[s] - want[s]) for s in range(step + 1, STEPS + 1))
-        verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
-        return f"from step {step}; {verdict} (max diff {diff:.1e})"
+        change = re.search(r"world size (\d+) -> (\d+)", rerun.log)  # a resume on another world size says so
+        if not change:
+            verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
+            return f"from step {step}; {verdict} (max diff {diff:.1e})"
+        # Other ranks add the same numbers in another order: held against how far two
+        # uninterrupted runs on the two world sizes drift apart over the same steps.
+        other = self.uninterrupted(f"{layout}-on-{change.group(2)}", rerun_cmds)
+        spread = max(abs(other[s] - want[s]) for s in range(step + 1, STEPS + 1))
+        first = abs(got[step + 1] - want[step + 1])
+        return (f"from step {step} on {change.group(2)} rank(s) instead of {change.group(1)}; max diff {diff:.1e} "
+                f"(first resumed step {first:.1e}); uninterrupted runs on {change.group(1)} and {change.group(2)} "
+                f"rank(s) differ by {spread:.1e} over the same steps (reduction order)")
 
 
 def _inject(job: Job, out: Path, sig: signal.Signals, rank: int | None, launcher: bool = False) -> float:
@@ -250,16 +263,19 @@ def _time_of_line(job: Job, pattern: str) -> float:
 
 
 def kill_fault(make_cmds: Callable[[Path], list], sig=signal.SIGKILL, rank: int | None = 1, launcher=False,
-               save_every: int = 2, layout: str = "deepspeed") -> Callable[[Drill, Path], dict]:
+               save_every: int = 2, layout: str = "deepspeed",
+               rerun_cmds: Callable[[Path], list] | None = None) -> Callable[[Drill, Path], dict]:
+    """`rerun_cmds`: the commands of the rerun when they are not the job's own (fewer ranks
+    after a lost node); its losses are still held against the uninterrupted job's."""
     def run(drill: Drill, out: Path) -> dict:
         drill.uninterrupted(layout, make_cmds)
         cmds = make_cmds(out, (f"run.save_every={save_every}",))
         job = Job(cmds)
         t_fault = _inject(job, out, sig, rank, launcher)
         ended = job.finish() - t_fault
+        again = (rerun_cmds or make_cmds)(out, (f"run.save_every={save_every}",))
         return dict(ended_s=round(ended, 1), exit_codes=job.codes, messages=key_lines(job.log),
-                    latest=latest(out), resume=drill.resume(out, make_cmds(out, (f"run.save_every={save_every}",)),
-                                                            layout, make_cmds))
+                    latest=latest(out), resume=drill.resume(out, again, layout, make_cmds, rerun_cmds))
     return run
 
 
@@ -331,6 +347,10 @@ FAULTS: dict[str, tuple[str, Callable[[Drill, Path], dict]]] = {
                       kill_fault(lambda out, extra: torchrun_cmds(out, 1, extra))),
     "kill_torchrun_2nodes": (f"SIGKILL of rank 1 at step {FAULT_STEP}, two torchrun nodes (`--nnodes 2`) on "
                              f"loopback", kill_fault(lambda out, extra: torchrun_cmds(out, 2, extra), layout="torchrun-2nodes")),
+    "lost_node": (f"node 1 of two torchrun nodes lost for good at step {FAULT_STEP} (SIGKILL of its rank); the "
+                  f"rerun has node 0 alone (1 rank instead of 2)",
+                  kill_fault(lambda out, extra: torchrun_cmds(out, 2, extra), layout="torchrun-2nodes",
+                             rerun_cmds=lambda out, extra: torchrun_cmds(out, 1, extra, nproc=1))),
     "sigterm_ranks": (f"SIGTERM to every rank at step {FAULT_STEP} (what SLURM does)",
                       kill_fault(lambda out, extra: [deepspeed_cmd("rskdist/train.py", out, extra=extra)],
                                  sig=signal.SIGTERM, rank=None, save_every=100)),

@@ -15,8 +15,8 @@ the range and mean of steps and images over the epochs.
 --labels reads an integer label array (.npy, one label per training image); --config
 reads the training labels of the config's shard folder (`data.root`) and takes the
 global batch, m, sampler, seed, remainder and epoch length from the config, each
-overridable by its flag. The plan is built for one rank: how a step splits over ranks
-does not change what it holds.
+overridable by its flag. The plan is built for one rank: the global batches are the same
+on every world size (each rank takes a contiguous slice of a step).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ batch. Consequences:
 - memory is bounded by num_workers * prefetch_factor reads, never the dataset;
 - the position is just (epoch, step): `state_dict()` / `load_state_dict()` restore it
   and the next batch is bit-identical (augmentation is seeded by position);
+- a training image's augmentation is keyed by its place in the global batch, not by
+  rank: a run resumed on another world size sees the uninterrupted run's pixels;
 - an unreadable image never stops the stream: a training image is replaced by another
   image of its class, chosen by position, an evaluation image is dropped like padding;
   both are counted (`bad_samples`) and reported (`pop_bad_events()`, one warning each).
@@ -47,9 +49,9 @@ class _RequestSampler(Sampler):
         o = self.owner
         for step in range(self.start, o._epoch_steps(self.epoch)):
             indices, aug_key = o._step_request(self.epoch, step)
-            batch = indices if aug_key is not None else None  # substitutes avoid the step's images
+            batch = indices if aug_key is not None else None  # substitutes avoid the step's images (of the class: all here)
             for c in range(0, len(indices), o.read_size):
-                yield indices[c : c + o.read_size], aug_key, c, batch
+                yield indices[c : c + o.read_size], aug_key, o.batch_offset + c, batch
 
     def __len__(self) -> int:
         o = self.owner
@@ -63,6 +65,7 @@ class _ChunkedLoader:
     steps_per_epoch: int
     batch_size: int
     rank: int  # set by the subclass before __init__; used in messages only
+    batch_offset = 0  # place of this rank's first image in the global batch (augmentation and substitute keys)
 
     def __init__(
         self, table, *, image_size, num_workers, mean, std, read_size, prefetch_factor, pin_memory, device, augment,
@@ -138,6 +141,8 @@ class _ChunkedLoader:
         for read, read_bad in self._loader:
             # With a device, copy each (pinned) read as it arrives and concatenate there.
             reads.append(read if self.device is None else read.to(self.device, non_blocking=True))
+            for event in read_bad:  # read at places in the global batch; events say places in this rank's
+                event["position"] -= self.batch_offset
             bad += read_bad
             if len(reads) == num_reads:
                 images = reads[0] if num_reads == 1 else torch.cat(reads)
@@ -226,6 +231,7 @@ class TrainLoader(_ChunkedLoader):
         self.classes_per_rank, self.m, self.remainder, self.sampler = classes_per_rank, m, remainder, sampler
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.batch_size = classes_per_rank * m
+        self.batch_offset = rank * self.batch_size
         super().__init__(
             table,
             image_size=image_size,
@@ -242,7 +248,7 @@ class TrainLoader(_ChunkedLoader):
         )
 
     def _step_request(self, epoch, step):
-        return self.plan.rank_batch(epoch, step, self.rank), (self.seed, epoch, step, self.rank)
+        return self.plan.rank_batch(epoch, step, self.rank), (self.seed, epoch, step)
 
     def _epoch_steps(self, epoch: int) -> int:
         return self.plan.epoch_steps(epoch)
@@ -267,13 +273,14 @@ class TrainLoader(_ChunkedLoader):
             yield images, labels
 
     def state_dict(self) -> dict:
-        """Stream position plus what must match on resume (the plan depends on all of it)."""
+        """Stream position plus what must match on resume (the plan depends on it, bar world_size)."""
         return {
             "epoch": self.epoch,
             "step": self.step,
             "seed": self.seed,
             "world_size": self.world_size,
             "classes_per_rank": self.classes_per_rank,
+            "global_classes": self.classes_per_rank * self.world_size,
             "m": self.m,
             "remainder": self.remainder,
             "sampler": self.sampler,
@@ -283,17 +290,19 @@ class TrainLoader(_ChunkedLoader):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position (and the count of replaced images); the next batch is the one
-        that followed when `state` was saved.
+        """Restore the position (and the count of replaced images); the next global batch is
+        the one that followed when `state` was saved, on this world size or another.
 
-        The plan is a function of (labels, seed, m, classes_per_rank, world_size,
-        remainder, sampler, steps_per_epoch): resuming with any of them changed would silently
-        give other batches, so that is an error (a checkpoint without `sampler` predates the
-        reference sampler: its plan was the balanced one).
+        The plan is a function of (labels, seed, m, global_classes, remainder, sampler,
+        steps_per_epoch), not of the world size: resuming with any of those changed would
+        silently give other batches, so that is an error (a checkpoint without `sampler`
+        predates the reference sampler: its plan was the balanced one). After a change of
+        world size, rank 0 goes on counting `bad_samples` from the count saved, others from 0.
         """
         state = {"sampler": "balanced", **state}
-        for key in ("seed", "world_size", "classes_per_rank", "m", "remainder", "sampler", "num_samples",
-                    "steps_per_epoch"):
+        if "global_classes" not in state and "world_size" in state:  # saved before the key
+            state["global_classes"] = state["classes_per_rank"] * state["world_size"]
+        for key in ("seed", "global_classes", "m", "remainder", "sampler", "num_samples", "steps_per_epoch"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(
                     f"cannot resume the data stream: {key}={state[key]} in the checkpoint but "
@@ -303,7 +312,8 @@ class TrainLoader(_ChunkedLoader):
             raise ValueError(f"step {state['step']} outside [0, {self.plan.epoch_steps(int(state['epoch']))}) "
                              f"of epoch {state['epoch']}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.bad_samples = int(state.get("bad_samples", 0))  # absent in checkpoints written before the count
+        same_world = state.get("world_size", self.world_size) == self.world_size  # bad_samples: absent in old ones
+        self.bad_samples = int(state.get("bad_samples", 0)) if same_world or self.rank == 0 else 0
 
 
 class EvalLoader(_ChunkedLoader):

@@ -46,7 +46,8 @@ class _ChunkDataset(Dataset):
 
     request = (indices int64 [n] (-1 = padding), aug_key or None for eval, position of
     indices[0] in the batch, the step's whole batch of indices or None). Image i is
-    augmented with rng([*aug_key, position + i]): independent of read_size and num_workers.
+    augmented with rng([*aug_key, position + i]): independent of read_size and num_workers
+    (training positions count in the global batch: independent of the world size too).
 
     A read or decode that fails is tried once more (reopening the shard). If it fails
     again, a training image is replaced by another image of its class not in the step,

@@ -7,6 +7,13 @@ rank (and every DataLoader worker) computes the same plan and takes its own slic
 communication, and every rank runs exactly `epoch_steps(epoch)` steps whatever the
 shard layout.
 
+The world size never enters the plan: the global grid [steps, K, m] is drawn from the
+labels, the seed, m and K = classes per global batch only, and rank r of W takes the
+contiguous slots [r * K / W, (r + 1) * K / W) of each step (`rank_batch`). So the
+global batch of a step, read in rank order (the order the loss gathers in), is the same
+on any world size that divides K: a run resumed on fewer or more ranks sees the batches
+of the uninterrupted run (docs/distributed.md, "Resume on another world size").
+
 Construction of the balanced plan, per epoch:
 1. each class's images are shuffled and cut into groups of m ("remainder=topup": a last
    partial group is filled with other images of the class, chosen at random;
@@ -24,7 +31,8 @@ Construction of the balanced plan, per epoch:
 3. the class-contiguous sequence of groups (classes in random order) is laid out
    column-major into an S x K grid: position p goes to step p % S, slot p // S. A class
    has at most S contiguous groups, so its groups land on distinct steps. Steps are
-   then shuffled, and slots within each step (slot -> rank assignment);
+   then shuffled, and slots within each step (so a rank's slice of slots holds classes
+   drawn at random, whatever the world size);
 4. holes are filled with one image each of classes absent from the step, preferring
    images the epoch does not show otherwise (`_fill_holes`).
 
@@ -56,7 +64,8 @@ _REFERENCE_STREAM = 0x12EF  # seeds ReferencePlan's draws apart from ClassBalanc
 
 class _EpochPlan:
     """What both plans share: the class index of the labels, the cached epoch grid
-    [steps, world_size, classes_per_rank, m] and a rank's slice of a step."""
+    [steps, K, m] (K = classes_per_rank * world_size, the classes of a global batch: the
+    only way the world size enters) and a rank's contiguous slice of a step."""
 
     steps_per_epoch: int | float  # what the trainer's schedule counts an epoch as
 
@@ -88,27 +97,35 @@ class _EpochPlan:
         """Steps of `epoch` (the same on every rank)."""
         raise NotImplementedError
 
-    def epoch_plan(self, epoch: int) -> np.ndarray:
-        """Sample indices of the whole epoch, [steps, world_size, classes_per_rank, m] (cached)."""
+    def global_plan(self, epoch: int) -> np.ndarray:
+        """Sample indices of the whole epoch, [steps, K, m] (cached): the same for every
+        world size with the same K."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        plan = self._build(epoch)
-        self._cache = (epoch, plan)
-        return plan
+        grid = self._build(epoch)
+        self._cache = (epoch, grid)
+        return grid
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """The global plan split over ranks, [steps, world_size, classes_per_rank, m] (a view)."""
+        grid = self.global_plan(epoch)
+        return grid.reshape(len(grid), self.world_size, self.classes_per_rank, self.m)
 
     def rank_batch(self, epoch: int, step: int, rank: int) -> np.ndarray:
-        """Sample indices of `rank`'s batch at `step`: classes_per_rank blocks of m, [batch_size]."""
+        """Sample indices of `rank`'s batch at `step`: classes_per_rank blocks of m, [batch_size],
+        the global batch's images [rank * batch_size, (rank + 1) * batch_size)."""
         if not 0 <= step < self.epoch_steps(epoch):
             raise IndexError(f"step {step} outside [0, {self.epoch_steps(epoch)}) of epoch {epoch}")
         return self.epoch_plan(epoch)[step, rank].reshape(-1)
 
     def _build(self, epoch: int) -> np.ndarray:
+        """The epoch's global grid [steps, K, m]."""
         raise NotImplementedError
 
 
 def _shuffle_steps_and_slots(grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """grid [S, K, m] with its steps in a random order and the slots of each step permuted
-    (slot -> rank assignment); a new contiguous array."""
+    (a draw over K slots: which slots a rank takes is a contiguous slice); a new contiguous array."""
     num_steps, slots = grid.shape[:2]
     grid = grid[rng.permutation(num_steps)]
     grid = np.take_along_axis(grid, rng.permuted(np.tile(np.arange(slots), (num_steps, 1)), axis=1)[..., None], 1)
@@ -116,7 +133,7 @@ def _shuffle_steps_and_slots(grid: np.ndarray, rng: np.random.Generator) -> np.n
 
 
 class ClassBalancedPlan(_EpochPlan):
-    """Deterministic per-epoch plan of sample indices, shape [steps, world_size, classes_per_rank, m]."""
+    """Deterministic per-epoch plan of sample indices, global grid [steps, K, m] (`global_plan`)."""
 
     def __init__(
         self,
@@ -222,7 +239,7 @@ class ClassBalancedPlan(_EpochPlan):
         grid = _shuffle_steps_and_slots(groups_seq.reshape(slots, num_steps, m).transpose(1, 0, 2), rng)  # [S, K, m]
         if (grid < 0).any():
             self._fill_holes(grid, rng)
-        return grid.reshape(num_steps, self.world_size, self.classes_per_rank, m)
+        return grid
 
     def _fill_holes(self, grid: np.ndarray, rng: np.random.Generator) -> None:
         """Fill the holes (-1) of small classes' groups in place, grid [S, K, m].
@@ -300,7 +317,8 @@ class ReferencePlan(_EpochPlan):
     length of epochs 0 .. REFERENCE_NOMINAL_EPOCHS - 1 (an int when they are all equal).
 
     Layout, as the balanced plan: a batch is one step, its K groups go to the K slots of
-    the step, slots are permuted within each step (slot -> rank) and steps shuffled.
+    the step, slots are permuted within each step and steps shuffled; rank r takes its
+    contiguous slice of slots, so the global batches do not depend on the world size.
     Draws: the class order from rng([seed, epoch, _REFERENCE_STREAM, 0]) (so an epoch's
     length costs one permutation of the classes, not of the images), the images and
     the shuffles from rng([seed, epoch, _REFERENCE_STREAM, 1]).
@@ -364,8 +382,7 @@ class ReferencePlan(_EpochPlan):
         grid = np.full((num_steps, self.slots, m), -1, np.int64)
         grid[enter[cls[keep]] + group[keep], lane[cls[keep]], place[keep] % m] = by_class[keep]
         assert (grid >= 0).all(), "a slot of the reference plan left empty"
-        grid = _shuffle_steps_and_slots(grid, rng)
-        return grid.reshape(num_steps, self.world_size, self.classes_per_rank, m)
+        return _shuffle_steps_and_slots(grid, rng)
 
 
 def make_plan(sampler: str, labels: np.ndarray, *, m: int, classes_per_rank: int, world_size: int, seed: int = 0,

@@ -3,7 +3,8 @@
 Each class is a random low-resolution colour pattern; an image is its class pattern,
 upsampled, plus instance noise. Train and test classes are disjoint. Batches follow
 the same contract as the shard loaders: each rank gets `classes_per_rank * m` images,
-exactly m per class, classes disjoint across ranks, deterministic in (seed, step).
+exactly m per class, classes disjoint across ranks, deterministic in (seed, step), and the
+global batch (ranks in order) the same on every world size.
 Validation classes held out of training (rskdist/data/holdout.py) are left out of the
 training batches (`classes`) and rendered by the evaluation stream instead.
 """
@@ -59,11 +60,13 @@ class SyntheticTrainStream:
         # Indexing arange(num_classes) by the permutation: all classes draw as they always did.
         order = torch.randperm(len(self.classes), generator=gen)[: self.classes_per_rank * self.world_size]
         classes = self.classes[order]
-        mine = classes[self.rank * self.classes_per_rank : (self.rank + 1) * self.classes_per_rank]
-        labels = mine.repeat_interleave(self.m)
-        # Rank-specific generator for the pixels, so ranks draw different instances.
-        pix = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank)
-        return _render(self.patterns[labels], self.image_size, self.noise, pix), labels
+        first = self.rank * self.classes_per_rank
+        labels = classes[first : first + self.classes_per_rank].repeat_interleave(self.m)
+        # One generator per slot of the global batch (never per rank): the same pixels on any world size.
+        images = [_render(self.patterns[labels[k * self.m : (k + 1) * self.m]], self.image_size, self.noise,
+                          torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + first + k))
+                  for k in range(self.classes_per_rank)]
+        return torch.cat(images), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -72,7 +75,7 @@ class SyntheticTrainStream:
             yield out
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])

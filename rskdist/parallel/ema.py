@@ -10,7 +10,8 @@ Evaluation swaps the averages into the module's storage (`swapped()`), runs, and
 weights back bit for bit; under ZeRO-3 the swap writes the local partitions, which the
 forward then gathers as usual. In bf16 runs the averaged values are rounded to bf16 while
 swapped in (the average itself stays fp32). Checkpoints carry one file per rank that holds
-a share (`state_dict()`), written beside the engine's files.
+a share (`state_dict()`), written beside the engine's files; a resume on another world size
+under ZeRO-3 re-cuts the partitions from every saved rank's file (`load_resharded`).
 """
 
 from __future__ import annotations
@@ -89,12 +90,21 @@ class WeightEMA:
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": [t.clone() for t in self.shadow]}
 
+    def load_resharded(self, states: list[dict], *, rank: int, world_size: int) -> None:
+        """Under ZeRO-3, load the averages every rank of another world size saved
+        (`states`, in rank order): this rank's partitions are cut from them."""
+        from rskdist.parallel.reshard import reshard_partitions
+
+        numels = [int(p.ds_numel) for p in self.params]
+        shadow = reshard_partitions([s["shadow"] for s in states], numels, rank=rank, world_size=world_size)
+        self.load_state_dict({**states[0], "shadow": shadow})
+
     def load_state_dict(self, state: dict) -> None:
         shapes = [tuple(t.shape) for t in state["shadow"]]
         if shapes != [tuple(t.shape) for t in self.shadow]:
             raise ValueError(
                 "resume: the checkpoint's weight average (optim.ema_decay) was kept for another model or another "
-                "partitioning (ZeRO-3 on a different world size, or other frozen layers); resume with the same "
+                "partitioning (other frozen layers, another ZeRO stage); resume with the same "
                 "setup, or set optim.ema_decay=0 to train on without it")
         for dst, src in zip(self.shadow, state["shadow"]):
             dst.copy_(src)

@@ -32,10 +32,13 @@ class Engine(Protocol):
     def step(self) -> None: ...
 
 
-def chunk_seed(base_seed: int, step: int, rank: int, chunk: int) -> int:
+def chunk_seed(base_seed: int, step: int, first: int) -> int:
     """Seed of a chunk's stochastic layers (dropout, drop path): same in both passes,
-    different across steps, ranks and chunks, and reproducible after a resume."""
-    return (base_seed * 1_000_003 + step * 10_007 + rank * 101 + chunk) % (2**63 - 1)
+    different across steps and chunks, reproducible after a resume. `first` is the place
+    of the chunk's first image in the global batch, so a chunk of the same images draws
+    the same masks on any world size (a resume on other ranks; chunk boundaries must fall
+    at the same places, docs/distributed.md)."""
+    return ((base_seed * 1_000_003 + step) * 1_000_033 + first) % (2**63 - 1)
 
 
 @contextlib.contextmanager
@@ -105,11 +108,12 @@ def two_pass_step(
     device = images.device if device is None else device
     labels = labels.to(device)
     chunks = images.split(chunk_size)
+    offset = rank * len(images)  # every rank holds the same number of images: its place in the global batch
     t0 = time.perf_counter()
     with torch.no_grad():
         pieces = []
         for c, x in enumerate(chunks):
-            with seeded_rng(chunk_seed(seed, step, rank, c), device):
+            with seeded_rng(chunk_seed(seed, step, offset + c * chunk_size), device):
                 pieces.append(engine(x.to(device, input_dtype, non_blocking=True)))
     emb = torch.cat(pieces)
     t1 = time.perf_counter()
@@ -138,16 +142,16 @@ def two_pass_step(
     grad_emb = grad_emb * loss_scale_for_averaging(world_size)
     t2 = time.perf_counter()
 
-    offset = 0
+    row = 0
     for c, x in enumerate(chunks):
         extra = 0.0
-        with seeded_rng(chunk_seed(seed, step, rank, c), device):
+        with seeded_rng(chunk_seed(seed, step, offset + c * chunk_size), device):
             if c == 0 and param_grads:
                 out, extra = engine(x.to(device, input_dtype, non_blocking=True), param_grads)
             else:
                 out = engine(x.to(device, input_dtype, non_blocking=True))
-        target = grad_emb[offset : offset + out.shape[0]]
-        offset += out.shape[0]
+        target = grad_emb[row : row + out.shape[0]]
+        row += out.shape[0]
         # d surrogate / d out = target, so backward pushes exactly the cached gradient.
         surrogate = (out.float() * target).sum() + extra
         engine.backward(surrogate, scale_wrt_gas=False)

@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-
 from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env, records, run_cmd, train_losses
 
 from rskdist.comm import free_port
@@ -246,15 +246,21 @@ def test_collapsed_model_evaluates_16k_images_at_start(tmp_path):
     assert evals[0]["eval/num_queries"] == 16384 and evals[0]["eval/num_tie_capped_queries"] == 16384
 
 
-def _torchrun_nodes(out: Path, nodes: int, *overrides: str, **extra: str) -> list[subprocess.Popen]:
+def _torchrun_nodes(out: Path, nodes: int, *overrides: str, node_env: dict | None = None,
+                    **extra: str) -> list[subprocess.Popen]:
     """launchers/torchrun.sh on `nodes` loopback "nodes" of one rank each, meeting through a
-    c10d rendezvous on 127.0.0.1 (each agent is a node: its own process tree and restarts)."""
-    env = launch_env(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=str(nodes), NPROC="1",
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RDZV_ID=out.name, **extra)
+    c10d rendezvous on 127.0.0.1 (each agent is a node: its own process tree and restarts);
+    `node_env`: {node: {variable: value}} for one node's command only."""
+    env = launch_env(**{"CONFIG": "configs/debug.yaml", "TORCHRUN": TORCHRUN, "NNODES": str(nodes), "NPROC": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RDZV_ID": out.name, **extra})
     cmd = ["bash", "launchers/torchrun.sh", f"run.output_dir={out}", "run.loggers=[]", *COMMON, *overrides]
-    logs = [open(out.parent / f"{out.name}.node{n}.log", "w") for n in range(nodes)]
-    return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            for log in logs]
+    procs = []
+    for n in range(nodes):  # node 0 first: it serves the rendezvous, so the others may go
+        log = open(out.parent / f"{out.name}.node{n}.log", "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, **(node_env or {}).get(n, {})}, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        time.sleep(2 if n < nodes - 1 else 0)
+    return procs
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
@@ -282,3 +288,24 @@ def test_elastic_agent_restarts_a_killed_rank_and_the_run_resumes_exactly(uninte
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_elastic_agents_go_on_without_a_node_lost_for_good(uninterrupted, tmp_path):
+    """NNODES=1:2: node 1 (its agent and its rank) is killed at step 3; node 0's agent
+    restarts its rank, the rendezvous settles without node 1, and the run resumes from step 2
+    on 1 rank (optimizer state re-sharded) and finishes with the 2-rank run's losses within
+    reduction order."""
+    out = tmp_path / "lost"
+    procs = _torchrun_nodes(out, 2, "run.max_steps=4", "run.save_every=2", NNODES="1:2", RDZV_LAST_CALL="3",
+                            node_env={1: {"SCRIPT": "tests/faults/train_with_fault.py",  # node 1 kills its agent
+                                          "RSKDIST_TEST_FAULT": "killnode any 3"}})
+    logs = [tmp_path / f"lost.node{n}.log" for n in range(2)]
+    assert procs[1].wait(timeout=600) != 0  # node 1 is gone for good
+    codes = _wait_all(procs[:1], timeout=600)
+    log = logs[0].read_text()
+    assert codes == [0], log[-4000:]
+    assert "world size 2 -> 1" in log and "resumed from" in log
+    resumed, full = train_losses(out / "debug"), train_losses(uninterrupted)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=2e-5), step

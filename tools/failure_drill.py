@@ -77,20 +77,26 @@ def no_ssh_cmds(out: Path, tmp: Path, extra=()) -> list[list[str]]:
              "127.0.0.1", "--master_port", port, "rskdist/train.py", *_train_args(out, *extra)] for node in (0, 1)]
 
 
-def torchrun_cmds(out: Path, nodes: int, extra=(), nproc: int | None = None) -> list[tuple[list[str], dict]]:
+def torchrun_cmds(out: Path, nodes: int, extra=(), nproc: int | None = None, restarts: int = 0,
+                  nnodes: str | None = None) -> list[tuple[list[str], dict]]:
     """launchers/torchrun.sh, on one node with 2 processes or on `nodes` loopback nodes of one
-    (`nproc` processes per node instead: a job that lost a node)."""
+    (`nproc` processes per node instead: a job that lost a node), meeting through the c10d
+    rendezvous; `restarts`: the elastic agent's MAX_RESTARTS (0: a failure ends the job);
+    `nnodes`: NNODES as given (MIN:MAX), else `nodes`."""
     port = str(_free_port())
     return [(["bash", "launchers/torchrun.sh", *_train_args(out, *extra)[2:]],
-             dict(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=str(nodes), NODE_RANK=str(node),
-                  NPROC=str(nproc or 2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-            for node in range(nodes)]
+             dict(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=nnodes or str(nodes),
+                  NPROC=str(nproc or 2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                  RDZV_ID=f"drill-{out.name}", MAX_RESTARTS=str(restarts), RDZV_LAST_CALL="5"))
+            for _ in range(nodes)]
 
 
 class Job:
     """Launched commands whose output is read line by line, with the time of each line."""
 
-    def __init__(self, cmds: list) -> None:
+    def __init__(self, cmds: list, stagger_s: float = 0.0) -> None:
+        """`stagger_s`: seconds between the starts of the commands (the first one serves the
+        c10d rendezvous when every command could)."""
         self.lines: list[str] = []
         self.times: list[float] = []  # when each line was read
         self._queue: queue.Queue = queue.Queue()
@@ -104,6 +110,7 @@ class Job:
             reader.start()
             self.procs.append(proc)
             self._readers.append(reader)
+            time.sleep(stagger_s if cmd is not cmds[-1] else 0)
 
     def _read(self, proc) -> None:
         for line in proc.stdout:  # EOF only once every process that inherited the pipe has exited
@@ -225,9 +232,15 @@ class Drill:
         match = re.search(r"resumed from \S+ at step (\d+)", rerun.log)
         if rerun.codes != [0] * len(cmds) or not match:
             return f"rerun failed (exit {rerun.codes}): {' / '.join(key_lines(rerun.log))}"
-        step, got, want = int(match.group(1)), losses(out / "debug"), self.uninterrupted(layout, make_cmds)
+        return self.compare(out, int(match.group(1)), rerun.log, layout, make_cmds, rerun_cmds)
+
+    def compare(self, out: Path, step: int, log: str, layout: str, make_cmds: Callable,
+                rerun_cmds: Callable | None) -> str:
+        """The losses after `step` against an uninterrupted run of the same layout (and, after
+        a resume on another world size, against how far uninterrupted runs on both drift)."""
+        got, want = losses(out / "debug"), self.uninterrupted(layout, make_cmds)
         diff = max(abs(got[s] - want[s]) for s in range(step + 1, STEPS + 1))
-        change = re.search(r"world size (\d+) -> (\d+)", rerun.log)  # a resume on another world size says so
+        change = re.search(r"world size (\d+) -> (\d+)", log)  # a resume on another world size says so
         if not change:
             verdict = "losses equal an uninterrupted run" if diff <= 1e-6 else "losses DIFFER from an uninterrupted run"
             return f"from step {step}; {verdict} (max diff {diff:.1e})"
@@ -295,6 +308,43 @@ def faulty_run(fault: str, step: int, *extra: str, rerun: bool = False) -> Calla
     return run
 
 
+def elastic_fault(lose_node: bool) -> Callable[[Drill, Path], dict]:
+    """Two torchrun nodes under the elastic agent (MAX_RESTARTS=3), the fault from
+    tests/faults/train_with_fault.py before step FAULT_STEP, in the first attempt only.
+    `lose_node` False: rank 1 SIGKILLs itself and the agents restart the group; True: node 1's
+    rank SIGKILLs its agent and itself (the node is gone for good) and node 0 goes on alone
+    (NNODES=1:2). Measured: seconds from the agent's failure line to the first training step
+    after the resume, the steps redone, the losses."""
+    layout = "torchrun-2nodes"
+
+    def make(out: Path, extra) -> list:
+        return torchrun_cmds(out, 2, extra)
+
+    def run(drill: Drill, out: Path) -> dict:
+        drill.uninterrupted(layout, make)
+        cmds = torchrun_cmds(out, 2, ("run.save_every=2",), restarts=3, nnodes="1:2" if lose_node else None)
+        fault = dict(SCRIPT=FAULTY, RSKDIST_TEST_FAULT=f"killnode any {FAULT_STEP}" if lose_node
+                     else f"kill 1 {FAULT_STEP}")
+        faulty = [1] if lose_node else [0, 1]  # node 1's command alone, or both (the fault picks rank 1)
+        cmds = [(cmd, {**env, **fault}) if n in faulty else (cmd, env) for n, (cmd, env) in enumerate(cmds)]
+        job = Job(cmds, stagger_s=2.0)  # node 0 serves the rendezvous: node 1 may go
+        job.finish(timeout=900)
+        match = re.search(r"resumed from \S+ at step (\d+)", job.log)
+        if not match:
+            return dict(ended_s=None, exit_codes=job.codes, messages=key_lines(job.log), latest=latest(out),
+                        resume=f"no resume: {' / '.join(key_lines(job.log))}")
+        step, t_fault = int(match.group(1)), _time_of_line(job, r"failed \(exitcode")
+        after = [when for when, line in zip(job.times, job.lines)
+                 if when > t_fault and re.match(rf"^step +{step + 1}/", line)]
+        recovered = f"{after[0] - t_fault:.1f} s" if after else "?"
+        rerun = (lambda o, extra: torchrun_cmds(o, 1, extra, nproc=1)) if lose_node else None
+        verdict = drill.compare(out, step, job.log, layout, make, rerun)
+        return dict(ended_s=None, exit_codes=job.codes, messages=key_lines(job.log), latest=latest(out),
+                    resume=f"inside the job: training again {recovered} after the agent saw the failure, "
+                           f"{FAULT_STEP - step} step(s) redone; {verdict}")
+    return run
+
+
 def full_disk(drill: Drill, out: Path) -> dict:
     """A 3 MB tmpfs as the run folder: one checkpoint of configs/debug.yaml fits, two do not."""
     out.mkdir(parents=True)
@@ -351,6 +401,10 @@ FAULTS: dict[str, tuple[str, Callable[[Drill, Path], dict]]] = {
                   f"rerun has node 0 alone (1 rank instead of 2)",
                   kill_fault(lambda out, extra: torchrun_cmds(out, 2, extra), layout="torchrun-2nodes",
                              rerun_cmds=lambda out, extra: torchrun_cmds(out, 1, extra, nproc=1))),
+    "restart_torchrun": (f"SIGKILL of rank 1 at step {FAULT_STEP}, two torchrun nodes under the elastic agent "
+                         f"(`MAX_RESTARTS=3`)", elastic_fault(lose_node=False)),
+    "agent_lost": (f"node 1 of two torchrun nodes (agent and rank) killed for good at step {FAULT_STEP}, "
+                   f"`NNODES=1:2` under the elastic agent", elastic_fault(lose_node=True)),
     "sigterm_ranks": (f"SIGTERM to every rank at step {FAULT_STEP} (what SLURM does)",
                       kill_fault(lambda out, extra: [deepspeed_cmd("rskdist/train.py", out, extra=extra)],
                                  sig=signal.SIGTERM, rank=None, save_every=100)),

@@ -6,9 +6,12 @@
 FAULT is `raise` (an exception on rank RANK before step STEP), `nan` (rank RANK's
 embeddings become NaN at step STEP), `kill` (rank RANK kills itself with SIGKILL before
 step STEP), `killsave` (rank RANK writes its part of the checkpoint of step STEP, then
-kills itself before `latest` moves) or `hang` (rank RANK sleeps before step STEP). Under
-torchrun's elastic agent the fault strikes in the first attempt only, not in the restarts. The fault lives here, not in
-the package: the trainer is patched from outside.
+kills itself before `latest` moves), `hang` (rank RANK sleeps before step STEP) or
+`killnode` (rank RANK SIGKILLs its launcher, then itself, before step STEP: a node lost).
+RANK `any` is every rank that runs this file (under torchrun, one node's ranks when only
+that node's command has the fault). Under torchrun's elastic agent the fault strikes in the
+first attempt only, not in the restarts. The fault lives here, not in the package: the
+trainer is patched from outside.
 """
 
 import os
@@ -24,8 +27,9 @@ def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     if "RSKDIST_TEST_FAULT" in os.environ:  # for launchers that put their own arguments first
         args = os.environ["RSKDIST_TEST_FAULT"].split() + args
-    fault, fault_rank, fault_step, argv = args[0], int(args[1]), int(args[2]), args[3:]
+    fault, fault_rank, fault_step, argv = args[0], args[1], int(args[2]), args[3:]
     rank = int(os.environ.get("RANK", 0))
+    struck = fault_rank == "any" or int(fault_rank) == rank
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         fault = "none"  # a fault strikes once: the group torchrun's agent restarts runs clean
 
@@ -35,7 +39,10 @@ def main() -> int:
     original_step = trainer_mod.Trainer.train_step
 
     def faulty_step(self, images, labels):
-        if rank == fault_rank and self.step == fault_step:
+        if struck and self.step == fault_step:
+            if fault == "killnode":
+                os.kill(os.getppid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
             if fault == "raise":
                 raise RuntimeError(f"injected failure at step {self.step}")
             if fault == "kill":
@@ -53,7 +60,7 @@ def main() -> int:
     original_save = checkpoint_mod.CheckpointManager.save
 
     def faulty_save(self, step, client_state, **kw):
-        if fault == "killsave" and rank == fault_rank and step == fault_step:
+        if fault == "killsave" and struck and step == fault_step:
             self.engine.save_checkpoint(str(self.folder), tag=checkpoint_mod.step_tag(step),
                                         client_state=client_state, save_latest=False)
             os.kill(os.getpid(), signal.SIGKILL)

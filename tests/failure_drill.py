@@ -2,9 +2,9 @@
 """Inject every fault of the failure table (docs/distributed.md) through the real
 launchers on 2 CPU ranks and measure what happens.
 
-    python tools/failure_drill.py                        # every fault (~15 minutes on 2 cores)
-    python tools/failure_drill.py --faults raise,kill    # some of them
-    python tools/failure_drill.py --list                 # names and what each does
+    python tests/failure_drill.py                        # every fault (~15 minutes on 2 cores)
+    python tests/failure_drill.py --faults raise,kill    # some of them
+    python tests/failure_drill.py --list                 # names and what each does
 
 Each fault runs `configs/debug.yaml` in its own folder (`--work`, default a temporary one)
 with the launch commands of tests/test_failures.py; faults inside a rank come from
@@ -13,7 +13,8 @@ the last process of the job, the exit code of each launched command (a command k
 signal N shows 128+N, as a shell does), the key message lines, and, after a rerun of the
 same command, the step it resumed from and the largest difference between its losses and
 those of one uninterrupted run. Prints one JSON line per fault, then a markdown table with
-the columns of the table in docs/distributed.md.
+the columns of the table in docs/distributed.md. It lives beside the tests whose launch
+helpers (tests/launching.py) and fault injection it uses; it measures, the tests assert.
 """
 
 from __future__ import annotations
@@ -33,28 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-DEEPSPEED, TORCHRUN = str(BIN / "deepspeed"), str(BIN / "torchrun")
+from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env
+
+from rskdist.comm import free_port
+from rskdist.runlog import read_summary, train_losses
+
 FAULTY = "tests/faults/train_with_fault.py"
 STEPS = 30  # every run, interrupted or not, has this length: the LR schedule is the same
 FAULT_STEP = 5
 # The lines worth quoting: each rank's error, the stop messages, warnings, the launchers' view.
 KEY_LINE = re.compile(r"^(error: |rskdist: stopped|warning: (rank|step)|checkpoint: )|bad images replaced|"
                       r"exits with return code|ssh exited|failed \(exitcode|SignalException")
-
-
-def _free_port() -> int:
-    sys.path.insert(0, str(ROOT))
-    from rskdist.comm import free_port
-
-    return free_port()
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:
@@ -64,7 +54,7 @@ def _train_args(out: Path, *extra: str) -> list[str]:
 
 def deepspeed_cmd(script: str, out: Path, *args: str, extra=()) -> list[str]:
     """One node, two ranks: the command of tests/test_failures.py."""
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), script, *args,
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
             *_train_args(out, *extra)]
 
 
@@ -72,7 +62,7 @@ def no_ssh_cmds(out: Path, tmp: Path, extra=()) -> list[list[str]]:
     """Two `--no_ssh` nodes of one rank each on loopback (tests/test_integration.py)."""
     hostfile = tmp / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     return [[DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
              "127.0.0.1", "--master_port", port, "rskdist/train.py", *_train_args(out, *extra)] for node in (0, 1)]
 
@@ -83,7 +73,7 @@ def torchrun_cmds(out: Path, nodes: int, extra=(), nproc: int | None = None, res
     (`nproc` processes per node instead: a job that lost a node), meeting through the c10d
     rendezvous; `restarts`: the elastic agent's MAX_RESTARTS (0: a failure ends the job);
     `nnodes`: NNODES as given (MIN:MAX), else `nodes`."""
-    port = str(_free_port())
+    port = str(free_port())
     return [(["bash", "launchers/torchrun.sh", *_train_args(out, *extra)[2:]],
              dict(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=nnodes or str(nodes),
                   NPROC=str(nproc or 2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -105,7 +95,7 @@ class Job:
         for cmd in cmds:
             cmd, env = cmd if isinstance(cmd, tuple) else (cmd, {})
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=_env(**env))
+                                    env=launch_env(**env))
             reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
             reader.start()
             self.procs.append(proc)
@@ -191,12 +181,6 @@ def key_lines(log: str, limit: int = 3) -> list[str]:
     return found
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    from rskdist.runlog import read_records
-
-    return {r["step"]: r["loss"] for r in read_records(run_dir)[0]}
-
-
 def latest(out: Path) -> str | None:
     pointer = out / "debug" / "checkpoints" / "latest"
     return pointer.read_text() if pointer.is_file() else None
@@ -220,7 +204,7 @@ class Drill:
             job.finish()
             if any(job.codes):
                 raise RuntimeError(f"the uninterrupted {layout} reference run failed:\n{job.log[-3000:]}")
-            self.references[layout] = losses(out / "debug")
+            self.references[layout] = train_losses(out / "debug")
         return self.references[layout]
 
     def resume(self, out: Path, cmds: list, layout: str = "deepspeed", make_cmds: Callable = _deepspeed_layout,
@@ -238,7 +222,7 @@ class Drill:
                 rerun_cmds: Callable | None) -> str:
         """The losses after `step` against an uninterrupted run of the same layout (and, after
         a resume on another world size, against how far uninterrupted runs on both drift)."""
-        got, want = losses(out / "debug"), self.uninterrupted(layout, make_cmds)
+        got, want = train_losses(out / "debug"), self.uninterrupted(layout, make_cmds)
         diff = max(abs(got[s] - want[s]) for s in range(step + 1, STEPS + 1))
         change = re.search(r"world size (\d+) -> (\d+)", log)  # a resume on another world size says so
         if not change:
@@ -363,7 +347,6 @@ def full_disk(drill: Drill, out: Path) -> dict:
 
 def bad_images(drill: Drill, out: Path) -> dict:
     """2 corrupt training images and 1 corrupt test image inside the shards (tests/test_failures.py)."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from test_bad_bytes import corrupt_copy
     from test_data_stream import make_shards
 
@@ -379,7 +362,7 @@ def bad_images(drill: Drill, out: Path) -> dict:
                 "data.source=shards", f"data.root={root}", "data.num_workers=0", "data.global_batch=32",
                 "run.max_steps=0", "run.epochs=1", "eval.every_epochs=0", "model.pretrained="]])
     job.finish()
-    summary = json.loads((out / "debug" / "summary.json").read_text()) if job.codes == [0] else {}
+    summary = (read_summary(out / "debug") or {}) if job.codes == [0] else {}
     final = summary.get("final_eval") or {}
     return dict(ended_s=None, exit_codes=job.codes, messages=key_lines(job.log, limit=2),
                 images_skipped=f"{summary.get('bad_samples')} training images replaced, "

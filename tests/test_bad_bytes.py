@@ -107,8 +107,7 @@ def test_replacement_reproduced_on_resume_and_counted(clean, tmp_path):
     batches, states = [], [loader.state_dict()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for epoch in range(2):
-            loader.set_epoch(epoch)
+        for _ in range(2):  # each pass is one epoch: the loader rolls over by itself
             for x, y in loader:
                 batches.append((x, y))
                 states.append(loader.state_dict())

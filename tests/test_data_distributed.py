@@ -20,8 +20,7 @@ def _worker(rank: int, world_size: int, init_method: str, root: str, out_dir: st
         loader = build_train_loader(root, rank=rank, world_size=world_size, classes_per_rank=2, m=2,
                                     image_size=16, num_workers=1, seed=3, sampler=sampler)
         steps = 0
-        for epoch in range(2):  # with sampler=reference, epochs of 4 and 5 steps
-            loader.set_epoch(epoch)
+        for _ in range(2):  # one epoch a pass; with sampler=reference, epochs of 4 and 5 steps
             for _, labels in loader:
                 gathered = [torch.empty_like(labels) for _ in range(world_size)]
                 dist.all_gather(gathered, labels)  # would hang if a rank ran fewer steps
@@ -63,8 +62,7 @@ def _small_classes_worker(rank: int, world_size: int, init_method: str, root: st
         loader = build_train_loader(root, rank=rank, world_size=world_size, classes_per_rank=2, m=4, image_size=16,
                                     num_workers=0, seed=1, steps_per_epoch="dataset")
         checked = 0
-        for epoch in range(3):
-            loader.set_epoch(epoch)
+        for epoch in range(3):  # one epoch a pass
             for step, (_, labels) in enumerate(loader):
                 index = torch.from_numpy(loader.plan.rank_batch(epoch, step, loader.rank))
                 gathered = [torch.empty_like(index) for _ in range(world_size)]

@@ -336,7 +336,7 @@ def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
     root, _ = uneven
     kw = dict(rank=1, world_size=2, classes_per_rank=2, m=2, image_size=SIZE, seed=7, read_size=3)
     loader = build_train_loader(root, num_workers=num_workers, **kw)
-    loader.set_epoch(2)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 2, "step": 0})
     it = iter(loader)
     for _ in range(2):
         next(it)
@@ -348,20 +348,19 @@ def test_resume_mid_epoch_same_next_batch(uneven, num_workers):
 
     resumed = build_train_loader(root, num_workers=2 - num_workers, **{**kw, "read_size": 2})
     resumed.load_state_dict(state)
-    resumed.set_epoch(2)  # a trainer calling set_epoch(current) must not rewind
     x, y = next(iter(resumed))
     assert torch.equal(x, x_next) and torch.equal(y, y_next)
     resumed.close()
 
 
-def test_epoch_rollover_and_set_epoch(uneven):
+def test_epoch_rollover_and_rewind(uneven):
     root, _ = uneven
     loader = build_train_loader(root, rank=0, world_size=1, classes_per_rank=2, m=2, image_size=SIZE, num_workers=0)
     first = [y for _, y in loader]
     assert loader.state_dict()["epoch"] == 1
     second = [y for _, y in loader]
     assert len(first) == len(second) and any(not torch.equal(a, b) for a, b in zip(first, second))
-    loader.set_epoch(0)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
     again = [y for _, y in loader]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 

@@ -253,11 +253,6 @@ class TrainLoader(_ChunkedLoader):
     def _epoch_steps(self, epoch: int) -> int:
         return self.plan.epoch_steps(epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Move to the start of `epoch`; no-op if already in it (keeps a resumed mid-epoch step)."""
-        if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         labels_all = self.table.labels
         for epoch, step, images, bad in self._iter_steps():

@@ -102,13 +102,12 @@ def assert_query_subsets_add_up(impl: str, backends: Backends | None = None):
     emb, labels = _batch(30, 6, 6, seed=5)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(2))
     kw = dict(opts=RSkOptions(), pairs=pairs, alphas=alphas.double(), block_size=4, impl=impl, backends=backends)
-    whole, grad_whole, n = rsk_forward_backward(emb, labels, **kw)
+    whole, grad_whole = rsk_forward_backward(emb, labels, **kw)
     num = labels.numel() + pairs.shape[0]
     parts = [rsk_forward_backward(emb, labels, queries=idx, **kw) for idx in
              (torch.arange(0, 11), torch.arange(11, 30), torch.arange(30, num))]
     torch.testing.assert_close(sum(p[0] for p in parts), whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(sum(p[1] for p in parts), grad_whole, atol=1e-12, rtol=0)
-    assert all(p[2] == n for p in parts)
     return emb, labels, kw, whole, grad_whole
 
 
@@ -213,7 +212,7 @@ _TRITON_CHILD = textwrap.dedent("""
         mix = data["mix"] if kw.pop("simix") else None
         if "queries" in kw:
             q = torch.tensor(kw.pop("queries"))
-            loss, grad, _ = rsk_forward_backward(emb, data["labels"], opts=RSkOptions(**kw.pop("opts", {})),
+            loss, grad = rsk_forward_backward(emb, data["labels"], opts=RSkOptions(**kw.pop("opts", {})),
                                                  pairs=mix[0], alphas=mix[1].to(emb.dtype), queries=q,
                                                  impl="triton", **kw)
         else:
@@ -259,7 +258,7 @@ def test_triton_kernel_interpreted_matches_reference(tmp_path, names):
         mix = (pairs, alphas.double()) if case["simix"] else None
         loss, grad = out[name]
         if name == "query_subset":
-            ref, ref_grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), pairs=pairs,
+            ref, ref_grad = rsk_forward_backward(emb, labels, opts=RSkOptions(), pairs=pairs,
                                                     alphas=alphas.double(), queries=torch.tensor(kw["queries"]),
                                                     impl="eager")
         else:
@@ -277,9 +276,9 @@ def test_fused_on_cuda_matches_reference(dtype):
     impl, table = "triton", default_backends()
     emb, labels = _batch(300, 32, 60, seed=15)
     pairs, alphas = simix_plan(labels, generator=torch.Generator().manual_seed(4))
-    ref_loss, ref_grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(count_self=True), pairs=pairs,
+    ref_loss, ref_grad = rsk_forward_backward(emb, labels, opts=RSkOptions(count_self=True), pairs=pairs,
                                                  alphas=alphas.double(), impl="eager")
-    loss, grad, _ = rsk_forward_backward(emb.cuda().to(dtype), labels.cuda(), opts=RSkOptions(count_self=True),
+    loss, grad = rsk_forward_backward(emb.cuda().to(dtype), labels.cuda(), opts=RSkOptions(count_self=True),
                                          pairs=pairs.cuda(), alphas=alphas.cuda(), block_size=37, impl=impl,
                                          backends=table)
     assert (impl, "cuda") not in table.failed, f"{impl} fell back to eager"

@@ -118,7 +118,7 @@ def test_native_query_subsets_add_up(table):
     """Query subsets (the distributed path) add up to the whole, which equals eager's."""
     emb, labels, kw, whole, grad_whole = assert_query_subsets_add_up("native", table)
     assert ("native", "cpu", False, torch.float64) in table.proven  # it ran, no fallback
-    eager, grad_eager, _ = rsk_forward_backward(emb, labels, **{**kw, "impl": "eager"})
+    eager, grad_eager = rsk_forward_backward(emb, labels, **{**kw, "impl": "eager"})
     torch.testing.assert_close(whole, eager, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad_whole, grad_eager, atol=1e-12, rtol=0)
 
@@ -141,10 +141,10 @@ def test_native_result_does_not_depend_on_threads(_loss_and_grad):
 
 def test_no_loss_only_pass_gradient(table):
     emb, labels = _batch(40, 6, 8, seed=4)
-    loss, grad, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="native",
+    loss, grad = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="native",
                                          backends=table)
     assert ("native", "cpu") not in table.failed
-    ref, _, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="eager")
+    ref, _ = rsk_forward_backward(emb, labels, opts=RSkOptions(), need_grad=False, impl="eager")
     assert grad is None
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=0)
 

@@ -27,7 +27,7 @@ class RSkFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         rank, world = group_rank_and_size(group)
         if world == 1:
-            loss, grad, _ = rsk_forward_backward(
+            loss, grad = rsk_forward_backward(
                 embeddings, labels, opts=opts, pairs=pairs, alphas=alphas,
                 block_size=block_size, sim_cache_mb=sim_cache_mb, need_grad=need_grad, impl=impl,
                 backends=backends,
@@ -46,7 +46,7 @@ class RSkFunction(torch.autograd.Function):
             if num_virtual:
                 v0, v1 = num_virtual * rank // world, num_virtual * (rank + 1) // world
                 queries = torch.cat([queries, torch.arange(v0, v1, device=labels.device) + keys.shape[0]])
-            loss, grad, _ = rsk_forward_backward(
+            loss, grad = rsk_forward_backward(
                 keys, all_labels, opts=opts, pairs=pairs, alphas=alphas, queries=queries,
                 block_size=block_size, need_grad=need_grad, impl=impl, backends=backends,
             )

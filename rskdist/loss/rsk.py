@@ -187,7 +187,6 @@ def rsk_forward_backward(
             queries of the *whole* batch, so parts from disjoint query sets add up to
             the loss.
         grad_keys: d loss_part / d keys, (B, d) in the compute dtype, or None.
-        num_queries: number of queries of the whole batch (the normaliser).
     """
     compute_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
     emb = keys.detach().to(compute_dtype)
@@ -204,7 +203,7 @@ def rsk_forward_backward(
         mine = queries[query_mask[queries]]
         all_rows = False
     if num_queries == 0 or mine.numel() == 0:
-        return emb.new_zeros(()), (torch.zeros_like(emb) if need_grad else None), num_queries
+        return emb.new_zeros(()), (torch.zeros_like(emb) if need_grad else None)
 
     block_fn = backends.block_fn(impl, emb.device)
     if block_size is None:
@@ -242,7 +241,7 @@ def rsk_forward_backward(
             if need_grad:
                 source.push_mixed(rows, dsim_qr)
         source.end()
-    return total, source.gradient(), num_queries
+    return total, source.gradient()
 
 
 class _Panel:

@@ -27,6 +27,12 @@ def world_from_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """Processes on this node, as the launcher set it (torchrun: LOCAL_WORLD_SIZE; DeepSpeed's
+    launcher: LOCAL_SIZE); 1 when started without one."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+
+
 def elastic_restart() -> int:
     """How many times torchrun's elastic agent has restarted this rank's group (0: the
     first attempt, or not under the agent)."""
@@ -184,7 +190,7 @@ def init_process_group(local_rank: int, timeout_minutes: float) -> "torch.device
         device = torch.device("cpu")
         # Several CPU ranks on one machine: split the cores instead of letting every rank's
         # thread pool spin on all of them (oversubscription slows every rank down).
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        local_procs = local_world_size()
         if "OMP_NUM_THREADS" not in os.environ and local_procs > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,

@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     # Everything a user can get wrong in the config is checked here, before any
     # process group, model or allocation exists: every rank fails the same way.
     from rskdist.config import ignored_settings, load_config, validate
-    from rskdist.launch import (init_process_group, report_failure, resume_after_restart, single_process_env,
-                                watch_launchers, world_from_env)
+    from rskdist.launch import (init_process_group, local_world_size, report_failure, resume_after_restart,
+                                single_process_env, watch_launchers, world_from_env)
 
     rank, world_size, local_rank = world_from_env()
     try:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                                                                                                 cfg.run.name)
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                   run_dir=run_dir, run_url=run_url,
-                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
+                  local_world_size=local_world_size())
     try:
         Trainer(cfg, ctx).train()
     except Preempted as exc:

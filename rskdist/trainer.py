@@ -65,7 +65,8 @@ class Trainer:
         self.total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * self.steps_per_epoch))
         num_classes = num_train_classes(cfg)
         criterion = build_criterion(cfg, num_classes=num_classes)
-        _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device)
+        _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device,
+                           local_world_size=ctx.local_world_size)
         module = trained_module(cfg, model, criterion)
         self.frozen_steps = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=self.steps_per_epoch)
         self.engine, self.scheduler, self.param_groups = build_engine(cfg, module, world_size=ctx.world_size,
@@ -359,7 +360,8 @@ class Trainer:
             dist.barrier(group=self.group)
 
 
-def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device: torch.device) -> None:
+def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device: torch.device,
+                       local_world_size: int) -> None:
     """Refuse, before the first step, a loss call that cannot fit: a baseline's B x B
     matrices (every rank computes it whole), RS@k's bounded buffers with the backend that
     will run on this device (rskdist/loss/memory.py)."""
@@ -368,11 +370,9 @@ def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:  # the ranks of a node share its memory
-        import os
-
         import psutil
 
-        available = psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        available = psutil.virtual_memory().available // max(1, local_world_size)
     impl = BACKENDS.resolve(cfg.loss.options.get("impl", "auto"), device) if cfg.loss.name == "rsk" else "auto"
     check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
                     num_classes=num_classes, mix=cfg.loss.mix, available_bytes=available, per_class=cfg.data.m,

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env
+import launching
+from launching import DEEPSPEED, ROOT, launch_env, torchrun_node_env
 
 from rskdist.comm import free_port
 from rskdist.runlog import read_summary, train_losses
@@ -54,8 +55,7 @@ def _train_args(out: Path, *extra: str) -> list[str]:
 
 def deepspeed_cmd(script: str, out: Path, *args: str, extra=()) -> list[str]:
     """One node, two ranks: the command of tests/test_failures.py."""
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
-            *_train_args(out, *extra)]
+    return launching.deepspeed_cmd(*args, *_train_args(out, *extra), script=script)
 
 
 def no_ssh_cmds(out: Path, tmp: Path, extra=()) -> list[list[str]]:
@@ -73,12 +73,9 @@ def torchrun_cmds(out: Path, nodes: int, extra=(), nproc: int | None = None, res
     (`nproc` processes per node instead: a job that lost a node), meeting through the c10d
     rendezvous; `restarts`: the elastic agent's MAX_RESTARTS (0: a failure ends the job);
     `nnodes`: NNODES as given (MIN:MAX), else `nodes`."""
-    port = str(free_port())
-    return [(["bash", "launchers/torchrun.sh", *_train_args(out, *extra)[2:]],
-             dict(CONFIG="configs/debug.yaml", TORCHRUN=TORCHRUN, NNODES=nnodes or str(nodes),
-                  NPROC=str(nproc or 2 // nodes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                  RDZV_ID=f"drill-{out.name}", MAX_RESTARTS=str(restarts), RDZV_LAST_CALL="5"))
-            for _ in range(nodes)]
+    env = dict(torchrun_node_env(nnodes=nnodes or str(nodes), nproc=nproc or 2 // nodes, rdzv_id=f"drill-{out.name}"),
+               MAX_RESTARTS=str(restarts), RDZV_LAST_CALL="5")
+    return [(["bash", "launchers/torchrun.sh", *_train_args(out, *extra)[2:]], env) for _ in range(nodes)]
 
 
 class Job:

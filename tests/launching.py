@@ -18,7 +18,7 @@ DEEPSPEED, TORCHRUN = str(BIN / "deepspeed"), str(BIN / "torchrun")
 TRAIN = "rskdist/train.py"
 
 __all__ = ["DEEPSPEED", "ROOT", "TORCHRUN", "TRAIN", "deepspeed_cmd", "iter_records", "launch_env", "records", "run_cmd",
-           "train_losses"]
+           "torchrun_node_env", "train_losses"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -43,6 +43,13 @@ def run_cmd(cmd: list, *, timeout: float = 300, check: bool = True, environ: dic
 def deepspeed_cmd(*args, ranks: int = 2, script: str = TRAIN) -> list[str]:
     """`deepspeed` on this machine with `ranks` ranks and a port of its own: `script` then `args`."""
     return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *map(str, args)]
+
+
+def torchrun_node_env(*, nnodes: str, nproc: int, rdzv_id: str, config: str = "configs/debug.yaml") -> dict:
+    """What launchers/torchrun.sh reads for a node on this machine: the nodes of one job (same
+    `rdzv_id`, one fresh port) meet through the c10d rendezvous on 127.0.0.1."""
+    return dict(CONFIG=config, TORCHRUN=TORCHRUN, NNODES=nnodes, NPROC=str(nproc), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()), RDZV_ID=rdzv_id)
 
 
 def records(run_dir: Path, kind: str | None = None) -> list[dict]:

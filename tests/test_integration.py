@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env, records, run_cmd, train_losses
+from launching import DEEPSPEED, ROOT, TORCHRUN, launch_env, records, run_cmd, torchrun_node_env, train_losses
 
 from rskdist.comm import free_port
 from rskdist.runlog import read_summary
@@ -251,8 +251,7 @@ def _torchrun_nodes(out: Path, nodes: int, *overrides: str, node_env: dict | Non
     """launchers/torchrun.sh on `nodes` loopback "nodes" of one rank each, meeting through a
     c10d rendezvous on 127.0.0.1 (each agent is a node: its own process tree and restarts);
     `node_env`: {node: {variable: value}} for one node's command only."""
-    env = launch_env(**{"CONFIG": "configs/debug.yaml", "TORCHRUN": TORCHRUN, "NNODES": str(nodes), "NPROC": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RDZV_ID": out.name, **extra})
+    env = launch_env(**{**torchrun_node_env(nnodes=str(nodes), nproc=1, rdzv_id=out.name), **extra})
     cmd = ["bash", "launchers/torchrun.sh", f"run.output_dir={out}", "run.loggers=[]", *COMMON, *overrides]
     procs = []
     for n in range(nodes):  # node 0 first: it serves the rendezvous, so the others may go

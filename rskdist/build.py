@@ -1,7 +1,10 @@
-"""Builders: everything a run is made of, from a Config.
+"""Builders: everything a run is made of, each from its section of the config.
 
-Builders only: what they build is defined with its concern (the step's loss function and
-the module DeepSpeed trains in rskdist/parallel/step_parts.py, the loss in rskdist/loss/).
+Builders only, and each takes what it uses: its own section of the config (`cfg.optim`,
+`cfg.loss`, ...) or plain keywords, never the whole config; rskdist/startup.py is the one
+place that reads across sections. What they build is defined with its concern (the step's
+loss function and the module DeepSpeed trains in rskdist/parallel/step_parts.py, the loss
+in rskdist/loss/, the batch layout in rskdist/parallel/layout.py).
 
 The trainer composes these; tools (evaluation, the memory estimator) import them to
 build the same model, streams and DeepSpeed config as a training run. The model is a
@@ -11,36 +14,18 @@ to it by `build_engine`.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from rskdist.config import Config, ModelConfig
+from rskdist.config import ModelConfig
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
+from rskdist.parallel.layout import BatchLayout
 from rskdist.parallel.step_parts import StepLoss, TrainModule
 
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How the global batch splits over ranks and forward chunks."""
-
-    global_batch: int
-    local_batch: int  # images per rank per step
-    classes_per_rank: int
-    chunk_size: int  # images per forward chunk (the two-pass step's unit of activation memory)
-    num_chunks: int  # chunks per rank per step = DeepSpeed's gradient accumulation steps
-
-
-def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
-    d = cfg.data
-    local = d.global_batch // world_size
-    return BatchLayout(global_batch=d.global_batch, local_batch=local, classes_per_rank=local // d.m,
-                       chunk_size=d.chunk_size, num_chunks=math.ceil(local / d.chunk_size))
 
 
 def build_optimizer(model: torch.nn.Module, cfg, *, backbone_apart: bool = False) -> torch.optim.Optimizer:
@@ -184,116 +169,161 @@ def load_trained_model(path, tag: str | None = None, *, model_cfg: ModelConfig |
     return model
 
 
-def build_eval_stream(cfg: Config, *, split: str = "test", rank: int, world_size: int, mean, std):
-    """One held-out split of the config's data, every image once over the ranks: a split of
-    the shard folder (data.test_splits), or "val", the validation classes that
-    data.val_classes holds out of the training split."""
-    d, e = cfg.data, cfg.eval
-    from rskdist.eval.tracking import VALIDATION_SPLIT
+class RunData:
+    """The data a run reads, worked out once from the config's data section: the training
+    classes, the ones data.val_classes holds out for validation, how shards on a store are
+    read (`data.read_mode`, ...); it opens the training and held-out streams.
 
-    held = validation_labels(cfg) if split == VALIDATION_SPLIT else None
-    if d.source == "synthetic":
-        from rskdist.data.synthetic_stream import SyntheticEvalStream
+    `image_size` is the model's, `seed` the run's (the validation classes, the plans and the
+    synthetic pixels follow it), `retries` run.store_retries; rskdist/startup.py makes one
+    from a whole config (`run_data`).
+    """
 
-        if split != "test" and held is None:
-            raise ValueError(f"data.source=synthetic has no split {split!r}: it has 'test', and 'val' when "
-                             f"data.val_classes is set")
-        return SyntheticEvalStream(
-            num_train_classes=d.synthetic_classes, size=e.synthetic_size, rank=rank, world_size=world_size,
-            batch_size=e.batch_size, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise,
-            classes=held,
+    def __init__(self, data_cfg, *, image_size: int, seed: int, retries: int):
+        self.cfg, self.image_size, self.seed, self.retries = data_cfg, image_size, seed, retries
+
+    @cached_property
+    def num_classes(self) -> int:
+        """Classes of the training split (labels are 0..C-1): the size of a proxy loss's table
+        (validation classes included: their labels are simply never drawn)."""
+        if self.cfg.source == "synthetic":
+            return self.cfg.synthetic_classes
+        from rskdist.data.shards import load_index
+
+        return len(load_index(self.cfg.root, retries=self.retries)["splits"]["train"]["classes"])
+
+    @cached_property
+    def held_out(self) -> np.ndarray | None:
+        """The training labels data.val_classes holds out for validation (fixed by the seed),
+        or None when it is 0. Every rank and tool draws the same ones (rskdist/data/holdout.py)."""
+        if not self.cfg.val_classes:
+            return None
+        from rskdist.data.holdout import validation_classes
+
+        return validation_classes(self.num_classes, self.cfg.val_classes, self.seed)
+
+    @property
+    def train_labels(self) -> np.ndarray | None:
+        """The labels the training stream draws: all but the validation ones (None: all)."""
+        held = self.held_out
+        return None if held is None else np.setdiff1d(np.arange(self.num_classes), held)
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The held-out splits an evaluation reports, in order (the first picks `best`)."""
+        from rskdist.eval.tracking import evaluated_splits
+
+        return evaluated_splits(self.cfg.val_classes, self.cfg.test_splits)
+
+    @cached_property
+    def store(self):
+        """How shards on a store are read (data.read_mode, data.cache_*, data.request_kb)."""
+        from rskdist.data.remote import StoreReading
+
+        d = self.cfg
+        return StoreReading(mode=d.read_mode, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
+                            request_bytes=d.request_kb * 1024, retries=self.retries)
+
+    def train_stream(self, layout: BatchLayout, *, rank: int, mean, std, device: torch.device):
+        """This rank's class-balanced training stream (equal steps on every rank)."""
+        d, keep = self.cfg, self.train_labels  # without the validation classes, if any
+        common = dict(rank=rank, world_size=layout.world_size, classes_per_rank=layout.classes_per_rank, m=layout.m,
+                      image_size=self.image_size, seed=self.seed)
+        if d.source == "synthetic":
+            from rskdist.data.synthetic_stream import SyntheticTrainStream
+
+            return SyntheticTrainStream(num_classes=d.synthetic_classes, noise=d.synthetic_noise, classes=keep,
+                                        **common)
+        from rskdist.data import build_train_loader
+
+        return build_train_loader(
+            d.root, **common, num_workers=d.num_workers, mean=mean, std=std, keep_labels=keep,
+            scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
+            steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length, sampler=d.sampler,
+            store=self.store,
+            # On GPUs images travel as uint8 and are normalised on the device.
+            **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),
         )
-    from rskdist.data import build_eval_loader
 
-    return build_eval_loader(
-        d.root, split="train" if held is not None else split, rank=rank, world_size=world_size,
-        batch_size=e.batch_size, image_size=cfg.model.image_size, num_workers=d.num_workers, mean=mean, std=std,
-        keep_labels=held, store=store_reading(cfg),
-    )
+    def eval_stream(self, split: str, *, batch_size: int, synthetic_size: int, rank: int, world_size: int,
+                    mean, std):
+        """One held-out split, every image once over the ranks: a split of the shard folder
+        (data.test_splits), or "val", the validation classes held out of the training split.
+        `synthetic_size` is the synthetic test split's size (eval.synthetic_size)."""
+        from rskdist.eval.tracking import VALIDATION_SPLIT
 
+        d = self.cfg
+        held = self.held_out if split == VALIDATION_SPLIT else None
+        if d.source == "synthetic":
+            from rskdist.data.synthetic_stream import SyntheticEvalStream
 
-def store_reading(cfg: Config):
-    """How shards on a store are read (data.read_mode, data.cache_*, data.request_kb, run.store_retries)."""
-    from rskdist.data.remote import StoreReading
+            if split != "test" and held is None:
+                raise ValueError(f"data.source=synthetic has no split {split!r}: it has 'test', and 'val' when "
+                                 f"data.val_classes is set")
+            return SyntheticEvalStream(
+                num_train_classes=d.synthetic_classes, size=synthetic_size, rank=rank, world_size=world_size,
+                batch_size=batch_size, image_size=self.image_size, seed=self.seed, noise=d.synthetic_noise,
+                classes=held,
+            )
+        from rskdist.data import build_eval_loader
 
-    d = cfg.data
-    return StoreReading(mode=d.read_mode, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
-                        request_bytes=d.request_kb * 1024, retries=cfg.run.store_retries)
-
-
-def num_train_classes(cfg: Config) -> int:
-    """Classes of the training split (labels are 0..C-1): the size of a proxy loss's table
-    (validation classes held out included: their labels are simply never drawn)."""
-    d = cfg.data
-    if d.source == "synthetic":
-        return d.synthetic_classes
-    from rskdist.data.shards import load_index
-
-    return len(load_index(d.root, retries=cfg.run.store_retries)["splits"]["train"]["classes"])
-
-
-def validation_labels(cfg: Config) -> np.ndarray | None:
-    """The training labels data.val_classes holds out for validation (fixed by run.seed), or
-    None when it is 0. Every rank and tool draws the same ones (rskdist/data/holdout.py)."""
-    if not cfg.data.val_classes:
-        return None
-    from rskdist.data.holdout import validation_classes
-
-    return validation_classes(num_train_classes(cfg), cfg.data.val_classes, cfg.run.seed)
+        return build_eval_loader(
+            d.root, split="train" if held is not None else split, rank=rank, world_size=world_size,
+            batch_size=batch_size, image_size=self.image_size, num_workers=d.num_workers, mean=mean, std=std,
+            keep_labels=held, store=self.store,
+        )
 
 
-def training_labels(cfg: Config) -> np.ndarray | None:
-    """The labels the training stream draws: all but the validation ones (None: all)."""
-    held = validation_labels(cfg)
-    return None if held is None else np.setdiff1d(np.arange(num_train_classes(cfg)), held)
-
-
-def build_criterion(cfg: Config, *, num_classes: int | None = None) -> torch.nn.Module:
-    """The loss of the config (`rskdist.loss.make_loss`): RS@k from the loss.* fields, a
-    baseline from `loss.options` over its paper defaults. Proxy losses own parameters."""
+def build_criterion(loss_cfg, *, embed_dim: int | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    """The loss of a config's loss section (`rskdist.loss.make_loss`): RS@k from the loss.*
+    fields, a baseline from `loss.options` over its paper defaults. Proxy losses own
+    parameters: a table of `num_classes` x `embed_dim` (model.embed_dim)."""
     from rskdist.loss import make_loss
 
-    loss = cfg.loss
+    loss = loss_cfg
     options = dict(loss.options)
     if loss.name == "rsk":
         options = dict(ks=tuple(loss.ks), tau1=loss.tau1, tau2=loss.tau2, count_self=loss.count_self,
                        block_size=loss.block_size or None, virtual_queries=loss.simix_queries, **options)
-    return make_loss(loss.name, num_classes=num_classes, embed_dim=cfg.model.embed_dim, mix=loss.mix,
+    return make_loss(loss.name, num_classes=num_classes, embed_dim=embed_dim, mix=loss.mix,
                      mix_per_class=loss.simix_per_class or None, **options)
 
 
 def make_loss_fn(loss_cfg, *, seed: int, step: int, group) -> StepLoss:
     """The step's loss function (rskdist/parallel/step_parts.py) of a loss config without
     proxies (those need the trainer's loss, whose parameters live in the engine)."""
-    return StepLoss(build_criterion(Config(loss=loss_cfg)), seed=seed, step=step, group=group)
+    return StepLoss(build_criterion(loss_cfg), seed=seed, step=step, group=group)
 
 
-def trained_module(cfg: Config, model: torch.nn.Module, criterion: torch.nn.Module) -> torch.nn.Module:
-    """The model, or model + loss parameters (TrainModule) when the loss has any."""
+def trained_module(model: torch.nn.Module, criterion: torch.nn.Module, *, proxy_lr_multiplier: float = 0.0,
+                   zero_stage: int = 0) -> torch.nn.Module:
+    """The model, or model + loss parameters (TrainModule) when the loss has any; their LR
+    multiplier is loss.proxy_lr_multiplier, or the loss's paper default when that is 0."""
     if not any(True for _ in criterion.parameters()):
         return model
-    multiplier = cfg.loss.proxy_lr_multiplier or float(criterion.lr_multiplier)
-    return TrainModule(model, criterion, lr_multiplier=multiplier, zero_stage=cfg.deepspeed.zero_stage)
+    multiplier = proxy_lr_multiplier or float(criterion.lr_multiplier)
+    return TrainModule(model, criterion, lr_multiplier=multiplier, zero_stage=zero_stage)
 
 
-def deepspeed_config(cfg: Config, *, chunk_size: int, num_chunks: int, world_size: int) -> dict:
-    """The DeepSpeed config generated from ours; `deepspeed.extra` is merged last."""
+def deepspeed_config(ds_cfg, layout: BatchLayout, *, grad_clip: float) -> dict:
+    """The DeepSpeed config generated from the config's deepspeed section, the batch layout
+    and optim.grad_clip; `deepspeed.extra` is merged last."""
     ds = {
-        "train_micro_batch_size_per_gpu": chunk_size,
+        "train_micro_batch_size_per_gpu": layout.chunk_size,
         # One accumulation step per chunk: the optimizer runs after the last chunk.
-        "gradient_accumulation_steps": num_chunks,
-        "train_batch_size": chunk_size * num_chunks * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "gradient_accumulation_steps": layout.num_chunks,
+        "train_batch_size": layout.chunk_size * layout.num_chunks * layout.world_size,
+        "gradient_clipping": grad_clip,  # explicit: DeepSpeed's default is 1.0
+        "zero_optimization": {"stage": ds_cfg.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.deepspeed.precision == "bf16":
+    if ds_cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    elif cfg.deepspeed.precision == "fp16":
+    elif ds_cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    _merge(ds, cfg.deepspeed.extra)
+    _merge(ds, ds_cfg.extra)
     return ds
 
 
@@ -305,45 +335,18 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def build_train_stream(cfg: Config, *, rank: int, world_size: int, mean, std, device: torch.device):
-    """This rank's class-balanced training stream (equal steps on every rank)."""
-    d = cfg.data
-    classes_per_rank = batch_layout(cfg, world_size).classes_per_rank
-    keep = training_labels(cfg)  # without the validation classes, if any
-    if d.source == "synthetic":
-        from rskdist.data.synthetic_stream import SyntheticTrainStream
-
-        return SyntheticTrainStream(
-            num_classes=d.synthetic_classes, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank,
-            m=d.m, image_size=cfg.model.image_size, seed=cfg.run.seed, noise=d.synthetic_noise, classes=keep,
-        )
-    from rskdist.data import build_train_loader
-
-    return build_train_loader(
-        d.root, rank=rank, world_size=world_size, classes_per_rank=classes_per_rank, m=d.m,
-        image_size=cfg.model.image_size, num_workers=d.num_workers, seed=cfg.run.seed, mean=mean, std=std,
-        keep_labels=keep, scale=tuple(d.crop_scale), ratio=tuple(d.crop_ratio), hflip=d.hflip, remainder=d.remainder,
-        steps_per_epoch=None if d.epoch_length == "auto" else d.epoch_length, sampler=d.sampler,
-        store=store_reading(cfg),
-        # On GPUs images travel as uint8 and are normalised on the device.
-        **({"device": device, "pin_memory": True} if device.type == "cuda" else {}),
-    )
-
-
-def build_engine(cfg: Config, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int,
+def build_engine(module: torch.nn.Module, optim_cfg, ds_config: dict, *, steps_per_epoch: int,
                  frozen_steps: int = 0):
-    """(DeepSpeed engine, LR scheduler, description of the parameter groups) around `model`
-    (optimizer and schedule from the config); the backbone keeps still for the first
-    `frozen_steps` (`backbone_frozen_steps`)."""
+    """(DeepSpeed engine, LR scheduler, description of the parameter groups) around `module`:
+    the optimizer and schedule of the config's optim section, DeepSpeed set by `ds_config`
+    (`deepspeed_config`); the backbone keeps still for the first `frozen_steps`
+    (`backbone_frozen_steps`)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.optim, backbone_apart=frozen_steps > 0)
+    optimizer = build_optimizer(module, optim_cfg, backbone_apart=frozen_steps > 0)
     groups = describe_param_groups(optimizer)  # before ZeRO replaces the groups' tensors by flat partitions
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambdas(optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, frozen_steps=frozen_steps))
-    layout = batch_layout(cfg, world_size)
-    ds_config = deepspeed_config(cfg, chunk_size=layout.chunk_size, num_chunks=layout.num_chunks,
-                                 world_size=world_size)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+        optimizer, lr_lambdas(optimizer, optim_cfg, steps_per_epoch=steps_per_epoch, frozen_steps=frozen_steps))
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                                    config=ds_config)
     return engine, scheduler, groups

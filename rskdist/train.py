@@ -4,7 +4,8 @@
     torchrun --nproc_per_node G rskdist/train.py --config configs/X.yaml [key=value ...]
     python rskdist/train.py --config configs/X.yaml [key=value ...]      # one process
 
-Parses, validates (before any process group exists), builds, trains, tears down; how a rank
+Parses, validates (before any process group exists), works out the run's layout and data and
+checks its loss fits the device (rskdist/startup.py), builds, trains, tears down; how a rank
 starts, watches its launchers and reports a failure is in rskdist/launch.py.
 """
 
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     single_process_env()
     import torch.distributed as dist
 
+    from rskdist.startup import prepare
     from rskdist.store import is_url, join
     from rskdist.store.mirror import default_stage_dir
     from rskdist.trainer import Context, Preempted, Trainer
@@ -63,7 +65,9 @@ def main(argv=None) -> int:
                   run_dir=run_dir, run_url=run_url,
                   local_world_size=local_world_size())
     try:
-        Trainer(cfg, ctx).train()
+        # The start-up checks that need the device (the loss's memory), then the run.
+        setup = prepare(cfg, world_size=ctx.world_size, device=device, local_world_size=ctx.local_world_size)
+        Trainer(cfg, ctx, setup).train()
     except Preempted as exc:
         if ctx.rank == 0:
             print(f"rskdist: {exc}", file=sys.stderr, flush=True)

@@ -16,17 +16,19 @@ import torch
 import torch.distributed as dist
 
 from rskdist.build import (
-    PRECISION_DTYPE, backbone_frozen_steps, batch_layout, build_criterion, build_engine, build_model, build_train_stream,
-    num_train_classes, trained_module,
+    PRECISION_DTYPE, backbone_frozen_steps, build_criterion, build_engine, build_model, deepspeed_config,
+    trained_module,
 )
 from rskdist.checkpoint import CheckpointManager, step_tag
 from rskdist.config import Config
 from rskdist.loss.saturation import SaturationCheck
 from rskdist.parallel.ema import WeightEMA
+from rskdist.parallel.layout import BatchLayout
 from rskdist.parallel.reshard import world_change
 from rskdist.parallel.step_parts import StepLoss
 from rskdist.parallel.step import two_pass_step
 from rskdist.runlog import RunLogger
+from rskdist.startup import RunSetup
 from rskdist.store.mirror import RunMirror
 from rskdist.validator import Validator
 
@@ -47,11 +49,12 @@ class Context:
 class Trainer:
     """Owns the engine, the streams and the run folder; `train()` runs to the end."""
 
-    def __init__(self, cfg: Config, ctx: Context):
+    def __init__(self, cfg: Config, ctx: Context, setup: RunSetup):
+        """`setup` is what rskdist/startup.py `prepare` worked out and checked for this rank."""
         from rskdist.models import describe
 
         self.cfg, self.ctx = cfg, ctx
-        self.layout = batch_layout(cfg, ctx.world_size)
+        self.layout, data = setup.layout, setup.data
         self.input_dtype = PRECISION_DTYPE[cfg.deepspeed.precision]
         self.group = dist.group.WORLD if ctx.world_size > 1 else None
 
@@ -59,23 +62,23 @@ class Trainer:
         model = build_model(cfg.model)
         self.model_info = describe(model)
         self.model_spec = model.spec  # the resolved architecture, written beside every checkpoint
-        self.train_stream = build_train_stream(cfg, rank=ctx.rank, world_size=ctx.world_size, mean=model.mean,
-                                               std=model.std, device=ctx.device)
+        self.train_stream = data.train_stream(self.layout, rank=ctx.rank, mean=model.mean, std=model.std,
+                                              device=ctx.device)
         self.steps_per_epoch = self.train_stream.steps_per_epoch
         self.total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * self.steps_per_epoch))
-        num_classes = num_train_classes(cfg)
-        criterion = build_criterion(cfg, num_classes=num_classes)
-        _check_loss_memory(cfg, num_classes=num_classes, world_size=ctx.world_size, device=ctx.device,
-                           local_world_size=ctx.local_world_size)
-        module = trained_module(cfg, model, criterion)
+        criterion = build_criterion(cfg.loss, embed_dim=cfg.model.embed_dim, num_classes=data.num_classes)
+        module = trained_module(model, criterion, proxy_lr_multiplier=cfg.loss.proxy_lr_multiplier,
+                                zero_stage=cfg.deepspeed.zero_stage)
         self.frozen_steps = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=self.steps_per_epoch)
-        self.engine, self.scheduler, self.param_groups = build_engine(cfg, module, world_size=ctx.world_size,
-                                                   steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
+        self.engine, self.scheduler, self.param_groups = build_engine(
+            module, cfg.optim, deepspeed_config(cfg.deepspeed, self.layout, grad_clip=cfg.optim.grad_clip),
+            steps_per_epoch=self.steps_per_epoch, frozen_steps=self.frozen_steps)
         # The average of the weights (optim.ema_decay), each rank over what it holds (parallel/ema.py).
         self.ema = WeightEMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         # The loss pass runs on an fp32 copy that the engine lends its proxies to (parallel/step_parts.py, StepLoss).
         self.loss_params_from = None if module is model else self.engine.module.criterion
-        self.criterion = criterion if module is model else build_criterion(cfg, num_classes=num_classes).to(ctx.device)
+        self.criterion = criterion if module is model else build_criterion(
+            cfg.loss, embed_dim=cfg.model.embed_dim, num_classes=data.num_classes).to(ctx.device)
 
         self.checkpoints = CheckpointManager(ctx.run_dir / "checkpoints", self.engine, rank=ctx.rank,
                                              keep=cfg.run.keep_checkpoints, barrier=self._barrier, group=self.group,
@@ -85,12 +88,12 @@ class Trainer:
             local_world_size=ctx.local_world_size, retries=cfg.run.store_retries)
         self.log = RunLogger(ctx.run_dir, rank=ctx.rank, device=ctx.device, group=self.group,
                              loggers=cfg.run.loggers)
-        self.validator = Validator(cfg, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
+        self.validator = Validator(cfg.eval, data, rank=ctx.rank, world_size=ctx.world_size, group=self.group,
                                    device=ctx.device, mean=model.mean, std=model.std,
                                    steps_per_epoch=self.steps_per_epoch, run_dir=ctx.run_dir)
         # Watches the first steps of a fresh run only (a resumed run is past them); its
         # thresholds are RS@k's (a loss in [0, 1]), so baselines are not checked.
-        self.saturation = (SaturationCheck(cfg.loss.saturation_steps, cfg.data.global_batch)
+        self.saturation = (SaturationCheck(cfg.loss.saturation_steps, self.layout.global_batch)
                            if cfg.loss.saturation != "off" and cfg.loss.name == "rsk" else None)
         self.step = 0
         self._nonfinite_streak = 0
@@ -145,7 +148,7 @@ class Trainer:
         loss_fn = StepLoss(self.criterion, seed=cfg.run.seed, step=self.step, group=self.group,
                            params_from=self.loss_params_from)
         result = two_pass_step(
-            self.engine, images, labels, loss_fn=loss_fn, chunk_size=cfg.data.chunk_size,
+            self.engine, images, labels, loss_fn=loss_fn, chunk_size=self.layout.chunk_size,
             world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
             input_dtype=self.input_dtype, device=ctx.device, group=self.group, loss_params=loss_fn.param_leaves,
         )
@@ -179,7 +182,7 @@ class Trainer:
         if self.checkpoints.last_saved_step == self.step:
             return
         state = {"step": self.step, "data": self.train_stream.state_dict(),
-                 "best": self.validator.best.state_dict(), "layout": self._layout_record()}
+                 "best": self.validator.best.state_dict(), "layout": self.layout.record()}
         tag = self.checkpoints.save(self.step, {"trainer": state}, rank_files=self._ema_files())
         if self.mirror is not None:
             self.mirror.saved(tag)  # uploaded in the background; the step does not wait
@@ -194,21 +197,21 @@ class Trainer:
         load_path, client = loaded
         state = client["trainer"]
         saved_layout = self._saved_layout(state)
-        if saved_layout["global_batch"] != self.cfg.data.global_batch:
+        if saved_layout.global_batch != self.layout.global_batch:
             raise ValueError(f"resume: {self.checkpoints.resumed_from} was trained with data.global_batch="
-                             f"{saved_layout['global_batch']}, the config says {self.cfg.data.global_batch}: the run "
-                             f"would not see its batches; resume with data.global_batch={saved_layout['global_batch']} "
+                             f"{saved_layout.global_batch}, the config says {self.layout.global_batch}: the run "
+                             f"would not see its batches; resume with data.global_batch={saved_layout.global_batch} "
                              f"(any world size that divides it), or start a new run")
         self.step = int(state["step"])
         if self.step > 0:
             self.saturation = None  # the check watches a run's first steps
         self.train_stream.load_state_dict(state["data"])
         if self.ema is not None:
-            self._load_ema(self.checkpoints.resumed_from, saved_layout["world_size"])
+            self._load_ema(self.checkpoints.resumed_from, saved_layout.world_size)
         if state.get("best"):
             self.validator.best.load_state_dict(state["best"])
         self.log.say(f"resumed from {load_path} at step {self.step}")
-        change = world_change(saved_layout, self._layout_record(), zero_stage=self.cfg.deepspeed.zero_stage)
+        change = world_change(saved_layout, self.layout, zero_stage=self.cfg.deepspeed.zero_stage)
         if change:
             self.log.say(change)
         return True
@@ -224,21 +227,14 @@ class Trainer:
                              f"(rank {self.ctx.rank}): " + "; ".join(missing) + ". Everything is in the staging "
                              "folder; rerun the same command on this node to upload it")
 
-    def _layout_record(self) -> dict:
-        """How the global batch is laid out over this run's ranks (saved, compared on resume)."""
-        lay = self.layout
-        return {"world_size": self.ctx.world_size, "global_batch": lay.global_batch, "local_batch": lay.local_batch,
-                "chunk_size": lay.chunk_size, "num_chunks": lay.num_chunks}
-
-    def _saved_layout(self, state: dict) -> dict:
+    def _saved_layout(self, state: dict) -> BatchLayout:
         """The layout a checkpoint was saved with; for one saved before the record, what the
         checkpoint's files say (the world size) and the config (the rest)."""
         if "layout" in state:
-            return state["layout"]
+            return BatchLayout.from_record(state["layout"], m=self.layout.m)
         world = self.checkpoints.saved_world_size or state["data"].get("world_size", self.ctx.world_size)
-        local = self.cfg.data.global_batch // world
-        return {"world_size": world, "global_batch": self.cfg.data.global_batch, "local_batch": local,
-                "chunk_size": self.cfg.data.chunk_size, "num_chunks": -(-local // self.cfg.data.chunk_size)}
+        return BatchLayout(global_batch=self.layout.global_batch, world_size=world, m=self.layout.m,
+                           chunk_size=self.layout.chunk_size)
 
     # ----------------------------------------------------------------- records
     def _open_run_folder(self) -> None:
@@ -246,11 +242,10 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
         self.log.open(self.cfg, info, fresh=self.step == 0, model_spec=self.model_spec)
         self._barrier()
-        cfg, lay = self.cfg, self.layout
+        cfg = self.cfg
         self.log.say(f"rskdist: {self.model_info}")
-        self.log.say(f"rskdist: world {self.ctx.world_size} | global batch {lay.global_batch} "
-                     f"({lay.classes_per_rank * self.ctx.world_size} classes x {cfg.data.m}) | local "
-                     f"{lay.local_batch} in {lay.num_chunks} chunks | ZeRO-{cfg.deepspeed.zero_stage} "
+        self.log.say(f"rskdist: world {self.ctx.world_size} | {self.layout.describe()} | "
+                     f"ZeRO-{cfg.deepspeed.zero_stage} "
                      f"{cfg.deepspeed.precision} | {self.total_steps} steps ({self.steps_per_epoch}/epoch) | "
                      f"run {self.ctx.run_dir}")
         self.log.say("rskdist: parameter groups (optim.layer_decay, optim.head_lr_multiplier, model.freeze_*):\n"
@@ -267,7 +262,7 @@ class Trainer:
             "step": self.step, "epoch": self._epoch(), "kind": "train",
             "loss": result.loss, "emb_grad_norm": result.emb_grad_norm, "lr": self._base_lr(),
             "skipped_steps": int(self.engine.skipped_steps),  # fp16 overflows: batches without an update
-            "images_per_s": round(self.cfg.data.global_batch / step_seconds, 2),
+            "images_per_s": round(self.layout.global_batch / step_seconds, 2),
             "step_seconds": round(step_seconds, 3), "data_seconds": round(data_seconds, 3),
             "embed_seconds": round(result.embed_seconds, 3), "loss_seconds": round(result.loss_seconds, 3),
             "backprop_seconds": round(result.backprop_seconds, 3),
@@ -358,26 +353,6 @@ class Trainer:
     def _barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
-
-
-def _check_loss_memory(cfg: Config, *, num_classes: int, world_size: int, device: torch.device,
-                       local_world_size: int) -> None:
-    """Refuse, before the first step, a loss call that cannot fit: a baseline's B x B
-    matrices (every rank computes it whole), RS@k's bounded buffers with the backend that
-    will run on this device (rskdist/loss/memory.py)."""
-    from rskdist.loss import BACKENDS, check_loss_fits
-
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:  # the ranks of a node share its memory
-        import psutil
-
-        available = psutil.virtual_memory().available // max(1, local_world_size)
-    impl = BACKENDS.resolve(cfg.loss.options.get("impl", "auto"), device) if cfg.loss.name == "rsk" else "auto"
-    check_loss_fits(cfg.loss.name, cfg.data.global_batch, embed_dim=cfg.model.embed_dim,
-                    num_classes=num_classes, mix=cfg.loss.mix, available_bytes=available, per_class=cfg.data.m,
-                    mix_pairs_per_class=cfg.loss.simix_per_class or None, world_size=world_size, impl=impl,
-                    device_type=device.type, block_size=cfg.loss.block_size or None)
 
 
 class Preempted(Exception):

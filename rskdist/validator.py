@@ -17,15 +17,13 @@ import time
 
 import torch
 
-from rskdist.build import build_eval_stream
+from rskdist.build import RunData
 from rskdist.comm import broadcast_flag
-from rskdist.config import Config
 from rskdist.eval import (
     EMA_PREFIX,
     BestTracker,
     default_ks,
     evaluate_model,
-    evaluated_splits,
     split_metric,
     write_examples,
 )
@@ -33,17 +31,21 @@ from rskdist.parallel.step_parts import CastInputs
 
 
 class Validator:
-    def __init__(self, cfg: Config, *, rank: int, world_size: int, group, device: torch.device, mean, std,
-                 steps_per_epoch: int, run_dir=None):
-        self.cfg, self.rank, self.world_size, self.group, self.device = cfg, rank, world_size, group, device
+    """Takes the config's eval section (`eval_cfg`) and the run's data (rskdist/build.py
+    `RunData`: its held-out splits, the dataset's default k list, the streams)."""
+
+    def __init__(self, eval_cfg, data: RunData, *, rank: int, world_size: int, group, device: torch.device, mean,
+                 std, steps_per_epoch: int, run_dir=None):
+        self.cfg, self.data = eval_cfg, data
+        self.rank, self.world_size, self.group, self.device = rank, world_size, group, device
         self.run_dir = run_dir  # examples.html goes here (None: not written)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.ks = tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)
-        every = cfg.eval.every_epochs
+        self.ks = tuple(eval_cfg.ks) or default_ks(data.cfg.dataset)
+        every = eval_cfg.every_epochs
         self.enabled = every >= 0  # -1: never; 0: only at the end
         self.every_steps = 0 if every <= 0 else max(1, round(every * steps_per_epoch))
-        self.splits = evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)
-        best, ema = cfg.eval.best_metric, cfg.eval.best_metric.startswith(EMA_PREFIX)
+        self.splits = data.eval_splits
+        best, ema = eval_cfg.best_metric, eval_cfg.best_metric.startswith(EMA_PREFIX)
         best = split_metric(self.splits[0], best[len(EMA_PREFIX):] if ema else best)
         self.best = BestTracker(metric=EMA_PREFIX + best if ema else best)
 
@@ -66,13 +68,14 @@ class Validator:
     def _evaluate_splits(self, engine, input_dtype: torch.dtype, pictures: bool = False) -> dict:
         metrics = {}
         for split in self.splits:
-            stream = build_eval_stream(self.cfg, split=split, rank=self.rank, world_size=self.world_size,
-                                       mean=self.mean, std=self.std)
+            stream = self.data.eval_stream(split, batch_size=self.cfg.batch_size,
+                                           synthetic_size=self.cfg.synthetic_size, rank=self.rank,
+                                           world_size=self.world_size, mean=self.mean, std=self.std)
             # The first split's retrievals as pictures (the one that picks `best`).
-            count = self.cfg.eval.examples if pictures and split == self.splits[0] and self.run_dir else 0
+            count = self.cfg.examples if pictures and split == self.splits[0] and self.run_dir else 0
             try:
                 result = evaluate_model(CastInputs(engine, input_dtype), stream, device=self.device, group=self.group,
-                                        ks=self.ks, shard_above=self.cfg.eval.shard_above, examples=count)
+                                        ks=self.ks, shard_above=self.cfg.shard_above, examples=count)
                 if count:
                     result, examples = result
                     if self.rank == 0:  # rank 0 alone, after the collectives: a few image reads

@@ -10,13 +10,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from rskdist.build import (
-    backbone_frozen_steps, build_optimizer, deepspeed_config, lr_lambdas, trained_module,
+    backbone_frozen_steps, build_optimizer, lr_lambdas, trained_module,
 )
 from rskdist.config import Config
 from rskdist.parallel.step_parts import StepLoss
 from rskdist.loss import make_loss
 from rskdist.models import RetrievalModel
-from test_engine_distributed import join_gloo, leave_with
+from test_engine_distributed import engine_config, join_gloo, leave_with
 
 GLOBAL_BATCH, CHUNK, NUM_CLASSES, FROZEN = 24, 5, 6, 2
 
@@ -59,7 +59,7 @@ def test_frozen_steps_follow_the_loss_default_or_the_config():
 def test_groups_and_schedule_of_a_frozen_start():
     cfg = _config()
     cfg.optim.warmup_steps = 4
-    module = trained_module(cfg, _model(), _criterion())
+    module = trained_module(_model(), _criterion(), zero_stage=cfg.deepspeed.zero_stage)
     optimizer = build_optimizer(module, cfg.optim, backbone_apart=True)
     roles = [g["role"] for g in optimizer.param_groups]
     assert set(roles) == {"backbone", "head", "proxies"}
@@ -84,13 +84,13 @@ def _worker(rank, world, init, out_dir, stages):
     results = {}
     for zero_stage in stages:
         cfg = _config(zero_stage)
-        module = trained_module(cfg, _model(), _criterion())
+        module = trained_module(_model(), _criterion(), zero_stage=cfg.deepspeed.zero_stage)
         optimizer = build_optimizer(module, cfg.optim, backbone_apart=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambdas(optimizer, cfg.optim, steps_per_epoch=10, frozen_steps=FROZEN))
         engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule,
-            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=-(-local // CHUNK), world_size=world))
+            config=engine_config(cfg, world=world, local=local, chunk=CHUNK))
         shadow = _criterion()
         states = []
         for step in range(FROZEN + 1):
@@ -109,7 +109,7 @@ def _worker(rank, world, init, out_dir, stages):
 def test_backbone_stays_while_head_and_proxies_learn_under_zero(tmp_path):
     stages = (0, 2, 3)
     mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rdzv'}", str(tmp_path), stages), nprocs=2, join=True)
-    initial = trained_module(_config(), _model(), _criterion()).state_dict()
+    initial = trained_module(_model(), _criterion()).state_dict()
     for rank in range(2):
         results = torch.load(tmp_path / f"r{rank}.pt")
         for zero_stage in stages:

@@ -30,6 +30,7 @@ from rskdist.eval import default_ks
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from rskdist.models import GeM
 from rskdist.build import build_model, build_optimizer, deepspeed_config, lr_factor
+from rskdist.startup import batch_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -115,12 +116,13 @@ def test_config_builds_everything_but_weights(path):
     assert opt.param_groups[0]["weight_decay"] == cfg.optim.weight_decay
 
     # DeepSpeed config: the Trainer's arithmetic, then DeepSpeed's own parser.
-    local_batch = d.global_batch // world_size
-    num_chunks = math.ceil(local_batch / d.chunk_size)
+    layout = batch_layout(cfg, world_size)
+    local_batch, num_chunks = layout.local_batch, layout.num_chunks
+    assert local_batch == d.global_batch // world_size and num_chunks == math.ceil(local_batch / d.chunk_size)
     assert local_batch % d.chunk_size == 0 or path.name in ("debug.yaml", "demo.yaml"), (
         f"chunk_size {d.chunk_size} does not divide the local batch {local_batch}: a ragged last chunk"
     )
-    ds = deepspeed_config(cfg, chunk_size=d.chunk_size, num_chunks=num_chunks, world_size=world_size)
+    ds = deepspeed_config(cfg.deepspeed, layout, grad_clip=cfg.optim.grad_clip)
     assert ds["train_batch_size"] == d.chunk_size * num_chunks * world_size
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     _deepspeed_parses(ds, world_size, cfg.deepspeed.precision)

@@ -548,12 +548,11 @@ def test_evaluation_during_training_leaves_no_workers(even):
     import psutil
 
     from rskdist.config import load_config
-    from rskdist.validator import Validator
+    from test_eval_splits import make_validator
 
     cfg = load_config("configs/debug.yaml", ["data.source=shards", f"data.root={even}", "data.num_workers=2",
                                              f"model.image_size={SIZE}", "eval.batch_size=5"])
-    validator = Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, steps_per_epoch=1)
+    validator = make_validator(cfg)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 8))
     before = {p.pid for p in _worker_processes()}
     metrics = validator.evaluate(model, torch.float32)

@@ -12,7 +12,8 @@ import torch
 from rskdist.data.loader import build_train_loader
 from rskdist.data.sampler import make_plan
 from rskdist.data.synthetic_stream import SyntheticTrainStream
-from rskdist.parallel.reshard import chunk_starts, reshard_partitions, world_change
+from rskdist.parallel.layout import BatchLayout
+from rskdist.parallel.reshard import reshard_partitions, world_change
 from test_data_stream import SIZE, make_shards
 
 K = 8  # classes per global batch
@@ -119,17 +120,28 @@ def test_partitions_recut_for_another_world_size():
 
 
 def test_the_line_that_says_what_changed():
-    saved = {"world_size": 4, "global_batch": 64, "local_batch": 16, "chunk_size": 8, "num_chunks": 2}
+    saved = BatchLayout(global_batch=64, world_size=4, m=4, chunk_size=8)
     assert world_change(saved, saved, zero_stage=2) is None
-    now = {"world_size": 2, "global_batch": 64, "local_batch": 32, "chunk_size": 8, "num_chunks": 4}
+    now = BatchLayout(global_batch=64, world_size=2, m=4, chunk_size=8)
     line = world_change(saved, now, zero_stage=3)
     assert line.startswith("resume on another world size: world size 4 -> 2; local batch 16 -> 32; chunks per "
                            "rank 2 -> 4 (of 8)")
     assert "ZeRO-3 optimizer state re-sharded from 4 to 2 ranks" in line and "masks differ" not in line
-    ragged = {**now, "world_size": 8, "local_batch": 8, "chunk_size": 5, "num_chunks": 2}
+    ragged = BatchLayout(global_batch=64, world_size=8, m=4, chunk_size=5)
     assert "dropout and drop-path masks differ" in world_change(saved, ragged, zero_stage=0)
     assert "re-sharded" not in world_change(saved, ragged, zero_stage=0)
-    assert chunk_starts(2, 8, 4) == chunk_starts(4, 4, 4) == {0, 4, 8, 12}
+    assert (BatchLayout(global_batch=16, world_size=2, m=2, chunk_size=4).chunk_starts()
+            == BatchLayout(global_batch=16, world_size=4, m=2, chunk_size=4).chunk_starts() == {0, 4, 8, 12})
+
+
+def test_the_layout_is_worked_out_once_and_read_back_from_its_record():
+    lay = BatchLayout(global_batch=96, world_size=4, m=4, chunk_size=10)
+    assert (lay.local_batch, lay.classes_per_rank, lay.num_chunks) == (24, 6, 3)
+    assert BatchLayout.from_record(lay.record(), m=99) == lay
+    old = {"world_size": 4, "global_batch": 96, "local_batch": 24, "chunk_size": 10, "num_chunks": 3}  # no m
+    assert BatchLayout.from_record(old, m=4) == lay
+    with pytest.raises(ValueError, match="multiple of 12"):
+        BatchLayout(global_batch=100, world_size=3, m=4, chunk_size=8)
 
 
 def test_saved_world_size_from_the_manifest_else_the_optimizer_files(tmp_path):

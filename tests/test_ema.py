@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.build import build_optimizer, deepspeed_config, make_loss_fn
+from rskdist.build import build_optimizer, make_loss_fn
 from rskdist.checkpoint import CheckpointManager
 from rskdist.config import Config
 from rskdist.models import create_model
 from rskdist.parallel.ema import WeightEMA
-from test_engine_distributed import join_gloo, leave_with
+from test_engine_distributed import engine_config, join_gloo, leave_with
 
 DECAY, STEPS = 0.6, 3
 VIT = dict(patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -31,8 +31,7 @@ def _engine(cfg, world, local):
 
     model = _model()
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                      config=deepspeed_config(cfg, chunk_size=4, num_chunks=-(-local // 4),
-                                                              world_size=world))
+                                      config=engine_config(cfg, world=world, local=local, chunk=4))
     return engine
 
 

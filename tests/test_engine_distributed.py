@@ -13,6 +13,7 @@ from torch import nn
 from rskdist.config import Config
 from rskdist.loss import rsk_loss, simix_generator, simix_plan
 from rskdist.build import deepspeed_config, make_loss_fn
+from rskdist.parallel.layout import BatchLayout
 
 pytestmark = pytest.mark.distributed
 
@@ -65,6 +66,13 @@ def _reference_params(simix):
     return {k: v.clone() for k, v in model.state_dict().items()}, float(loss.detach()), float(grad_emb.norm())
 
 
+def engine_config(cfg, *, world, local, chunk):
+    """The DeepSpeed config a run of `cfg` generates for `world` ranks of `local` images
+    forwarded `chunk` at a time (m=1: the tests' batches need not be class-balanced)."""
+    layout = BatchLayout(global_batch=local * world, world_size=world, m=1, chunk_size=chunk)
+    return deepspeed_config(cfg.deepspeed, layout, grad_clip=cfg.optim.grad_clip)
+
+
 def join_gloo(rank, world, init):
     """Join the gloo group (file rendezvous `init`) and DeepSpeed, as a launcher's rank would."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -101,10 +109,9 @@ def _worker(rank, world, init, out_dir, cases):
         torch.manual_seed(0)
         model = TinyEmbedder()
         cfg = _config(zero_stage, simix)
-        num_chunks = -(-local // CHUNK)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=num_chunks, world_size=world),
+            config=engine_config(cfg, world=world, local=local, chunk=CHUNK),
         )
         group = dist.group.WORLD if world > 1 else None
         result = two_pass_step(

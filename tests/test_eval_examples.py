@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from test_data_stream import make_shards
+from test_eval_splits import eval_stream, make_validator
 from rskdist.build import build_model
 from rskdist.config import load_config
 from rskdist.eval import find_examples, write_examples
 from rskdist.eval.examples import FOLDER, PAGE
-from rskdist.validator import Validator
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,9 +55,7 @@ def run_dir(tmp_path_factory):
     model = build_model(cfg.model, pretrained=False)
     run = tmp / "run"
     run.mkdir()
-    validator = Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=model.mean,
-                          std=model.std, steps_per_epoch=1, run_dir=run)
-    metrics = validator.evaluate(model, torch.float32)
+    metrics = make_validator(cfg, model.mean, model.std, run_dir=run).evaluate(model, torch.float32)
     return run, metrics
 
 
@@ -134,13 +132,10 @@ def test_report_links_the_page(run_dir, tmp_path):
 def test_synthetic_runs_get_pictures_too(tmp_path):
     """configs/debug.yaml (synthetic images): the Validator writes the page from
     SyntheticEvalStream.read_images, the pictures of the images it evaluated."""
-    from rskdist.build import build_eval_stream
-    from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
-
     cfg = load_config(ROOT / "configs/debug.yaml", [
         "model.image_size=16", "eval.synthetic_size=64", "eval.examples=5",
         "model.backbone_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}"])
-    stream = build_eval_stream(cfg, split="test", rank=0, world_size=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    stream = eval_stream(cfg, "test")
     images, _, index = next(iter(stream))
     shown = stream.read_images(index[:3].tolist())
     assert shown.dtype == torch.uint8 and shown.shape == (3, 3, 16, 16)
@@ -148,6 +143,5 @@ def test_synthetic_runs_get_pictures_too(tmp_path):
     assert torch.equal(shown, want)
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False)
-    Validator(cfg, rank=0, world_size=1, group=None, device=torch.device("cpu"), mean=model.mean, std=model.std,
-              steps_per_epoch=1, run_dir=tmp_path).evaluate(model, torch.float32)
+    make_validator(cfg, model.mean, model.std, run_dir=tmp_path).evaluate(model, torch.float32)
     assert (tmp_path / PAGE).read_text().count("<tr>") == 5

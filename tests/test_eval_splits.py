@@ -15,12 +15,13 @@ import report
 import torch
 
 from test_data_stream import SIZE, make_shards
-from rskdist.build import build_eval_stream, build_model, build_train_stream, validation_labels
+from rskdist.build import build_model
 from rskdist.config import load_config, save_config
 from rskdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from rskdist.data.holdout import num_validation_classes, validation_classes
 from rskdist.data.shards import load_split
 from rskdist.eval import evaluate_model
+from rskdist.startup import batch_layout, run_data
 from rskdist.validator import Validator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,23 @@ def _model(cfg):
     return build_model(cfg.model, pretrained=False)
 
 
+def _train_stream(cfg, rank: int, world_size: int):
+    return run_data(cfg).train_stream(batch_layout(cfg, world_size), rank=rank, mean=IMAGENET_MEAN,
+                                      std=IMAGENET_STD, device=CPU)
+
+
+def eval_stream(cfg, split: str, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """One process's stream of a held-out split, as the validator and tools/evaluate.py open it."""
+    return run_data(cfg).eval_stream(split, batch_size=cfg.eval.batch_size, synthetic_size=cfg.eval.synthetic_size,
+                                     rank=0, world_size=1, mean=mean, std=std)
+
+
+def make_validator(cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+    """The trainer's validator of `cfg` on one process."""
+    return Validator(cfg.eval, run_data(cfg), rank=0, world_size=1, group=None, device=CPU, mean=mean, std=std,
+                     steps_per_epoch=1, **kwargs)
+
+
 def test_validation_classes_are_a_seeded_class_disjoint_draw():
     held = validation_classes(100, 10, seed=0)
     assert len(set(held.tolist())) == 10 and 0 <= held.min() and held.max() < 100 and (np.diff(held) > 0).all()
@@ -66,8 +84,7 @@ def _labels_shown(cfg, world_size: int, epochs: int = 2) -> np.ndarray:
     """Every label the training streams of all ranks yield over `epochs` epochs."""
     shown = []
     for rank in range(world_size):
-        stream = build_train_stream(cfg, rank=rank, world_size=world_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    device=CPU)
+        stream = _train_stream(cfg, rank, world_size)
         batches = iter(stream)
         for _ in range(epochs * stream.steps_per_epoch):
             try:
@@ -82,10 +99,10 @@ def _labels_shown(cfg, world_size: int, epochs: int = 2) -> np.ndarray:
 
 def test_training_never_shows_a_validation_image_and_validation_shows_only_those(shards):
     cfg = _config(shards, "data.val_classes=3")
-    held = validation_labels(cfg)
-    assert len(held) == 3 and np.array_equal(held, validation_labels(_config(shards, "data.val_classes=3")))
+    held = run_data(cfg).held_out
+    assert len(held) == 3 and np.array_equal(held, run_data(_config(shards, "data.val_classes=3")).held_out)
     rest = np.setdiff1d(np.arange(len(COUNTS)), held)
-    stream = build_train_stream(cfg, rank=0, world_size=2, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=CPU)
+    stream = _train_stream(cfg, 0, 2)
     # The plan draws from a table without the held-out images: map its entries back to the split's rows.
     table, whole = stream.table, load_split(shards, "train")
     assert len(table) == sum(COUNTS[c] for c in rest)
@@ -95,7 +112,7 @@ def test_training_never_shows_a_validation_image_and_validation_shows_only_those
     assert not np.isin(shown, held).any()
     assert set(shown.tolist()) == set(rest.tolist())  # every other class is trained on
 
-    val = build_eval_stream(cfg, split="val", rank=0, world_size=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    val = eval_stream(cfg, "val")
     labels = torch.cat([lab[index >= 0] for _, lab, index in val]).numpy()
     val.close()
     assert sorted(labels.tolist()) == sorted(c for c in held.tolist() for _ in range(COUNTS[c]))
@@ -103,15 +120,14 @@ def test_training_never_shows_a_validation_image_and_validation_shows_only_those
 
 def test_synthetic_validation_classes_leave_the_training_batches():
     cfg = load_config(ROOT / "configs/debug.yaml", ["data.val_classes=16", "model.image_size=8"])
-    held = validation_labels(cfg)
+    held = run_data(cfg).held_out
     assert len(held) == 16
     shown = _labels_shown(cfg, world_size=2, epochs=1)
     assert set(shown.tolist()) <= set(range(64)) - set(held.tolist())  # random classes per step, never held out
-    val = build_eval_stream(cfg, split="val", rank=0, world_size=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    val = eval_stream(cfg, "val")
     assert sorted(set(val.labels.tolist())) == held.tolist() and len(val.labels) == 16 * 8
     with pytest.raises(ValueError, match="no split 'val'"):  # off: no validation set to build
-        build_eval_stream(load_config(ROOT / "configs/debug.yaml"), split="val", rank=0, world_size=1,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        eval_stream(load_config(ROOT / "configs/debug.yaml"), "val")
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +135,19 @@ def evaluated(shards):
     """One evaluation of a run with validation classes and two test splits."""
     cfg = _config(shards, "data.val_classes=3")
     model = _model(cfg)  # normalised with its own mean and std, as in the trainer and tools/evaluate.py
-    validator = Validator(cfg, rank=0, world_size=1, group=None, device=CPU, mean=model.mean, std=model.std,
-                          steps_per_epoch=1)
-    return cfg, validator, model, validator.evaluate(model, torch.float32)
+    it = make_validator(cfg, model.mean, model.std)
+    return cfg, it, model, it.evaluate(model, torch.float32)
 
 
 def test_every_split_is_evaluated_under_its_own_name(evaluated):
     cfg, validator, model, metrics = evaluated
     assert validator.splits == ["val", *TEST_SPLITS]
-    held = validation_labels(cfg)
+    held = run_data(cfg).held_out
     assert metrics["val/num_queries"] == sum(COUNTS[c] for c in held)
     assert metrics["test_800/num_queries"] == metrics["test_1600/num_queries"] == sum(TEST_COUNTS)
     assert "recall@1" not in metrics  # no split is called "test" here
     for split in validator.splits:  # each split's numbers are those of that split evaluated alone
-        stream = build_eval_stream(cfg, split=split, rank=0, world_size=1, mean=model.mean, std=model.std)
+        stream = eval_stream(cfg, split, model.mean, model.std)
         alone = evaluate_model(model, stream, device=CPU, ks=validator.ks)
         stream.close()
         assert {k[len(split) + 1:]: v for k, v in metrics.items() if k.startswith(f"{split}/")} == alone
@@ -149,11 +164,9 @@ def test_best_is_picked_on_the_first_split(evaluated, shards):
     assert not validator.is_new_best(2, result(0.4, 0.9))  # better on test, worse on validation: not a best
     assert validator.is_new_best(3, result(0.6, 0.1))
     assert validator.best.best_step == 3 and validator.best.best_value == 0.6
-    no_val = Validator(_config(shards), rank=0, world_size=1, group=None, device=CPU, mean=IMAGENET_MEAN,
-                       std=IMAGENET_STD, steps_per_epoch=1)
+    no_val = make_validator(_config(shards))
     assert no_val.splits == TEST_SPLITS and no_val.best.metric == "test_800/recall@1"
-    default = Validator(load_config(ROOT / "configs/debug.yaml"), rank=0, world_size=1, group=None, device=CPU,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD, steps_per_epoch=1)
+    default = make_validator(load_config(ROOT / "configs/debug.yaml"))
     assert default.splits == ["test"] and default.best.metric == "recall@1"  # the names runs always had
 
 

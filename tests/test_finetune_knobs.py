@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.build import build_optimizer, deepspeed_config, lr_lambdas, make_loss_fn
+from rskdist.build import build_optimizer, lr_lambdas, make_loss_fn
 from rskdist.config import Config
 from rskdist.models import create_model
 from rskdist.models.params import backbone_layer_ids, freeze_parameters
-from test_engine_distributed import join_gloo, leave_with
+from test_engine_distributed import engine_config, join_gloo, leave_with
 
 VIT = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
 
@@ -118,8 +118,7 @@ def _worker(rank, world, init, out_dir, stages):
         optimizer = build_optimizer(model, cfg.optim)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer, cfg.optim, steps_per_epoch=10))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                          config=deepspeed_config(cfg, chunk_size=4, num_chunks=-(-local // 4),
-                                                                  world_size=world))
+                                          config=engine_config(cfg, world=world, local=local, chunk=4))
         for step in range(2):
             two_pass_step(engine, images[rows], labels[rows], chunk_size=4, world_size=world, rank=rank, step=step,
                           seed=0, loss_fn=make_loss_fn(cfg.loss, seed=0, step=step, group=dist.group.WORLD),

@@ -139,7 +139,7 @@ def test_bad_impl_is_a_clear_error():
 
     cfg = load_config(None, ["loss.options={impl: compiled}"])
     with pytest.raises(ValueError, match="impl='compiled' is not a loss backend; the available ones are auto"):
-        build_criterion(cfg)
+        build_criterion(cfg.loss)
 
 
 def test_unavailable_backend_falls_back_with_a_note(monkeypatch):

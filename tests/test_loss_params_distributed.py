@@ -11,11 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rskdist.build import build_optimizer, deepspeed_config, trained_module
+from rskdist.build import build_optimizer, trained_module
 from rskdist.config import Config
 from rskdist.loss import make_loss, simix_generator
 from rskdist.parallel.step_parts import StepLoss
-from test_engine_distributed import CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch, start_rank
+from test_engine_distributed import (
+    CHUNK, GLOBAL_BATCH, LR, SEED, TinyEmbedder, _global_batch, engine_config, start_rank,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -68,11 +70,11 @@ def _worker(rank, world, init, out_dir, cases):
     for name, mix, zero_stage in cases:
         cfg = _config(name, mix, zero_stage)
         model, criterion = _parts(name, mix)
-        module = trained_module(cfg, model, criterion)
-        num_chunks = -(-local // CHUNK)
+        module = trained_module(model, criterion, proxy_lr_multiplier=cfg.loss.proxy_lr_multiplier,
+                                zero_stage=cfg.deepspeed.zero_stage)
         engine, *_ = deepspeed.initialize(
             model=module, optimizer=build_optimizer(module, cfg.optim),
-            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=num_chunks, world_size=world),
+            config=engine_config(cfg, world=world, local=local, chunk=CHUNK),
         )
         shadow = _parts(name, mix)[1]  # the fp32 copy the loss pass computes on (parallel/step_parts.py, StepLoss)
         loss_fn = StepLoss(shadow, seed=SEED, step=0, group=group,
@@ -140,7 +142,7 @@ def _plain_adam_run(name):
     """PML's loss in a plain loop: whole batch, backward, AdamW on model + proxies (proxies at
     their LR multiple), a warm-up schedule."""
     model, criterion = _parts(name, "none")
-    module = trained_module(_adam_config(name, 0), model, criterion)
+    module = trained_module(model, criterion, proxy_lr_multiplier=_adam_config(name, 0).loss.proxy_lr_multiplier)
     optimizer = build_optimizer(module, _adam_config(name, 0).optim)
     schedule = _schedule(optimizer)
     losses = []
@@ -168,11 +170,12 @@ def _adam_worker(rank, world, init, out_dir, cases):
     for name, zero_stage in cases:
         cfg = _adam_config(name, zero_stage)
         model, criterion = _parts(name, "none")
-        module = trained_module(cfg, model, criterion)
+        module = trained_module(model, criterion, proxy_lr_multiplier=cfg.loss.proxy_lr_multiplier,
+                                zero_stage=cfg.deepspeed.zero_stage)
         optimizer = build_optimizer(module, cfg.optim)
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=_schedule(optimizer),
-            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=-(-local // CHUNK), world_size=world),
+            config=engine_config(cfg, world=world, local=local, chunk=CHUNK),
         )
         shadow = _parts(name, "none")[1]
         losses = []

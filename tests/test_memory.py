@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from rskdist.loss.memory import rsk_memory_bytes
+from rskdist.parallel.layout import BatchLayout
 from rskdist.planning.memory import (DS_BUCKET_ELEMS, MB, PHASES, ZeroSettings, estimate_memory, host_heap_bytes,
                                      model_state_bytes)
 
@@ -50,12 +51,13 @@ def test_bucket_settings_come_from_the_generated_deepspeed_config():
 
     cfg = load_config(ROOT / "configs/debug.yaml",
                       ["deepspeed.extra={zero_optimization: {reduce_bucket_size: 10000000, overlap_comm: true}}"])
-    zero = ZeroSettings.from_deepspeed_config(deepspeed_config(cfg, chunk_size=8, num_chunks=4, world_size=2))
+    layout = BatchLayout(global_batch=64, world_size=2, m=4, chunk_size=8)
+    zero = ZeroSettings.from_deepspeed_config(deepspeed_config(cfg.deepspeed, layout, grad_clip=0.0))
     assert zero == ZeroSettings(stage=2, reduce_bucket_size=10_000_000, overlap_comm=True)
     parts = model_state_bytes(1000, precision="bf16", optimizer="adamw", zero_stage=2, world_size=2, zero=zero)
     assert parts["grad_bucket"] == 2 * 2 * 10_000_000  # two buffers with overlap_comm
-    default = ZeroSettings.from_deepspeed_config(deepspeed_config(load_config(ROOT / "configs/debug.yaml"),
-                                                                  chunk_size=8, num_chunks=4, world_size=2))
+    default = ZeroSettings.from_deepspeed_config(deepspeed_config(load_config(ROOT / "configs/debug.yaml").deepspeed,
+                                                                  layout, grad_clip=0.0))
     assert default == ZeroSettings(stage=2)  # DeepSpeed's defaults: 5e8 elements, no overlap below ZeRO-3
     with pytest.raises(ValueError, match="zero_stage=1"):
         model_state_bytes(1000, precision="bf16", optimizer="adamw", zero_stage=1, world_size=2, zero=zero)
@@ -73,11 +75,15 @@ def test_host_heap_replays_glibcs_mmap_threshold():
 
 
 def test_activation_checkpointing_and_chunks():
-    common = dict(backbone="vit_tiny_patch16_224", image_size=32, global_batch=64, world_size=2, precision="fp32",
-                  embed_dim=32, device="cuda", backbone_kwargs=TINY_VIT)
-    full = estimate_memory(chunk_size=8, **common)
-    ckpt = estimate_memory(chunk_size=8, grad_checkpointing=True, **common)
-    double = estimate_memory(chunk_size=16, **common)
+    common = dict(backbone="vit_tiny_patch16_224", image_size=32, precision="fp32", embed_dim=32, device="cuda",
+                  backbone_kwargs=TINY_VIT)
+
+    def layout(chunk_size):
+        return BatchLayout(global_batch=64, world_size=2, m=4, chunk_size=chunk_size)
+
+    full = estimate_memory(layout(8), **common)
+    ckpt = estimate_memory(layout(8), grad_checkpointing=True, **common)
+    double = estimate_memory(layout(16), **common)
     assert ckpt.parts_mb["activations"] < full.parts_mb["activations"]
     assert double.parts_mb["activations"] == pytest.approx(2 * full.parts_mb["activations"])
     assert full.facts["chunks"] == 4 and double.facts["chunks"] == 2
@@ -86,13 +92,14 @@ def test_activation_checkpointing_and_chunks():
 
 
 def test_peak_is_the_largest_phase():
-    common = dict(backbone="vit_tiny_patch16_224", image_size=32, global_batch=64, world_size=2, chunk_size=8,
-                  embed_dim=32, backbone_kwargs=TINY_VIT, runtime_mb=500.0)
-    gpu = estimate_memory(device="cuda", **common)
+    layout = BatchLayout(global_batch=64, world_size=2, m=4, chunk_size=8)
+    common = dict(backbone="vit_tiny_patch16_224", image_size=32, embed_dim=32, backbone_kwargs=TINY_VIT,
+                  runtime_mb=500.0)
+    gpu = estimate_memory(layout, device="cuda", **common)
     assert gpu.total_mb == max(gpu.phase_mb(p) for p in PHASES) == gpu.phase_mb(gpu.peak_phase)
     # The default bucket (5e8 bf16 elements) dwarfs a tiny model on a GPU, so backward is the peak there.
     assert gpu.peak_phase == "backward" and gpu.parts_mb["grad_bucket"] == pytest.approx(2 * DS_BUCKET_ELEMS / MB)
-    cpu = estimate_memory(device="cpu", **common)
+    cpu = estimate_memory(layout, device="cpu", **common)
     assert cpu.parts_mb["grad_bucket"] == pytest.approx(2 * cpu.facts["num_params"] / MB)
     out = cpu.as_dict()
     assert out["total_mb"] == round(cpu.total_mb, 1) and out["peak_phase"] == cpu.peak_phase
@@ -120,3 +127,22 @@ def test_loss_memory_is_linear_in_the_global_batch_across_ranks():
     assert loss_bytes(65_536, 8, impl="auto", device_type="cpu") == native  # auto on CPU: native
 
 
+
+
+def test_the_tool_reads_the_setup_from_the_config_and_its_overrides(capsys):
+    """tools/estimate_memory.py: the layout is the run's own (rskdist/startup.py); a flag that
+    shadowed a config key is refused with the override to give instead."""
+    import json
+
+    import estimate_memory as tool
+
+    assert tool.main(["--config", str(ROOT / "configs/debug.yaml"), "--world-size", "2", "--device", "cuda",
+                      "data.chunk_size=3", "model.embed_dim=24"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["global_batch"], row["world_size"], row["chunk_size"], row["embed_dim"]) == (64, 2, 3, 24)
+    assert (row["local_batch"], row["chunk"], row["chunks"]) == (32, 3, 11)
+    assert tool.main(["--config", str(ROOT / "configs/debug.yaml"), "--global-batch", "64", "--zero-stage=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--global-batch -> data.global_batch=VALUE; --zero-stage -> deepspeed.zero_stage=VALUE" in err
+    assert tool.main(["--config", str(ROOT / "configs/debug.yaml"), "--world-size", "3"]) == 2
+    assert "cannot be split over 3 ranks" in capsys.readouterr().err

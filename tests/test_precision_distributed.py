@@ -99,7 +99,8 @@ def _update_worker(rank, world, init, out_dir, cases):
     import deepspeed
 
     from rskdist.parallel.step import two_pass_step
-    from rskdist.build import deepspeed_config, make_loss_fn
+    from rskdist.build import make_loss_fn
+    from test_engine_distributed import engine_config
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     _allow_fp16_on_cpu()
@@ -114,7 +115,7 @@ def _update_worker(rank, world, init, out_dir, cases):
         cfg = _config(precision, stage)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            config=deepspeed_config(cfg, chunk_size=CHUNK, num_chunks=-(-local // CHUNK), world_size=world),
+            config=engine_config(cfg, world=world, local=local, chunk=CHUNK),
         )
         before = _master_weights(engine, stage)
         result = two_pass_step(
@@ -197,6 +198,7 @@ def _overflow_worker(rank, world, init, run_dir):
     import deepspeed
 
     import rskdist.trainer as trainer_mod
+    from rskdist.startup import prepare
     from rskdist.trainer import Context, Trainer
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -213,8 +215,9 @@ def _overflow_worker(rank, world, init, run_dir):
     run_dir = Path(run_dir)
     cfg = _trainer_config(run_dir)
     validate(cfg, world_size=world, check_paths=False)
-    trainer = Trainer(cfg, Context(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
-                                   run_dir=run_dir))
+    cpu = torch.device("cpu")
+    trainer = Trainer(cfg, Context(rank=rank, world_size=world, local_rank=rank, device=cpu, run_dir=run_dir),
+                      prepare(cfg, world_size=world, device=cpu))
     trainer.train()
     state = {"step": trainer.step, "global_steps": trainer.engine.global_steps,
              "skipped_steps": trainer.engine.skipped_steps, "schedule_steps": trainer.scheduler.last_epoch,

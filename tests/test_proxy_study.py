@@ -59,14 +59,16 @@ def test_plain_loop_moves_the_proxies_and_lowers_the_loss(tmp_path, loss):
 def test_plain_loop_starts_where_the_trainer_starts():
     """Same seed: the trainer's model and rskdist's loss (built in the trainer's order) give
     the plain loop's first loss on the first batch, so both runs start alike."""
-    from rskdist.build import build_criterion, build_model, build_train_stream, num_train_classes
+    from rskdist.build import build_criterion, build_model
+    from rskdist.startup import batch_layout, run_data
 
     cfg = _debug_cfg("arcface", steps=1)
     plain = proxy_study.train_plain(cfg)["losses"][0]
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model)
-    stream = build_train_stream(cfg, rank=0, world_size=1, mean=model.mean, std=model.std, device=torch.device("cpu"))
-    criterion = build_criterion(cfg, num_classes=num_train_classes(cfg))
+    data = run_data(cfg)
+    stream = data.train_stream(batch_layout(cfg, 1), rank=0, mean=model.mean, std=model.std, device=torch.device("cpu"))
+    criterion = build_criterion(cfg.loss, embed_dim=cfg.model.embed_dim, num_classes=data.num_classes)
     images, labels = next(iter(stream))
     with torch.no_grad():
         assert float(criterion(model(images), labels)) == pytest.approx(plain, rel=1e-6)
@@ -76,12 +78,13 @@ def test_plain_loop_freezes_the_backbone_as_the_trainer_does():
     """Proxy-Anchor's frozen-backbone warm-up (loss.backbone_warmup_epochs; -1 = its paper's
     one epoch, the trainer's rule): the backbone keeps still while the proxies learn, and
     moves once the warm-up is over."""
-    from rskdist.build import backbone_frozen_steps, build_criterion, num_train_classes
+    from rskdist.build import backbone_frozen_steps, build_criterion
+    from rskdist.startup import run_data
 
     cfg = _debug_cfg("proxy_anchor", steps=3)
     frozen = proxy_study.train_plain(cfg)
-    rule = backbone_frozen_steps(cfg.loss, build_criterion(cfg, num_classes=num_train_classes(cfg)),
-                                 steps_per_epoch=16)  # debug.yaml's epoch
+    criterion = build_criterion(cfg.loss, embed_dim=cfg.model.embed_dim, num_classes=run_data(cfg).num_classes)
+    rule = backbone_frozen_steps(cfg.loss, criterion, steps_per_epoch=16)  # debug.yaml's epoch
     assert frozen["frozen_steps"] == rule == 16
     assert frozen["backbone_change"] == 0.0 and frozen["proxy_change"] > 1e-3
     cfg.loss.backbone_warmup_epochs = 1 / 16  # one frozen step, then the schedule

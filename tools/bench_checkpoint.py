@@ -33,6 +33,7 @@ def main(argv=None) -> None:
 
     import rskdist.checkpoint as ckpt
     from rskdist.build import build_model, build_optimizer, deepspeed_config
+    from rskdist.parallel.layout import BatchLayout
     from rskdist.comm import free_port
     from rskdist.config import load_config
 
@@ -41,8 +42,9 @@ def main(argv=None) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     model = build_model(cfg.model, pretrained=False)
+    layout = BatchLayout(global_batch=2, world_size=1, m=1, chunk_size=2)  # one step of two images
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                      config=deepspeed_config(cfg, chunk_size=2, num_chunks=1, world_size=1))
+                                      config=deepspeed_config(cfg.deepspeed, layout, grad_clip=cfg.optim.grad_clip))
     out = engine(torch.randn(2, 3, model.image_size, model.image_size))
     engine.backward(out.sum())
     engine.step()

@@ -110,8 +110,9 @@ def embed_checkpoint(args, cfg) -> dict[str, dict]:
     unreadable images are left out, as in the trainer's evaluation."""
     from pathlib import Path
 
-    from rskdist.build import build_eval_stream, load_trained_model
-    from rskdist.eval import embed_local, evaluated_splits, gather_embedded, save_embeddings
+    from rskdist.build import load_trained_model
+    from rskdist.eval import embed_local, gather_embedded, save_embeddings
+    from rskdist.startup import run_data
 
     # The architecture the run recorded (model.json), not the config's: a weights file may
     # have decided part of it (open_clip QuickGELU, mean/std), and it is not needed here.
@@ -119,10 +120,12 @@ def embed_checkpoint(args, cfg) -> dict[str, dict]:
     cfg.model.image_size = model.image_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    splits = [args.split] if args.split else evaluated_splits(cfg.data.val_classes, cfg.data.test_splits)
+    data = run_data(cfg)
+    splits = [args.split] if args.split else data.eval_splits
     sets = {}
     for split in splits:
-        stream = build_eval_stream(cfg, split=split, rank=0, world_size=1, mean=model.mean, std=model.std)
+        stream = data.eval_stream(split, batch_size=cfg.eval.batch_size, synthetic_size=cfg.eval.synthetic_size,
+                                  rank=0, world_size=1, mean=model.mean, std=model.std)
         try:
             emb, labels, ids, num_unreadable = gather_embedded(*embed_local(model, stream, device=device), group=None)
         finally:

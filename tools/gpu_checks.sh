@@ -43,8 +43,9 @@ for check in $CHECKS; do
           > "$OUT/step_chunk$chunk.log" 2>&1 || { echo "chunk $chunk failed (out of memory?)"; break; }
         tail -n 1 "$OUT/step/vitl_chunk$chunk/metrics.jsonl"
         "$PY" tools/estimate_memory.py --config configs/debug.yaml --world-size 1 --device cuda \
-          --backbone vit_large_patch16_224 --image-size 224 --global-batch $((chunk * 4)) --chunk-size $chunk \
-          --zero-stage 2 --precision bf16 --grad-checkpointing --embed-dim 512 | tee -a "$OUT/estimate.jsonl"
+          model.backbone=vit_large_patch16_224 model.image_size=224 "model.backbone_kwargs={}" model.embed_dim=512 \
+          model.grad_checkpointing=true deepspeed.precision=bf16 deepspeed.zero_stage=2 \
+          data.global_batch=$((chunk * 4)) data.chunk_size=$chunk | tee -a "$OUT/estimate.jsonl"
       done
       ;;
     tests)  # the gpu tier and the loss on CUDA

@@ -85,11 +85,10 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
     number of ranks, augmented alike on rank 0's share only (a crop is drawn per rank and
     position). `batch_ranks=W` concatenates the W rank streams of a W-rank run instead,
     the very images (crops included) its ranks see: for step-by-step comparisons."""
-    from rskdist.build import (
-        build_eval_stream, build_model, build_optimizer, build_train_stream, lr_factor, num_train_classes,
-    )
+    from rskdist.build import build_model, build_optimizer, lr_factor
+    from rskdist.eval import default_ks, evaluate_model, split_metric
     from rskdist.parallel.step_parts import TrainModule
-    from rskdist.eval import default_ks, evaluate_model, evaluated_splits, split_metric
+    from rskdist.startup import batch_layout, run_data
     from rskdist.loss.baselines import BASELINES, build_pml_loss
 
     name = cfg.loss.name
@@ -101,9 +100,10 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
     # The trainer's order of construction, so the same seed gives the same weights and proxies.
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
-    streams = [build_train_stream(cfg, rank=r, world_size=batch_ranks, mean=model.mean, std=model.std, device=device)
+    data, layout = run_data(cfg), batch_layout(cfg, batch_ranks)
+    streams = [data.train_stream(layout, rank=r, mean=model.mean, std=model.std, device=device)
                for r in range(batch_ranks)]
-    criterion, _ = build_pml_loss(name, num_classes=num_train_classes(cfg), embed_dim=cfg.model.embed_dim,
+    criterion, _ = build_pml_loss(name, num_classes=data.num_classes, embed_dim=cfg.model.embed_dim,
                                   **cfg.loss.options)  # proxy losses take no miner
     criterion.to(device)
     module = TrainModule(model, criterion, lr_multiplier=cfg.loss.proxy_lr_multiplier or BASELINES[name].lr_multiplier)
@@ -156,8 +156,9 @@ def train_plain(cfg: Config, run_dir: Path | None = None, *, batch_ranks: int = 
 
     metrics = {}
     ks = tuple(cfg.eval.ks) or default_ks(cfg.data.dataset)
-    for split in evaluated_splits(cfg.data.val_classes, cfg.data.test_splits):
-        eval_stream = build_eval_stream(cfg, split=split, rank=0, world_size=1, mean=model.mean, std=model.std)
+    for split in data.eval_splits:
+        eval_stream = data.eval_stream(split, batch_size=cfg.eval.batch_size, synthetic_size=cfg.eval.synthetic_size,
+                                       rank=0, world_size=1, mean=model.mean, std=model.std)
         try:
             result = evaluate_model(model, eval_stream, device=device, ks=ks)
         finally:

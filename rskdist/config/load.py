@@ -22,6 +22,7 @@ import yaml
 
 from rskdist.config import schema
 from rskdist.config.schema import CHOICES, Config
+from rskdist.parallel.layout import BatchLayout  # the one rule for how a batch splits over ranks
 from rskdist.store.fs import Store, is_url, local_path
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -174,13 +175,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
                          f"{cfg.eval.shard_above} and {cfg.eval.examples}")
     if d.m < 2:
         raise ValueError(f"config: data.m={d.m}: RS@k needs at least 2 images per class in a batch")
-    if d.global_batch % (world_size * d.m):
-        local = d.global_batch / world_size
-        raise ValueError(
-            f"config: data.global_batch={d.global_batch} cannot be split over {world_size} ranks with "
-            f"data.m={d.m} images per class (local batch {local:g} must be a whole multiple of m); "
-            f"use a global batch that is a multiple of {world_size * d.m}"
-        )
+    BatchLayout(global_batch=d.global_batch, world_size=world_size, m=d.m, chunk_size=d.chunk_size)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ValueError(f"config: data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {d.crop_scale}")
     if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:

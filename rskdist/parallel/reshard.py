@@ -31,6 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
+from rskdist.parallel.layout import BatchLayout
+
 UNIVERSAL = "universal"  # the converted copy, a sub-folder of the checkpoint's tag folder
 _OPTIM_FILES = "*zero_pp_rank_*_optim_states.pt"  # ZeRO 1-3 (and bf16_ ones): one per rank that saved
 
@@ -157,30 +159,22 @@ def reshard_partitions(saved: list[list[torch.Tensor]], numels: list[int], *, ra
     return out
 
 
-def chunk_starts(world_size: int, local_batch: int, chunk_size: int) -> set[int]:
-    """Places in the global batch where a forward chunk starts (each chunk's dropout and
-    drop-path draws are keyed by it, rskdist/parallel/step.py `chunk_seed`)."""
-    return {r * local_batch + c for r in range(world_size) for c in range(0, local_batch, chunk_size)}
-
-
-def world_change(saved: dict, now: dict, *, zero_stage: int) -> str | None:
+def world_change(saved: BatchLayout, now: BatchLayout, *, zero_stage: int) -> str | None:
     """One line saying what changed between the layout a checkpoint was saved with and
-    this run's, or None when the world size is the same. `saved` and `now` hold
-    world_size, local_batch, chunk_size and num_chunks (the trainer's record)."""
-    if saved["world_size"] == now["world_size"]:
+    this run's (rskdist/parallel/layout.py), or None when the world size is the same."""
+    if saved.world_size == now.world_size:
         return None
-    parts = [f"world size {saved['world_size']} -> {now['world_size']}",
-             f"local batch {saved['local_batch']} -> {now['local_batch']}",
-             f"chunks per rank {saved['num_chunks']} -> {now['num_chunks']} (of {now['chunk_size']})",
+    parts = [f"world size {saved.world_size} -> {now.world_size}",
+             f"local batch {saved.local_batch} -> {now.local_batch}",
+             f"chunks per rank {saved.num_chunks} -> {now.num_chunks} (of {now.chunk_size})",
              "same global batches, augmentation, mixing plans, LR schedule and step count"]
     if zero_stage > 0:
-        parts.append(f"ZeRO-{zero_stage} optimizer state re-sharded from {saved['world_size']} to "
-                     f"{now['world_size']} ranks (DeepSpeed universal checkpoint)")
-    if (chunk_starts(saved["world_size"], saved["local_batch"], saved["chunk_size"])
-            != chunk_starts(now["world_size"], now["local_batch"], now["chunk_size"])):
+        parts.append(f"ZeRO-{zero_stage} optimizer state re-sharded from {saved.world_size} to "
+                     f"{now.world_size} ranks (DeepSpeed universal checkpoint)")
+    if saved.chunk_starts() != now.chunk_starts():
         parts.append("chunks now start at other places of the global batch (data.chunk_size does not divide "
                      "both local batches): dropout and drop-path masks differ from the uninterrupted run's")
-    if now["local_batch"] > saved["local_batch"]:
+    if now.local_batch > saved.local_batch:
         parts.append("each rank now holds more images in host memory and more embeddings; "
                      "activation memory per chunk is unchanged")
     return "resume on another world size: " + "; ".join(parts)

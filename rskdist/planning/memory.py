@@ -52,13 +52,13 @@ measured run (ZeRO-3's gathered live parameters and prefetch buckets are not cou
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from rskdist.loss.memory import loss_memory_bytes
+from rskdist.parallel.layout import BatchLayout
 
 MB = 2**20
 CUDA_RUNTIME_MB = 700.0  # CUDA context + cuBLAS/cuDNN workspaces + allocator slack, typical on H100
@@ -229,18 +229,15 @@ def model_state_bytes(num_params: int, *, precision: str, optimizer: str, zero_s
 
 
 def estimate_memory(
+    layout: BatchLayout,
     *,
     backbone: str,
     image_size: int,
-    global_batch: int,
-    world_size: int,
-    chunk_size: int,
     zero_stage: int = 2,
     precision: str = "bf16",
     optimizer: str = "adamw",
     grad_checkpointing: bool = False,
     embed_dim: int = 512,
-    m: int = 4,
     simix: bool = True,
     device: str = "cuda",
     backbone_kwargs: dict | None = None,
@@ -253,7 +250,8 @@ def estimate_memory(
     impl: str = "auto",
     block_size: int | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of one rank; see the module docstring for the parts.
+    """Peak memory of one rank of a run whose batch is laid out as `layout` (global batch,
+    ranks, m, chunk size: rskdist/parallel/layout.py); see the module docstring for the parts.
 
     The loss part is `rskdist.loss.loss_memory_bytes` (mix: `mix`, else "simix" when
     `simix`, else "none"; RS@k's backend `impl` as it resolves on `device`; `num_classes`
@@ -265,6 +263,7 @@ def estimate_memory(
     """
     from rskdist.models import create_model
 
+    world_size, local_batch = layout.world_size, layout.local_batch
     zero = ZeroSettings.from_deepspeed_config(deepspeed_config) if deepspeed_config is not None \
         else ZeroSettings(stage=zero_stage, overlap_comm=zero_stage == 3)
     if zero.offload:
@@ -279,8 +278,7 @@ def estimate_memory(
         else:
             runtime_mb = CUDA_RUNTIME_MB
 
-    local_batch = global_batch // world_size
-    chunk = min(chunk_size, local_batch)
+    chunk = min(layout.chunk_size, local_batch)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = create_model(backbone, embed_dim=embed_dim, image_size=image_size,
                          backbone_kwargs=backbone_kwargs or {})
@@ -306,13 +304,13 @@ def estimate_memory(
         **{name: b / MB for name, b in states.items()},
         "activations": per_image * chunk / MB,
         "images": held_images * image_bytes / MB,
-        "loss": loss_memory_bytes(loss_name, global_batch, embed_dim=embed_dim, num_classes=num_classes,
-                                  mix=mix or ("simix" if simix else "none"), per_class=m,
+        "loss": loss_memory_bytes(loss_name, layout.global_batch, embed_dim=embed_dim, num_classes=num_classes,
+                                  mix=mix or ("simix" if simix else "none"), per_class=layout.m,
                                   mix_pairs_per_class=mix_pairs_per_class, world_size=world_size, impl=impl,
                                   device_type=device, block_size=block_size) / MB,
     }
     facts = {"num_params": num_params, "activation_mb_per_image": round(per_image / MB, 3),
-             "local_batch": local_batch, "chunk": chunk, "chunks": math.ceil(local_batch / chunk),
+             "local_batch": local_batch, "chunk": chunk, "chunks": layout.num_chunks,
              "reduce_bucket_size": zero.reduce_bucket_size, "overlap_comm": zero.overlap_comm}
     return MemoryEstimate(parts, facts)
 

@@ -149,7 +149,7 @@ class Trainer:
                            params_from=self.loss_params_from)
         result = two_pass_step(
             self.engine, images, labels, loss_fn=loss_fn, chunk_size=self.layout.chunk_size,
-            world_size=ctx.world_size, rank=ctx.rank, step=self.step, seed=cfg.run.seed,
+            step=self.step, seed=cfg.run.seed,
             input_dtype=self.input_dtype, device=ctx.device, group=self.group, loss_params=loss_fn.param_leaves,
         )
         if self.ema is not None and result.step_applied:

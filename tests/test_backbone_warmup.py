@@ -97,8 +97,8 @@ def _worker(rank, world, init, out_dir, stages):
             images, labels = _batch(step)
             loss_fn = StepLoss(shadow, seed=0, step=step, group=dist.group.WORLD,
                                params_from=engine.module.criterion)
-            two_pass_step(engine, images[rows], labels[rows], loss_fn=loss_fn, chunk_size=CHUNK, world_size=world,
-                          rank=rank, step=step, seed=0, group=dist.group.WORLD, loss_params=loss_fn.param_leaves)
+            two_pass_step(engine, images[rows], labels[rows], loss_fn=loss_fn, chunk_size=CHUNK, step=step, seed=0,
+                          group=dist.group.WORLD, loss_params=loss_fn.param_leaves)
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
                 states.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
         results[zero_stage] = states

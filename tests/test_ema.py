@@ -60,7 +60,7 @@ def _worker(rank, world, init, out_dir, stages):
         ema = WeightEMA(engine.module, DECAY)
         weights = [_full_state(engine, zero_stage)]
         for step in range(STEPS):
-            two_pass_step(engine, images[rows], labels[rows], chunk_size=4, world_size=world, rank=rank, step=step,
+            two_pass_step(engine, images[rows], labels[rows], chunk_size=4, step=step,
                           seed=0, loss_fn=make_loss_fn(cfg.loss, seed=0, step=step, group=dist.group.WORLD),
                           group=dist.group.WORLD)
             ema.update()

@@ -115,7 +115,7 @@ def _worker(rank, world, init, out_dir, cases):
         )
         group = dist.group.WORLD if world > 1 else None
         result = two_pass_step(
-            engine, images, labels, chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
+            engine, images, labels, chunk_size=CHUNK, step=0, seed=SEED,
             loss_fn=make_loss_fn(cfg.loss, seed=SEED, step=0, group=group), group=group,
         )
         assert engine.global_steps == 1, "the optimizer must step once per global batch"

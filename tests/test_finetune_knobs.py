@@ -120,7 +120,7 @@ def _worker(rank, world, init, out_dir, stages):
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                           config=engine_config(cfg, world=world, local=local, chunk=4))
         for step in range(2):
-            two_pass_step(engine, images[rows], labels[rows], chunk_size=4, world_size=world, rank=rank, step=step,
+            two_pass_step(engine, images[rows], labels[rows], chunk_size=4, step=step,
                           seed=0, loss_fn=make_loss_fn(cfg.loss, seed=0, step=step, group=dist.group.WORLD),
                           group=dist.group.WORLD)
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):

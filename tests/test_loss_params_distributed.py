@@ -80,7 +80,7 @@ def _worker(rank, world, init, out_dir, cases):
         loss_fn = StepLoss(shadow, seed=SEED, step=0, group=group,
                            params_from=None if module is model else engine.module.criterion)
         result = two_pass_step(
-            engine, images, labels, chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=SEED,
+            engine, images, labels, chunk_size=CHUNK, step=0, seed=SEED,
             loss_fn=loss_fn, group=group, loss_params=loss_fn.param_leaves,
         )
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):
@@ -182,8 +182,8 @@ def _adam_worker(rank, world, init, out_dir, cases):
         for step in range(STEPS):
             images, labels = _step_batch(step)
             loss_fn = StepLoss(shadow, seed=SEED, step=step, group=group, params_from=engine.module.criterion)
-            result = two_pass_step(engine, images[rows], labels[rows], chunk_size=CHUNK, world_size=world, rank=rank,
-                                   step=step, seed=SEED, loss_fn=loss_fn, group=group,
+            result = two_pass_step(engine, images[rows], labels[rows], chunk_size=CHUNK, step=step, seed=SEED,
+                                   loss_fn=loss_fn, group=group,
                                    loss_params=loss_fn.param_leaves)
             losses.append(result.loss)
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=zero_stage == 3):

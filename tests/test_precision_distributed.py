@@ -119,7 +119,7 @@ def _update_worker(rank, world, init, out_dir, cases):
         )
         before = _master_weights(engine, stage)
         result = two_pass_step(
-            engine, images[rows], labels[rows], chunk_size=CHUNK, world_size=world, rank=rank, step=0, seed=0,
+            engine, images[rows], labels[rows], chunk_size=CHUNK, step=0, seed=0,
             input_dtype=DTYPES[precision], loss_fn=make_loss_fn(cfg.loss, seed=0, step=0, group=group), group=group,
         )
         after = _master_weights(engine, stage)

@@ -46,7 +46,7 @@ def test_two_pass_equals_direct_backward(p_drop, chunk):
     model = Net(p_drop)
     engine = PlainEngine(model)
     result = two_pass_step(engine, images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=chunk,
-                           world_size=1, rank=0, step=3, seed=5)
+                           step=3, seed=5)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert engine.backward_calls == engine.step_calls == -(-28 // chunk)
 
@@ -97,7 +97,7 @@ def test_emb_grad_norm_is_the_norm_of_the_embedding_gradient():
     images, labels = torch.randn(28, 3, 2, 2), torch.arange(28) // 4
     model = Net(0.0)
     result = two_pass_step(PlainEngine(model), images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=5,
-                           world_size=1, rank=0, step=0, seed=0)
+                           step=0, seed=0)
     emb = model(images).detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(rsk_loss(emb, labels), emb)
     assert float(grad.norm()) > 1e-4
@@ -131,8 +131,8 @@ def test_cached_gradient_reaches_an_fp16_model_in_fp32_before_the_loss_scale():
     torch.manual_seed(0)
     images, labels = torch.randn(256, 3, 2, 2), torch.arange(256) // 4
     engine = LossScaledHalfEngine(Net(0.0))
-    two_pass_step(engine, images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=100, world_size=1, rank=0,
-                  step=0, seed=0, input_dtype=torch.float16)
+    two_pass_step(engine, images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=100, step=0, seed=0,
+                  input_dtype=torch.float16)
     with torch.no_grad():
         emb = engine(images.half()).float().requires_grad_(True)  # the fp16 embeddings the embed pass saw
     (ref,) = torch.autograd.grad(rsk_loss(emb, labels), emb)
@@ -141,9 +141,3 @@ def test_cached_gradient_reaches_an_fp16_model_in_fp32_before_the_loss_scale():
     assert got.dtype == torch.float16
     torch.testing.assert_close(got, (ref * engine.scale).half(), atol=0, rtol=0)
 
-
-def test_world_size_without_group_is_a_clear_error():
-    images, labels = torch.randn(8, 3, 2, 2), torch.arange(8) // 4
-    with pytest.raises(ValueError, match="group="):
-        two_pass_step(PlainEngine(Net(0.0)), images, labels, loss_fn=lambda e, y: rsk_loss(e, y), chunk_size=4,
-                      world_size=2, rank=0, step=0, seed=0)

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
+from rskdist.comm import group_rank_and_size
 from rskdist.parallel.gradients import loss_scale_for_averaging
 
 
@@ -74,8 +75,6 @@ def two_pass_step(
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     chunk_size: int,
-    world_size: int,
-    rank: int,
     step: int,
     seed: int,
     input_dtype: torch.dtype = torch.float32,
@@ -91,7 +90,8 @@ def two_pass_step(
     of chunks; `engine.step()` after the last chunk applies the optimizer. `images` may
     stay in host memory: each chunk is moved to `device` when it is forwarded, so the
     device holds one chunk of images, not the local batch. `group` is the process group
-    `loss_fn` gathers over (needed when world_size > 1, for `emb_grad_norm`).
+    `loss_fn` gathers over; this rank's place and the world size are read from it
+    (None: this process alone, rskdist.comm).
 
     `loss_params` are leaf tensors `loss_fn` uses besides the embeddings (fp32 copies of
     a loss's class proxies, `StepLoss` in step_parts.py): their gradient is taken in the
@@ -100,11 +100,7 @@ def two_pass_step(
     computes the same, whole proxy gradient, so DeepSpeed's average over ranks keeps it
     unscaled (rskdist/parallel/gradients.py, 5).
     """
-    if world_size > 1 and group is None:
-        raise ValueError(
-            f"two_pass_step: world_size={world_size} needs group=<the process group loss_fn gathers over>; "
-            "group=None means one process"
-        )
+    rank, world_size = group_rank_and_size(group)
     device = images.device if device is None else device
     labels = labels.to(device)
     chunks = images.split(chunk_size)

@@ -207,6 +207,22 @@ def test_save_and_reload_round_trip(tmp_path):
     assert again == cfg
 
 
+def test_a_run_folder_written_before_a_key_was_replaced_still_loads(tmp_path):
+    """A run's own config.yaml (recorded=True: tools/evaluate.py, the proxy study) reads the
+    replaced keys as their replacement; an experiment config still gets the message."""
+    old = tmp_path / "config.yaml"
+    old.write_text("run:\n  tensorboard: false\n  name: old\nloss:\n  simix: true\n")
+    cfg = load_config(old, recorded=True)
+    assert cfg.run.loggers == [] and cfg.loss.mix == "simix" and cfg.run.name == "old"
+    old.write_text("run:\n  tensorboard: true\nloss:\n  simix: false\n")
+    cfg = load_config(old, recorded=True)
+    assert cfg.run.loggers == ["tensorboard"] and cfg.loss.mix == "none"
+    with pytest.raises(ValueError, match=r"'run.tensorboard' was replaced: use run.loggers"):
+        load_config(old)
+    with pytest.raises(ValueError, match=r"'loss.simix' was replaced"):  # overrides are today's keys
+        load_config(None, ["loss.simix=true"], recorded=True)
+
+
 def test_markdown_reference_lists_every_field():
     text = markdown_reference()
     for section, value in vars(Config()).items():

@@ -153,6 +153,31 @@ def test_embed_shards_equals_the_evaluation_and_keeps_labels(trained, tmp_path):
         embed.main(["--checkpoint", str(trained.run), "--shards", trained.shards, "--out", str(out)])
 
 
+@pytest.mark.parametrize("mode", ["stage", "ranged"])
+def test_embed_shards_on_a_store_equals_the_local_folder(trained, s3_server, tmp_path, mode):
+    """--shards s3://...: the same rows as the local shard folder, read as training reads a
+    store (a real S3 server on loopback); a store that stops answering ends with one line."""
+    import embed
+
+    from rskdist.data.shards import upload_shards
+
+    url = f"{s3_server.make_bucket(f'embed-{mode}')}/shards"
+    upload_shards(trained.shards, url)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["--checkpoint", str(trained.run), "--split", "test", "--num-workers", "0"]
+    embed.main([*common, "--shards", trained.shards, "--out", str(local)])
+    embed.main([*common, "--shards", url, "--out", str(remote), "--read-mode", mode,
+                "--cache-dir", str(tmp_path / "cache")])
+    assert json.loads((remote / "embed.json").read_text())["source"] == {"shards": url, "split": "test"}
+    emb, paths, meta = embeddings_of(remote)
+    want, want_paths, want_meta = embeddings_of(local)
+    assert paths == want_paths and meta.column("label").to_pylist() == want_meta.column("label").to_pylist()
+    np.testing.assert_array_equal(emb, want)
+    with pytest.raises(SystemExit, match="no-such-bucket"):
+        embed.main([*common, "--shards", url.replace(f"embed-{mode}", "no-such-bucket"), "--out",
+                    str(tmp_path / "none")])
+
+
 def test_export_onnx_from_a_run_with_its_card(trained, tmp_path):
     import export
     import onnxruntime as ort

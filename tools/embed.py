@@ -4,6 +4,7 @@
     python tools/embed.py --checkpoint runs/demo --images photos/ --out emb/
     python tools/embed.py --checkpoint runs/demo --tag best --list files.txt --out emb/ --fp16
     python tools/embed.py --checkpoint runs/demo --shards data/demo --split test --out emb/
+    python tools/embed.py --checkpoint runs/demo --shards s3://bucket/demo --split test --out emb/
     torchrun --nproc_per_node 8 tools/embed.py --checkpoint runs/demo --images photos/ --out emb/
 
 Writes OUT/img_emb/img_emb_{part}.npy (float32, float16 with --fp16) and
@@ -32,8 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="a folder: every image under it, recursively")
     src.add_argument("--list", help="a file naming one image path a line (relative to the file's folder)")
-    src.add_argument("--shards", help="an rskdist shard folder (tools/make_shards.py); with --split")
+    src.add_argument("--shards", help="an rskdist shard folder (tools/make_shards.py), or its URL on an object "
+                                      "store (s3://, gs://, https://); with --split")
     p.add_argument("--split", help="with --shards: the split to embed (e.g. test)")
+    p.add_argument("--read-mode", choices=["stage", "ranged"], default="stage",
+                   help="--shards on a store: fetch each shard whole into --cache-dir (default), or ranged "
+                        "requests (as data.read_mode)")
+    p.add_argument("--cache-dir", default="", help="--shards on a store, stage mode: the node-local cache "
+                                                   "(default: a folder in the system temp dir)")
     p.add_argument("--out", required=True, help="output folder (img_emb/, metadata/, failed.txt, embed.json)")
     p.add_argument("--fp16", action="store_true", help="store the embeddings as float16 (half the disk)")
     p.add_argument("--part-size", type=int, default=100_000, help="images per part (the unit of resume and of "
@@ -45,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def source_of(args):
+    from rskdist.data.remote import StoreReading
     from rskdist.search.images import ShardImages, folder_images, listed_images
 
     if args.shards:
         if not args.split:
             raise ValueError("--shards needs --split (e.g. --split test)")
-        return ShardImages(args.shards, args.split)
+        return ShardImages(args.shards, args.split, reading=StoreReading(mode=args.read_mode, cache_dir=args.cache_dir))
     if args.split:
         raise ValueError("--split applies to --shards only")
     return folder_images(args.images) if args.images else listed_images(args.list)
@@ -59,6 +67,7 @@ def source_of(args):
 def main(argv: Sequence[str] | None = None) -> dict:
     import rskdist
     from rskdist.search.embed import embed_to_parts
+    from rskdist.store.fs import StoreUnavailable
 
     args = build_parser().parse_args(argv)
     # Set by torchrun and deepspeed; a plain run is rank 0 of 1. No process group: parts split the work.
@@ -70,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model = rskdist.load(args.checkpoint, args.tag, device=device, batch_size=args.batch_size)
         stats = embed_to_parts(model, source, args.out, part_size=args.part_size, batch_size=args.batch_size,
                                fp16=args.fp16, rank=rank, world_size=world_size, num_workers=args.num_workers)
-    except (ValueError, FileNotFoundError) as exc:  # a bad argument, a missing run or shard index
+    except (ValueError, FileNotFoundError, StoreUnavailable) as exc:
+        # A bad argument, a missing run or shard index, a store that stopped answering (the
+        # parts already written stay: rerunning the command resumes).
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(stats), flush=True)
     return stats

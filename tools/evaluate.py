@@ -95,13 +95,13 @@ def checkpoint_config(args):
     from rskdist.checkpoint import resolve_checkpoint
     from rskdist.config import load_config
 
-    path = args.config
-    if path is None:
-        folder, _ = resolve_checkpoint(args.checkpoint, args.tag)
-        path = folder.parent / "config.yaml"
-        if not Path(path).is_file():
-            raise ValueError(f"no config.yaml beside {folder}; pass --config configs/<experiment>.yaml")
-    return load_config(path, args.override)
+    if args.config is not None:
+        return load_config(args.config, args.override)
+    folder, _ = resolve_checkpoint(args.checkpoint, args.tag)
+    path = folder.parent / "config.yaml"
+    if not Path(path).is_file():
+        raise ValueError(f"no config.yaml beside {folder}; pass --config configs/<experiment>.yaml")
+    return load_config(path, args.override, recorded=True)  # the run's own record, however old
 
 
 def embed_checkpoint(args, cfg) -> dict[str, dict]:

@@ -221,7 +221,7 @@ def read_row(run_dir: Path) -> dict:
 
 def check_same_config(run_dir: Path, cfg: Config) -> None:
     """A finished run counts only if it was trained with this very config."""
-    old = to_dict(load_config(run_dir / "config.yaml"))
+    old = to_dict(load_config(run_dir / "config.yaml", recorded=True))
     new = to_dict(cfg)
     where = {"run.output_dir", "run.name"}  # a study folder may move
     diff = sorted(f"{s}.{k}" for s in new for k in new[s]

@@ -88,12 +88,26 @@ _RENAMED = {
                        "run.loggers also takes mlflow and wandb (docs/tracking.md)",
 }
 
+# How a run folder's config.yaml written before the change reads today: old key -> (the key
+# of the same section that replaced it, its value from the old one). Experiment configs and
+# overrides get the message above instead; a recorded config is rskdist's own record.
+_RECORDED = {
+    "loss.simix": ("mix", lambda old: "simix" if old else "none"),
+    "run.tensorboard": ("loggers", lambda old: ["tensorboard"] if old else []),
+}
 
-def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+
+def _apply(obj: Any, data: dict, prefix: str = "", recorded: bool = False) -> None:
     if not isinstance(data, dict):
         raise ValueError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = _hints(obj)
+    if recorded:
+        data = dict(data)
+        for dotted, (new, convert) in _RECORDED.items():
+            section, _, old = dotted.rpartition(".")
+            if f"{section}." == prefix and old in data and new not in data:
+                data[new] = convert(data.pop(old))
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if dotted in _RENAMED:
@@ -102,7 +116,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             raise ValueError(f"config: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value if value is not None else {}, f"{dotted}.")
+            _apply(current, value if value is not None else {}, f"{dotted}.", recorded)
         else:
             setattr(obj, key, _coerce(dotted, value, hints[key]))
 
@@ -118,8 +132,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides (applied in order)."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *, recorded: bool = False) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides (applied in order).
+
+    `recorded`: the file is a run folder's config.yaml, written by rskdist; keys that an
+    older version wrote and a newer one replaced are read as their replacement (an old
+    run can still be evaluated, embedded or exported from its own record)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -129,7 +147,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
-        _apply(cfg, data)
+        _apply(cfg, data, recorded=recorded)
     for text in overrides:
         keys, value = _parse_override(text)
         nested: Any = value

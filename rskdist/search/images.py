@@ -1,4 +1,5 @@
-"""Where images to embed come from: a folder (recursively), a list file, or a split of shards.
+"""Where images to embed come from: a folder (recursively), a list file, or a split of shards
+(a local shard folder, or one on an object store, read as training reads it).
 
 Each source has a fixed order (every rank lists the same), `len`, and per row the
 `image_path` that names it in the output, its encoded bytes, and a label where one exists.
@@ -64,17 +65,26 @@ def listed_images(list_file: str | os.PathLike) -> FileImages:
 class ShardImages:
     """The images of one split of an rskdist shard folder (rskdist/data/shards.py), in the
     split's order; `image_path` is "<split>/<key>", the sample's WebDataset key in the split's
-    tars (its .json member holds the original image id), and `labels` the split's labels."""
+    tars (its .json member holds the original image id), and `labels` the split's labels.
 
-    def __init__(self, root: str | os.PathLike, split: str):
-        from rskdist.data.shards import ShardReader, load_split
+    `root` may be a store URL (s3://, gs://, https://): its shards are then read as a
+    training run reads them, per `reading` (rskdist/data/remote.py: staged into a
+    node-local cache by default, or ranged requests)."""
 
-        self.table = load_split(str(root), split)
-        self.reader = ShardReader(self.table.shard_paths)  # opens files lazily, per process
+    def __init__(self, root: str | os.PathLike, split: str, *, reading=None):
+        from rskdist.data.remote import StoreReading, open_reader
+        from rskdist.data.shards import load_split
+
+        reading = reading or StoreReading()
+        self.table = load_split(str(root), split, retries=reading.retries)
+        self.reader = open_reader(self.table, reading)  # opens files lazily, per process
         self.labels = np.asarray(self.table.labels, dtype=np.int64)
 
     def describe(self) -> dict:
-        return {"shards": str(Path(self.table.root).resolve()), "split": self.table.split}
+        from rskdist.store import is_url
+
+        root = self.table.root if is_url(self.table.root) else str(Path(self.table.root).resolve())
+        return {"shards": root, "split": self.table.split}
 
     def __len__(self) -> int:
         return len(self.table)

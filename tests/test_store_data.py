@@ -160,3 +160,59 @@ def test_refused_credentials_name_the_url_and_never_the_keys(tmp_path):
                 assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def http_shards(shards, tmp_path_factory):
+    """The same shards behind a plain HTTP server on loopback (python -m http.server: folder
+    pages without sizes, and no byte ranges: it sends the whole file for a Range request)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from rskdist.comm import free_port
+
+    local = shards[0]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(Path(local).parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/{Path(local).name}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/index.json", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield local, url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_https_shards_are_checked_by_head_and_staged(http_shards, tmp_path):
+    """An HTTP(S) store: the folder page gives no sizes, so each shard's size is asked of the
+    object itself; staged reading gives the local batches."""
+    local, url = http_shards
+    check_store_shards(url, ["train", "test"])
+    reading = StoreReading(mode="stage", cache_dir=str(tmp_path / "cache"))
+    for (xl, yl), (xs, ys) in zip(_batches(local), _batches(url, store=reading)):
+        assert torch.equal(xl, xs) and torch.equal(yl, ys)
+
+
+def test_a_server_without_byte_ranges_is_refused_for_ranged_reading(http_shards):
+    """Sent whole files for ranged requests, the loader must not take them for broken images
+    (black images, the run going on): the config is refused before training, and a reader
+    that gets there anyway stops with the reason."""
+    from rskdist.config import load_config, validate
+
+    local, url = http_shards
+    with pytest.raises(StoreError, match="does not serve byte ranges; read these shards with data.read_mode=stage"):
+        check_store_shards(url, ["train"], ranged=True)
+    common = ["data.source=shards", "data.global_batch=16", "data.m=2", f"data.root={url}"]
+    with pytest.raises(ValueError, match="does not serve byte ranges"):
+        validate(load_config(DEBUG, [*common, "data.read_mode=ranged"]), world_size=2)
+    validate(load_config(DEBUG, common), world_size=2)  # stage: fine
+    with pytest.raises(StoreUnavailable, match="does not serve byte ranges"):
+        _batches(url, store=StoreReading(mode="ranged"))

@@ -359,7 +359,7 @@ def _check_splits(d, check_paths: bool, retries: int) -> None:
         if is_url(d.root):  # every shard there, before any rank starts
             from rskdist.data.shards import check_store_shards
 
-            check_store_shards(d.root, ["train", *d.test_splits], retries=retries)
+            check_store_shards(d.root, ["train", *d.test_splits], retries=retries, ranged=d.read_mode == "ranged")
         num_classes = len(splits["train"]["classes"])
         where = f"the training split of data.root={d.root!r}"
     else:

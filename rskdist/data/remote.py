@@ -91,9 +91,13 @@ class RangedShardReader(ShardReader):
         except StoreError as err:
             raise StoreUnavailable(str(err)) from err
         out: list[bytes] = [b""] * len(items)
-        for (_, start, end, members), blob in zip(groups, blobs):
+        for url, (_, start, end, members), blob in zip(urls, groups, blobs):
+            if len(blob) > end - start:  # the whole object for a range: no image is broken, the server is
+                raise StoreUnavailable(f"{url}: the server answered a request for bytes {start}-{end - 1} with "
+                                       f"{len(blob)} bytes: it does not serve byte ranges; read these shards with "
+                                       f"data.read_mode=stage")
             if len(blob) != end - start:
-                raise OSError(f"{urls[0]}: short read at {start} ({len(blob)}/{end - start} bytes)")
+                raise OSError(f"{url}: short read at {start} ({len(blob)}/{end - start} bytes)")
             for i in members:
                 _, offset, size = items[i]
                 out[i] = bytes(blob[offset - start : offset - start + size])

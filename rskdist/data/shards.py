@@ -181,9 +181,11 @@ def upload_shards(folder: str, url: str, *, retries: int = DEFAULT_RETRIES) -> N
     store.put(index, join(url, INDEX_FILE))
 
 
-def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES) -> None:
+def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES, ranged: bool = False) -> None:
     """Before training: every shard of `splits` is on the store at `root` with the size its
-    index gives (one listing per split); else a StoreError naming the first missing object."""
+    index gives (one listing per split; a HEAD per shard where the listing gives no sizes,
+    as an HTTP server's folder page); else a StoreError naming the first missing object.
+    `ranged` (data.read_mode=ranged): the store must also answer ranged reads."""
     store = Store(root, retries=retries)
     index = load_index(root, retries=retries)
     for split in splits:
@@ -192,12 +194,19 @@ def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES) -> 
             raise StoreError(f"{join(root, split, SAMPLES_FILE)}: not found; upload the whole shard folder "
                              f"written by tools/make_shards.py (index.json, every split's shards and samples.npy)")
         for shard in index["splits"][split]["shards"]:
-            size = listing.get(shard["file"])
-            expected = shard.get("num_bytes")
+            url, expected = join(root, split, shard["file"]), shard.get("num_bytes")
+            if shard["file"] not in listing:
+                size = None
+            else:
+                size = listing[shard["file"]]
+                size = store.size(url) if size is None else size
             if size is None or (expected is not None and size != expected):
                 what = "not found" if size is None else f"{size} bytes, the index says {expected}"
-                raise StoreError(f"{join(root, split, shard['file'])}: {what}; upload the whole shard folder "
-                                 f"again (e.g. `aws s3 sync DST {root}`)")
+                raise StoreError(f"{url}: {what}; upload the whole shard folder again (e.g. `aws s3 sync DST {root}`)")
+    first = next((join(root, s, index["splits"][s]["shards"][0]["file"]) for s in splits
+                  if index["splits"][s]["shards"]), None)
+    if ranged and first is not None:
+        store.check_ranges(first, store.size(first) or 0)
 
 
 def scan_shards(shard_paths: list[str]) -> np.ndarray:

@@ -118,8 +118,10 @@ class Store:
     def cat(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.call("read", url, self.fs.cat_file, self.path(url), start=start, end=end)
 
-    def listing(self, url: str) -> dict[str, int]:
-        """{name: size} of the objects directly under `url` (fresh, not from a listing cache)."""
+    def listing(self, url: str) -> dict[str, int | None]:
+        """{name: size} of the objects directly under `url` (fresh, not from a listing cache);
+        the size is None where the listing does not give one (an HTTP server's folder page:
+        `size` asks the object itself)."""
         self.fs.invalidate_cache(self.path(url))
         try:
             entries = self.call("list", url, self.fs.ls, self.path(url), detail=True)
@@ -127,8 +129,25 @@ class Store:
             if isinstance(err.__cause__, FileNotFoundError) and self.exists(self.url):
                 return {}  # an empty "folder": S3 has none
             raise
-        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
-                if e.get("type") == "file"}
+        return {posixpath.basename(e["name"].rstrip("/")): None if e.get("size") is None else int(e["size"])
+                for e in entries if e.get("type") == "file"}
+
+    def size(self, url: str) -> int | None:
+        """The size of one object, as the store reports it (an HTTP HEAD for https://)."""
+        size = self.call("check", url, self.fs.info, self.path(url)).get("size")
+        return None if size is None else int(size)
+
+    def check_ranges(self, url: str, size: int) -> None:
+        """The store answers a ranged read with those bytes alone, else a StoreError: an HTTP
+        server may ignore the Range header and send the whole object, which `ranged` reading
+        (data.read_mode) would then take for a broken image, request after request."""
+        if size < 2:
+            return
+        got = len(self.cat(url, start=1, end=2))
+        if got != 1:
+            raise StoreError(f"{url}: the server answered a request for 1 byte (bytes 1-1) with {got} bytes: it "
+                             f"does not serve byte ranges; read these shards with data.read_mode=stage (each "
+                             f"shard fetched whole into the node-local cache)")
 
     def check_bucket(self, what: str) -> None:
         """The URL's bucket (or top folder) exists and answers with these credentials, else a

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rskdist.build import RunData
+from rskdist.comm import gather_objects, group_rank_and_size
 from rskdist.config import Config
 from rskdist.parallel.layout import BatchLayout
 
@@ -43,12 +44,24 @@ def resolve(cfg: Config, *, world_size: int) -> RunSetup:
     return RunSetup(layout=batch_layout(cfg, world_size), data=run_data(cfg))
 
 
-def prepare(cfg: Config, *, world_size: int, device: torch.device, local_world_size: int = 1) -> RunSetup:
+def prepare(cfg: Config, *, world_size: int, device: torch.device, local_world_size: int = 1,
+            group=None) -> RunSetup:
     """`resolve`, then the start-up checks that need the device: the loss must fit in the
-    memory this rank has (`check_loss_memory`). Every rank computes the same verdict from
-    the same numbers (on GPUs, from its own device's free memory)."""
+    memory this rank has (`check_loss_memory`). The ranks of `group` agree on the verdict
+    (one all-gather): each rank measures its own device or share of the node, so one rank
+    may be refused while the others are not; then every rank stops here with that rank's
+    reason, instead of the others going on into the engine's collectives to wait for it."""
     setup = resolve(cfg, world_size=world_size)
-    check_loss_memory(cfg, setup, device=device, local_world_size=local_world_size)
+    try:
+        check_loss_memory(cfg, setup, device=device, local_world_size=local_world_size)
+        problem = ""
+    except ValueError as exc:
+        problem = str(exc)
+    refused = [(rank, text) for rank, text in enumerate(gather_objects(problem, group)) if text]
+    if refused:
+        rank, text = refused[0]
+        me = group_rank_and_size(group)[0]
+        raise ValueError(text if rank == me else f"rank {rank} cannot run this setup (every rank stops): {text}")
     return setup
 
 

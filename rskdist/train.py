@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                   local_world_size=local_world_size())
     try:
         # The start-up checks that need the device (the loss's memory), then the run.
-        setup = prepare(cfg, world_size=ctx.world_size, device=device, local_world_size=ctx.local_world_size)
+        setup = prepare(cfg, world_size=ctx.world_size, device=device, local_world_size=ctx.local_world_size,
+                        group=dist.group.WORLD if ctx.world_size > 1 else None)
         Trainer(cfg, ctx, setup).train()
     except Preempted as exc:
         if ctx.rank == 0:

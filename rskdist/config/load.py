@@ -351,7 +351,8 @@ def _check_splits(d, check_paths: bool, retries: int) -> None:
     elif check_paths:
         from rskdist.data.shards import load_index
 
-        splits = load_index(d.root, retries=retries)["splits"]
+        index = load_index(d.root, retries=retries)
+        splits = index["splits"]
         missing = [s for s in ["train", *d.test_splits] if s not in splits]
         if missing:
             raise ValueError(f"config: data.root={d.root!r} has no split {', '.join(map(repr, missing))} "
@@ -359,7 +360,8 @@ def _check_splits(d, check_paths: bool, retries: int) -> None:
         if is_url(d.root):  # every shard there, before any rank starts
             from rskdist.data.shards import check_store_shards
 
-            check_store_shards(d.root, ["train", *d.test_splits], retries=retries, ranged=d.read_mode == "ranged")
+            check_store_shards(d.root, ["train", *d.test_splits], retries=retries, ranged=d.read_mode == "ranged",
+                               index=index)
         num_classes = len(splits["train"]["classes"])
         where = f"the training split of data.root={d.root!r}"
     else:

@@ -181,13 +181,16 @@ def upload_shards(folder: str, url: str, *, retries: int = DEFAULT_RETRIES) -> N
     store.put(index, join(url, INDEX_FILE))
 
 
-def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES, ranged: bool = False) -> None:
+def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES, ranged: bool = False,
+                       index: dict | None = None) -> None:
     """Before training: every shard of `splits` is on the store at `root` with the size its
     index gives (one listing per split; a HEAD per shard where the listing gives no sizes,
     as an HTTP server's folder page); else a StoreError naming the first missing object.
-    `ranged` (data.read_mode=ranged): the store must also answer ranged reads."""
+    `ranged` (data.read_mode=ranged): the store must also answer ranged reads. `index`:
+    the folder's index.json when the caller has read it already."""
     store = Store(root, retries=retries)
-    index = load_index(root, retries=retries)
+    index = index or load_index(root, retries=retries)
+    probe = None  # the first shard and its size: a ranged read of it is tried last
     for split in splits:
         listing = store.listing(join(root, split))
         if SAMPLES_FILE not in listing:
@@ -203,10 +206,9 @@ def check_store_shards(root: str, splits, *, retries: int = DEFAULT_RETRIES, ran
             if size is None or (expected is not None and size != expected):
                 what = "not found" if size is None else f"{size} bytes, the index says {expected}"
                 raise StoreError(f"{url}: {what}; upload the whole shard folder again (e.g. `aws s3 sync DST {root}`)")
-    first = next((join(root, s, index["splits"][s]["shards"][0]["file"]) for s in splits
-                  if index["splits"][s]["shards"]), None)
-    if ranged and first is not None:
-        store.check_ranges(first, store.size(first) or 0)
+            probe = probe or (url, size)
+    if ranged and probe is not None:
+        store.check_ranges(*probe)
 
 
 def scan_shards(shard_paths: list[str]) -> np.ndarray:

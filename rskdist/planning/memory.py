@@ -238,13 +238,12 @@ def estimate_memory(
     optimizer: str = "adamw",
     grad_checkpointing: bool = False,
     embed_dim: int = 512,
-    simix: bool = True,
     device: str = "cuda",
     backbone_kwargs: dict | None = None,
     runtime_mb: float | None = None,
     deepspeed_config: dict | None = None,
     loss_name: str = "rsk",
-    mix: str | None = None,
+    mix: str = "simix",
     num_classes: int = 0,
     mix_pairs_per_class: int | None = None,
     impl: str = "auto",
@@ -253,9 +252,8 @@ def estimate_memory(
     """Peak memory of one rank of a run whose batch is laid out as `layout` (global batch,
     ranks, m, chunk size: rskdist/parallel/layout.py); see the module docstring for the parts.
 
-    The loss part is `rskdist.loss.loss_memory_bytes` (mix: `mix`, else "simix" when
-    `simix`, else "none"; RS@k's backend `impl` as it resolves on `device`; `num_classes`
-    for proxy losses).
+    The loss part is `rskdist.loss.loss_memory_bytes` (loss.mix `mix`; RS@k's backend
+    `impl` as it resolves on `device`; `num_classes` for proxy losses).
 
     `deepspeed_config` is the config the trainer generates (rskdist.build.deepspeed_config);
     its zero_optimization bucket settings size the gradient bucket. Without it, DeepSpeed's
@@ -305,7 +303,7 @@ def estimate_memory(
         "activations": per_image * chunk / MB,
         "images": held_images * image_bytes / MB,
         "loss": loss_memory_bytes(loss_name, layout.global_batch, embed_dim=embed_dim, num_classes=num_classes,
-                                  mix=mix or ("simix" if simix else "none"), per_class=layout.m,
+                                  mix=mix, per_class=layout.m,
                                   mix_pairs_per_class=mix_pairs_per_class, world_size=world_size, impl=impl,
                                   device_type=device, block_size=block_size) / MB,
     }
